@@ -1,0 +1,37 @@
+# Two entry points that work on a fresh machine: `make demo` (the main job) and `make test`.
+# Both create .venv on first use. torch and torchvision are installed first as a matched pair
+# from the package registry: never the CPU-only torch wheel some machines keep on disk (it has no
+# matching torchvision, and open_clip then fails at import).
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_PAIR ?= torch==2.14.1 torchvision==0.29.2
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: venv test demo lint bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PAIR)
+	$(PY) -m pip install -q -e ".[dev]" $(TORCH_PAIR)
+	touch $@
+
+# pytest exits 5 when it collects no tests: treat that as a failure, never a pass.
+test: venv
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+demo: venv
+	$(VENV)/bin/spinemm demo --out demo_out
+
+lint: venv
+	$(VENV)/bin/ruff check spinemm recipes tests examples benchmarks
+
+bench: venv
+	$(PY) benchmarks/data_pipeline.py
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache build *.egg-info

@@ -1,0 +1,23 @@
+"""Shared fixtures. Tests are offline and single-threaded so the suite is steady on 2 cores."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def phantom_root(tmp_path_factory):
+    """A small phantom dataset (8 train + 3 test studies, 64 px), made once per test session."""
+    from spinemm.data import make_phantom
+
+    root = tmp_path_factory.mktemp("phantom")
+    make_phantom(root, n_studies=8, n_test=3, seed=0, image_size=64, progress=False)
+    return root
