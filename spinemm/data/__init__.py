@@ -8,6 +8,8 @@ from typing import Any
 _LAZY = {
     "load_tables": "spinemm.data.tables",
     "to_hf_dataset": "spinemm.data.tables",
+    "series_path": "spinemm.data.tables",
+    "load_series_descriptions": "spinemm.data.tables",
     "read_series": "spinemm.data.dicom",
     "Series": "spinemm.data.dicom",
     "make_phantom": "spinemm.data.phantom",
