@@ -1,0 +1,172 @@
+"""Training losses: severity (aligned with the official metric), location, and CLIP contrastive.
+
+``severity_loss`` is the official score (DESIGN §2) written as a differentiable function of logits,
+so a batch's loss value is that batch's RSNA score (up to the metric's 1e-15 probability clip).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .constants import (
+    LABEL_COLUMNS,
+    METRIC_GROUPS,
+    MISSING_LABEL,
+    NUM_CLASSES,
+    NUM_TARGETS,
+    SEVERITY_WEIGHTS,
+)
+from .errors import SpineModelError
+
+_SEVERE = 2
+# Target indices (into LABEL_COLUMNS) of each metric group, and of the 5 spinal levels.
+_GROUP_TARGETS: list[list[int]] = [
+    [i for i, col in enumerate(LABEL_COLUMNS) if any(col.startswith(c + "_") for c in conds)]
+    for conds in METRIC_GROUPS.values()
+]
+_SPINAL_TARGETS: list[int] = [
+    i for i, col in enumerate(LABEL_COLUMNS) if col.startswith("spinal_canal_stenosis_")
+]
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """Compute losses in at least float32 (bf16/fp16 logits under autocast); keep float64 as is."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _zero(like: torch.Tensor) -> torch.Tensor:
+    """A zero that still depends on ``like``, so backward() works on batches with nothing to learn."""
+    return like.sum() * 0.0
+
+
+def severity_loss(logits: torch.Tensor, labels: torch.Tensor, any_severe_weight: float = 1.0) -> torch.Tensor:
+    """Metric-aligned severity loss.
+
+    Args:
+        logits: ``[B, 25, 3]`` class logits, targets in ``LABEL_COLUMNS`` order.
+        labels: ``[B, 25]`` int classes, ``-1`` = missing (ignored).
+        any_severe_weight: weight of the any-severe-spinal term relative to one condition group.
+
+    Each condition group (spinal 5 targets, foraminal 10, subarticular 10) contributes its weighted
+    cross-entropy over the batch, ``sum(w * CE) / sum(w)`` with ``w`` = 1 / 2 / 4 for the true class.
+    The any-severe term is a weighted BCE per study: label = any known spinal level is Severe,
+    prediction = max over the known spinal levels of the softmax severe probability, weight = max
+    known spinal weight. Studies with no known spinal label are left out; partially known studies
+    use their known levels, exactly as the official metric treats a solution without those rows.
+    The loss is ``(sum of group terms + any_severe_weight * any_severe) / (n_groups + any_severe_weight)``
+    over the terms present in the batch, so with the default weight it equals the batch's RSNA score.
+    A batch without any label returns a zero that keeps the graph.
+    """
+    if logits.ndim != 3 or logits.shape[1:] != (NUM_TARGETS, NUM_CLASSES):
+        raise SpineModelError(f"logits must be [B, {NUM_TARGETS}, {NUM_CLASSES}], got {tuple(logits.shape)}")
+    if labels.shape != logits.shape[:2]:
+        raise SpineModelError(f"labels must be {tuple(logits.shape[:2])}, got {tuple(labels.shape)}")
+    labels = labels.long()
+    valid = labels != MISSING_LABEL  # [B, 25]
+    log_p = F.log_softmax(_upcast(logits), dim=-1)  # [B, 25, 3]
+    safe = labels.clamp(min=0)
+    nll = -log_p.gather(-1, safe.unsqueeze(-1)).squeeze(-1)  # [B, 25]
+    class_w = torch.tensor(SEVERITY_WEIGHTS, dtype=log_p.dtype, device=log_p.device)
+    weight = class_w[safe] * valid  # [B, 25], 0 where missing
+
+    # Terms absent from the batch (no label in a group) drop out of both sums. Presence is kept as a
+    # tensor so the loss never syncs with the host.
+    total = _zero(logits).to(log_p.dtype)
+    norm = torch.zeros((), dtype=log_p.dtype, device=log_p.device)
+    for targets in _GROUP_TARGETS:
+        w = weight[:, targets]
+        total = total + (w * nll[:, targets]).sum() / w.sum().clamp_min(1.0)  # 0 / 1 if absent
+        norm = norm + valid[:, targets].any()
+
+    spinal = _SPINAL_TARGETS
+    known = valid[:, spinal]  # [B, 5]
+    if any_severe_weight > 0:
+        # log of the max severe probability over known levels: max commutes with log, and taking the
+        # level's own log-probabilities keeps log(1 - p) exact (log of its other two classes' mass).
+        sev = log_p[:, spinal, _SEVERE].masked_fill(~known, float("-inf"))  # [B, 5]
+        level = sev.argmax(dim=1, keepdim=True)  # [B, 1]; any level for studies with none known (w = 0)
+        log_p_level = log_p[:, spinal].gather(1, level.unsqueeze(-1).expand(-1, -1, NUM_CLASSES)).squeeze(1)
+        log_yes = log_p_level[:, _SEVERE]  # [B]
+        log_no = torch.logsumexp(log_p_level[:, :_SEVERE], dim=-1)  # log(1 - p_severe)
+        label = (labels[:, spinal] == _SEVERE).any(dim=1)
+        w = weight[:, spinal].max(dim=1).values  # max known spinal weight, 0 if none known
+        bce = -torch.where(label, log_yes, log_no)
+        total = total + any_severe_weight * (w * bce).sum() / w.sum().clamp_min(1.0)
+        norm = norm + any_severe_weight * known.any()
+    return total / norm.clamp_min(1e-12)
+
+
+def location_loss(
+    loc_logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, coord_weight: float = 1.0
+) -> torch.Tensor:
+    """Cross-entropy on the target cell plus L1 on the soft-argmax position, over masked targets.
+
+    Args:
+        loc_logits: ``[B, 25, S, h, w]`` joint logits over slices x patch grid of each target's plane.
+        target: ``[B, 25, 3]`` = (slice index in [0, S), x in [0, 1], y in [0, 1]).
+        mask: ``[B, 25]`` bool, True where the target location is known.
+        coord_weight: weight of the L1 term.
+
+    The target cell is (round(slice), floor(y * h), floor(x * w)), clamped to the grid. The L1 term
+    compares the expected (x, y) under the softmax over the target slice's ``h * w`` cells (cell
+    centres at ``(j + 0.5) / w``) with the target, summed over x and y. Both terms are averaged over
+    masked targets; with no True in ``mask`` the result is a zero that keeps the graph.
+    """
+    if loc_logits.ndim != 5 or loc_logits.shape[:2] != target.shape[:2] or target.shape[-1] != 3:
+        raise SpineModelError(
+            f"need loc_logits [B, 25, S, h, w] and target [B, 25, 3], got {tuple(loc_logits.shape)}, {tuple(target.shape)}"
+        )
+    if mask.shape != target.shape[:2]:
+        raise SpineModelError(f"mask must be {tuple(target.shape[:2])}, got {tuple(mask.shape)}")
+    mask = mask.bool()
+    if not bool(mask.any()):
+        return _zero(loc_logits)
+    n_slices, h, w = loc_logits.shape[2:]
+    logits = _upcast(loc_logits[mask])  # [M, S, h, w]
+    tgt = _upcast(target[mask])  # [M, 3]
+    s = tgt[:, 0].round().long().clamp(0, n_slices - 1)
+    row = (tgt[:, 2] * h).floor().long().clamp(0, h - 1)
+    col = (tgt[:, 1] * w).floor().long().clamp(0, w - 1)
+    ce = F.cross_entropy(logits.flatten(1), (s * h + row) * w + col)
+
+    m = torch.arange(len(s), device=logits.device)
+    p = logits[m, s].flatten(1).softmax(dim=-1).view(-1, h, w)  # [M, h, w] over the target slice
+    xs = (torch.arange(w, device=p.device, dtype=p.dtype) + 0.5) / w
+    ys = (torch.arange(h, device=p.device, dtype=p.dtype) + 0.5) / h
+    ex = (p.sum(dim=1) * xs).sum(dim=-1)  # expected x: marginal over columns
+    ey = (p.sum(dim=2) * ys).sum(dim=-1)  # expected y: marginal over rows
+    l1 = ((ex - tgt[:, 1]).abs() + (ey - tgt[:, 2]).abs()).mean()
+    return ce + coord_weight * l1
+
+
+def clip_loss(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Symmetric InfoNCE between paired rows of ``image_embeds [N, D]`` and ``text_embeds [N, D]``.
+
+    Embeddings are L2-normalised here; ``logit_scale`` is in log space (CLIP's parameter) and is
+    exponentiated and clamped to 100. Without ``labels`` row ``i`` of each side matches only row
+    ``i`` of the other. With ``labels [N]`` every pair sharing a label is a positive: the target of
+    row ``i`` is uniform over the columns with its label, so two crops paired with the same severity
+    prompt are not pushed apart.
+    """
+    if image_embeds.ndim != 2 or image_embeds.shape != text_embeds.shape:
+        raise SpineModelError(
+            f"need image and text embeddings of the same [N, D] shape, got {tuple(image_embeds.shape)}, {tuple(text_embeds.shape)}"
+        )
+    img = F.normalize(_upcast(image_embeds), dim=-1)
+    txt = F.normalize(_upcast(text_embeds), dim=-1)
+    scale = torch.as_tensor(logit_scale, dtype=img.dtype, device=img.device).exp().clamp(max=100.0)
+    logits = scale * img @ txt.t()  # [N, N]: image i vs text j
+    if labels is None:
+        target = torch.arange(len(img), device=img.device)
+        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+    if labels.shape != (len(img),):
+        raise SpineModelError(f"labels must be [{len(img)}], got {tuple(labels.shape)}")
+    same = (labels[:, None] == labels[None, :]).to(img.dtype)  # symmetric, diagonal is 1
+    soft = same / same.sum(dim=1, keepdim=True)
+    return 0.5 * (F.cross_entropy(logits, soft) + F.cross_entropy(logits.t(), soft))
