@@ -11,6 +11,7 @@ _LAZY = {
     "series_path": "spinemm.data.tables",
     "load_series_descriptions": "spinemm.data.tables",
     "read_series": "spinemm.data.dicom",
+    "map_point": "spinemm.data.dicom",
     "Series": "spinemm.data.dicom",
     "make_phantom": "spinemm.data.phantom",
     "SpineDataset": "spinemm.data.dataset",

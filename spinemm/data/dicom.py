@@ -1,0 +1,430 @@
+"""Read one DICOM series folder into a float32 volume with its patient-space geometry.
+
+A series folder holds one ``{instance_number}.dcm`` file per slice (RSNA 2024 layout). InstanceNumber
+is not a reliable geometric order, so slices are sorted by the projection of ImagePositionPatient on
+the slice normal (``cross(row_cos, col_cos)``), and the InstanceNumber -> sorted index map is kept
+because labels are keyed by instance number.
+
+Intensities are "denormalised" to physical values: the modality LUT f (RescaleSlope/Intercept, or a
+ModalityLUTSequence) is applied, and MONOCHROME1 slices are mirrored within the range their stored
+bits can hold (``f(lo) + f(hi) - f(raw)``), so every slice reads "bright = high" through one mapping
+that does not depend on the slice's content.
+
+Policy for awkward series (each case warns or raises; nothing is silently dropped):
+
+- slices of differing size: resampled (bilinear, same field of view) to the most common shape, with a
+  warning naming the files; their geometry is taken as that of the common grid;
+- slices with differing orientation (e.g. axial blocks angled per disc): sorted along the normal of
+  the first file (by name), whose orientation the Series reports; positions stay exact per slice;
+- a file without ImagePositionPatient / ImageOrientationPatient: the whole series falls back to
+  InstanceNumber order with nominal geometry (origin 0, axial orientation), with a warning;
+- multi-frame, colour, non-DICOM, truncated, empty or pixel-less files, duplicate instance numbers
+  and empty folders raise :class:`~spinemm.errors.SpineDataError` naming the path;
+- a compressed file whose decoder is missing raises SpineDataError saying ``pip install "spinemm[dicom]"``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.datadict import tag_for_keyword
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_modality_lut, get_decoder
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from spinemm.errors import SpineDataError
+
+__all__ = ["Series", "read_series", "map_point"]
+
+_NOMINAL_ORIENTATION = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+
+
+@dataclass(eq=False)  # array fields: identity comparison, not an ambiguous elementwise ==
+class Series:
+    """One series: slices in geometric order plus the geometry that maps voxels to patient space.
+
+    Voxel coordinates are ``(x, y, k)`` = (column, row, slice index), all floats; patient
+    coordinates are LPS millimetres, as in DICOM.
+    """
+
+    volume: np.ndarray  # float32 [S, H, W], physical intensities
+    instance_numbers: np.ndarray  # int64 [S], InstanceNumber of each sorted slice
+    instance_to_index: dict[int, int]
+    positions: np.ndarray  # float64 [S, 3], ImagePositionPatient of each sorted slice
+    orientation: np.ndarray  # float64 [2, 3], (row direction cosine, column direction cosine)
+    normal: np.ndarray  # float64 [3], unit cross(row_cos, col_cos); slices ascend along it
+    pixel_spacing: tuple[float, float]  # (row_mm, col_mm) = PixelSpacing
+    slice_spacing: float  # median gap between slices along the normal, mm
+    files: list[Path] = field(default_factory=list)  # in sorted order
+
+    def _slice_origin(self, k: np.ndarray) -> np.ndarray:
+        """Patient position of pixel (0, 0) at fractional slice index ``k`` [N] -> [N, 3].
+
+        Linear interpolation between the actual slice positions (so non-uniform gaps are exact at
+        every slice); beyond either end the end segment is extended.
+        """
+        if len(self.positions) == 1:
+            return self.positions[0] + k[:, None] * self.slice_spacing * self.normal
+        seg = np.clip(np.floor(k).astype(np.int64), 0, len(self.positions) - 2)
+        t = (k - seg)[:, None]
+        return self.positions[seg] + t * (self.positions[seg + 1] - self.positions[seg])
+
+    def voxel_to_patient(self, points: np.ndarray) -> np.ndarray:
+        """Map voxel points ``[N, 3]`` as (x=col, y=row, k=slice) to patient LPS mm ``[N, 3]``."""
+        pts = _as_points(points)
+        row_mm, col_mm = self.pixel_spacing
+        # x walks along the row direction by the column spacing, y along the column direction.
+        in_plane = pts[:, :1] * col_mm * self.orientation[0] + pts[:, 1:2] * row_mm * self.orientation[1]
+        return self._slice_origin(pts[:, 2]) + in_plane
+
+    def patient_to_voxel(self, points: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`voxel_to_patient`: patient LPS mm ``[N, 3]`` -> (x, y, k) floats ``[N, 3]``."""
+        pts = _as_points(points)
+        depth = pts @ self.normal  # [N] distance along the normal
+        proj = self.positions @ self.normal  # [S], ascending by construction
+        if len(proj) == 1:
+            k = (depth - proj[0]) / self.slice_spacing
+        else:
+            seg = np.clip(np.searchsorted(proj, depth, side="right") - 1, 0, len(proj) - 2)
+            gap = proj[seg + 1] - proj[seg]
+            safe = np.where(gap == 0, 1.0, gap)  # duplicate positions: stay on the first of the two
+            k = seg + np.where(gap == 0, 0.0, (depth - proj[seg]) / safe)
+        delta = pts - self._slice_origin(k)
+        row_mm, col_mm = self.pixel_spacing
+        x = delta @ self.orientation[0] / col_mm
+        y = delta @ self.orientation[1] / row_mm
+        return np.stack([x, y, k], axis=1)
+
+
+def map_point(src: Series, x: float, y: float, k: float, dst: Series) -> tuple[float, float, float]:
+    """Map voxel ``(x, y, k)`` of ``src`` to the voxel ``(x, y, k)`` of ``dst`` at the same patient point.
+
+    Both series must share a frame of reference (same study), e.g. a point picked on a sagittal slice
+    lands on the axial slice (``round(k)``) that passes through it.
+    """
+    patient = src.voxel_to_patient(np.array([[x, y, k]], dtype=np.float64))
+    mx, my, mk = dst.patient_to_voxel(patient)[0]
+    return float(mx), float(my), float(mk)
+
+
+def _as_points(points: np.ndarray) -> np.ndarray:
+    pts = np.atleast_2d(np.asarray(points, dtype=np.float64))
+    if pts.ndim != 2 or pts.shape[1] != 3:
+        raise ValueError(f"points must have shape [N, 3], got {tuple(pts.shape)}")
+    return pts
+
+
+@dataclass
+class _Slice:
+    """What one file contributes before sorting: raw pixels plus the tags that place and scale them."""
+
+    path: Path
+    pixels: np.ndarray  # [H, W] as stored (any integer or float dtype)
+    instance: int
+    position: np.ndarray | None
+    orientation: np.ndarray | None
+    spacing: tuple[float, float]
+    thickness: float  # SpacingBetweenSlices, else SliceThickness, else 1 mm: the gap of a lone slice
+    slope: float
+    intercept: float
+    mirror: float | None  # MONOCHROME1: f(lo) + f(hi), f = modality LUT, [lo, hi] = stored-value range
+    lut_dataset: pydicom.Dataset | None  # kept only when a ModalityLUTSequence must be applied
+
+
+def read_series(series_dir: str | os.PathLike) -> Series:
+    """Read every ``*.dcm`` in ``series_dir`` into a :class:`Series` (policy: module docstring).
+
+    Each file is read once by ``dcmread``; uncompressed little-endian pixels are used in place,
+    anything else goes through ``pixel_array``. The float32 volume is allocated once and filled in
+    sorted order. Raises SpineDataError naming the file or folder at fault.
+    """
+    series_dir = Path(series_dir)
+    if not series_dir.is_dir():
+        raise SpineDataError(f"{series_dir}: not a series folder")
+    paths = sorted(series_dir.glob("*.dcm"))
+    if not paths:
+        raise SpineDataError(f"{series_dir}: no .dcm files in series folder")
+    slices = [_read_slice(path) for path in paths]
+    _check_unique_instances(slices, series_dir)
+
+    geometric = all(s.position is not None and s.orientation is not None for s in slices)
+    if geometric:
+        orientation = slices[0].orientation
+        normal = _unit_normal(orientation, slices[0].path)
+        # Sort by depth along the normal; InstanceNumber breaks ties (repeated positions).
+        # Depth rounded to 1 µm so float noise does not outrank the tie-break.
+        slices.sort(key=lambda s: (round(float(s.position @ normal), 3), s.instance))
+        positions = np.stack([s.position for s in slices])
+    else:
+        missing = [s.path.name for s in slices if s.position is None or s.orientation is None]
+        warnings.warn(
+            f"{series_dir}: ImagePositionPatient/ImageOrientationPatient missing in {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}; slices ordered by InstanceNumber, geometry is nominal",
+            stacklevel=2,
+        )
+        slices.sort(key=lambda s: s.instance)
+        orientation = _NOMINAL_ORIENTATION.copy()
+        normal = np.array([0.0, 0.0, 1.0])
+        positions = None
+
+    gaps = np.diff(positions @ normal) if positions is not None else np.empty(0)
+    slice_spacing = float(np.median(gaps)) if len(gaps) else 0.0
+    if slice_spacing <= 0:  # one slice, all at one position, or no geometry: fall back to the tags
+        slice_spacing = slices[0].thickness
+    if positions is None:
+        positions = np.arange(len(slices))[:, None] * slice_spacing * normal
+
+    volume = _fill_volume(slices, series_dir)
+    instances = np.array([s.instance for s in slices], dtype=np.int64)
+    return Series(
+        volume=volume,
+        instance_numbers=instances,
+        instance_to_index={int(n): i for i, n in enumerate(instances)},
+        positions=positions,
+        orientation=np.asarray(orientation, dtype=np.float64),
+        normal=normal,
+        pixel_spacing=slices[0].spacing,
+        slice_spacing=slice_spacing,
+        files=[s.path for s in slices],
+    )
+
+
+def _read_slice(path: Path) -> _Slice:
+    """Open ``path`` once and pull out its pixels and placing tags; bad files raise SpineDataError."""
+    try:
+        ds = pydicom.dcmread(path)
+    except InvalidDicomError as exc:
+        raise SpineDataError(f"{path}: not a DICOM file ({exc})") from exc
+    except Exception as exc:  # truncated headers and garbage raise many kinds inside pydicom
+        raise SpineDataError(f"{path}: cannot parse DICOM file ({type(exc).__name__}: {exc})") from exc
+    if _TAG["PixelData"] not in ds:
+        raise SpineDataError(f"{path}: DICOM file has no pixel data")
+    frames = _int(ds, "NumberOfFrames", path) or 1
+    if frames > 1:
+        raise SpineDataError(f"{path}: multi-frame DICOM ({frames} frames) is not supported; expected one slice per file")
+    photometric = (_tokens(ds, "PhotometricInterpretation") or ["MONOCHROME2"])[0].upper()
+    if int(ds.get("SamplesPerPixel", 1)) != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise SpineDataError(f"{path}: colour DICOM ({photometric}) is not supported; expected greyscale MRI")
+    pixels = _decode(ds, path)
+    if pixels.ndim != 2:
+        raise SpineDataError(f"{path}: expected a 2-D greyscale slice, got pixel array of shape {pixels.shape}")
+
+    slope = _float(ds, "RescaleSlope", path) or 1.0  # 0 is not a valid slope: treat it as absent
+    intercept = _float(ds, "RescaleIntercept", path) or 0.0
+    lut_dataset = ds if _TAG["ModalityLUTSequence"] in ds else None
+    mirror = None
+    if photometric == "MONOCHROME1":
+        bits = int(ds.get("BitsStored", pixels.dtype.itemsize * 8))
+        signed = int(ds.get("PixelRepresentation", 0)) == 1
+        ends = np.array([-(1 << (bits - 1)), (1 << (bits - 1)) - 1] if signed else [0, (1 << bits) - 1])
+        mapped = ends * slope + intercept if lut_dataset is None else apply_modality_lut(ends, lut_dataset)
+        mirror = float(np.sum(mapped))
+    orientation = _numbers(ds, "ImageOrientationPatient", 6, path)
+    spacing = _numbers(ds, "PixelSpacing", 2, path) or (1.0, 1.0)
+    thickness = _float(ds, "SpacingBetweenSlices", path) or _float(ds, "SliceThickness", path) or 1.0
+    position = _numbers(ds, "ImagePositionPatient", 3, path)
+    return _Slice(
+        path=path,
+        pixels=pixels,
+        instance=_instance_number(ds, path),
+        position=None if position is None else np.array(position),
+        orientation=None if orientation is None else np.array(orientation).reshape(2, 3),
+        spacing=(spacing[0], spacing[1]),
+        thickness=thickness if thickness > 0 else 1.0,
+        slope=slope,
+        intercept=intercept,
+        mirror=mirror,
+        lut_dataset=lut_dataset,
+    )
+
+
+def _decode(ds: pydicom.Dataset, path: Path) -> np.ndarray:
+    """The slice's stored values [H, W]: ``ds.pixel_array``, or the same values read in place.
+
+    Decoder and corruption failures become SpineDataError naming the file.
+    """
+    native = _native_pixels(ds)
+    if native is not None:
+        return native
+    try:
+        return ds.pixel_array
+    except Exception as exc:  # pydicom raises many kinds; all mean "this file cannot be decoded"
+        syntax = ds.file_meta.get("TransferSyntaxUID")
+        if syntax is not None and syntax.is_compressed and not _decoder_available(syntax):
+            raise SpineDataError(
+                f"{path}: no decoder installed for {syntax.name} pixel data; "
+                f'install one with: pip install "spinemm[dicom]"'
+            ) from exc
+        raise SpineDataError(f"{path}: cannot decode pixel data ({exc})") from exc
+
+
+# Uncompressed little-endian pixel data needs no decoding: pydicom's pixel_array reinterprets the
+# bytes too, but its option handling and defensive copy cost about 40% of reading a 512x512 slice
+# (DESIGN §6 anchor). Other syntaxes and anything unusual go through pixel_array.
+_NATIVE_LITTLE_ENDIAN = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+
+def _native_pixels(ds: pydicom.Dataset) -> np.ndarray | None:
+    """The values ``ds.pixel_array`` would give, as a read-only view on the file's bytes; None when
+    the data is not plain native little-endian (then pixel_array decodes it or reports the fault)."""
+    if ds.file_meta.get("TransferSyntaxUID") not in _NATIVE_LITTLE_ENDIAN:
+        return None
+    rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+    bits, signed = int(ds.get("BitsAllocated", 0)), int(ds.get("PixelRepresentation", 0))
+    data = ds.get_item(_TAG["PixelData"]).value
+    if bits not in (8, 16, 32) or signed not in (0, 1) or not isinstance(data, bytes):
+        return None
+    dtype = np.dtype(f"<{'ui'[signed]}{bits // 8}")
+    if rows < 1 or cols < 1 or len(data) < rows * cols * dtype.itemsize:
+        return None  # short data: let pixel_array raise its precise error
+    pixels = np.frombuffer(data, dtype=dtype, count=rows * cols).reshape(rows, cols)  # excess padding ignored
+    stored = int(ds.get("BitsStored", bits))
+    if 0 < stored < bits:
+        # Unused high bits carry no meaning (PS3.5 8.1.1); pydicom shifts them out. Do the same, but
+        # only when some value lies outside the stored range, which is rare.
+        lo, hi = (-(1 << (stored - 1)), (1 << (stored - 1)) - 1) if signed else (0, (1 << stored) - 1)
+        if pixels.max() > hi or (signed and pixels.min() < lo):
+            shift = bits - stored
+            pixels = (pixels << shift) >> shift  # arithmetic right shift sign-extends signed dtypes
+    return pixels
+
+
+def _decoder_available(syntax: pydicom.uid.UID) -> bool:
+    try:
+        return get_decoder(syntax).is_available
+    except NotImplementedError:  # pydicom has no decoder at all for this transfer syntax
+        return False
+
+
+def _instance_number(ds: pydicom.Dataset, path: Path) -> int:
+    """InstanceNumber tag, else the file stem when it is a plain integer (RSNA names files by it)."""
+    instance = _int(ds, "InstanceNumber", path)
+    if instance is not None:
+        return instance
+    if re.fullmatch(r"[0-9]+", path.stem):
+        return int(path.stem)
+    raise SpineDataError(f"{path}: no InstanceNumber tag and the file name is not an integer")
+
+
+# Tags read on every file. Their values are parsed from the raw bytes (below) because pydicom's
+# validating conversion costs ~10 us per tag: as much as 20% of decoding a 512x512 slice.
+_TAG = {
+    keyword: tag_for_keyword(keyword)
+    for keyword in (
+        "PixelData", "ModalityLUTSequence", "NumberOfFrames", "PhotometricInterpretation", "InstanceNumber",
+        "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SpacingBetweenSlices",
+        "SliceThickness", "RescaleSlope", "RescaleIntercept",
+    )
+}
+
+
+def _tokens(ds: pydicom.Dataset, keyword: str) -> list[str] | None:
+    """The backslash-separated values of a text element (CS, DS, IS), None when absent or empty.
+
+    These VRs are ASCII in every transfer syntax, so the raw bytes can be split directly.
+    """
+    elem = ds.get_item(_TAG[keyword])
+    value = None if elem is None else elem.value
+    if value is None:
+        return None
+    if isinstance(value, bytes):  # still raw: the common case straight after dcmread
+        text = value.decode("ascii", "replace")
+    elif isinstance(value, str | int | float):
+        text = str(value)
+    else:  # already converted to a MultiValue
+        text = "\\".join(str(v) for v in value)
+    tokens = [t.strip(" \0") for t in text.split("\\")]
+    return None if tokens == [""] else tokens
+
+
+def _numbers(ds: pydicom.Dataset, keyword: str, count: int, path: Path) -> list[float] | None:
+    """A numeric text element as ``count`` finite floats, None if absent; malformed values raise."""
+    tokens = _tokens(ds, keyword)
+    if tokens is None:
+        return None
+    try:
+        values = [float(t) for t in tokens]
+    except ValueError as exc:
+        raise SpineDataError(f"{path}: {keyword} is not numeric ({tokens!r})") from exc
+    if len(values) != count or not all(math.isfinite(v) for v in values):
+        raise SpineDataError(f"{path}: {keyword} must hold {count} finite numbers, got {tokens!r}")
+    return values
+
+
+def _float(ds: pydicom.Dataset, keyword: str, path: Path) -> float | None:
+    """A single-valued numeric text element, None if absent."""
+    value = _numbers(ds, keyword, 1, path)
+    return None if value is None else value[0]
+
+
+def _int(ds: pydicom.Dataset, keyword: str, path: Path) -> int | None:
+    """A single-valued integer text element (IS), None if absent."""
+    value = _float(ds, keyword, path)
+    if value is not None and not value.is_integer():
+        raise SpineDataError(f"{path}: {keyword} must be an integer, got {value}")
+    return None if value is None else int(value)
+
+
+def _unit_normal(orientation: np.ndarray, path: Path) -> np.ndarray:
+    normal = np.cross(orientation[0], orientation[1])
+    norm = np.linalg.norm(normal)
+    if norm < 1e-6:
+        raise SpineDataError(f"{path}: ImageOrientationPatient rows and columns are parallel")
+    return normal / norm
+
+
+def _check_unique_instances(slices: list[_Slice], series_dir: Path) -> None:
+    # Labels are keyed by instance number: a duplicate would make the map ambiguous.
+    seen: dict[int, str] = {}
+    for s in slices:
+        if seen.setdefault(s.instance, s.path.name) != s.path.name:
+            raise SpineDataError(
+                f"{series_dir}: InstanceNumber {s.instance} appears in several files {[seen[s.instance], s.path.name]}"
+            )
+
+
+def _fill_volume(slices: list[_Slice], series_dir: Path) -> np.ndarray:
+    """Allocate the float32 [S, H, W] volume once and write physical intensities slice by slice."""
+    shape = Counter(s.pixels.shape for s in slices).most_common(1)[0][0]
+    odd = [s.path.name for s in slices if s.pixels.shape != shape]
+    if odd:
+        warnings.warn(
+            f"{series_dir}: slices {odd} differ from the common size {shape}; resampled to it (bilinear)",
+            stacklevel=3,
+        )
+    volume = np.empty((len(slices), *shape), dtype=np.float32)
+    for i, s in enumerate(slices):
+        raw = s.pixels if s.lut_dataset is None else apply_modality_lut(s.pixels, s.lut_dataset)
+        if raw.shape != shape:
+            raw = _resize_bilinear(raw.astype(np.float32), shape)
+        out = volume[i]
+        out[...] = raw  # the one unavoidable pass: cast to float32 in place
+        if s.lut_dataset is None and s.slope != 1.0:
+            out *= np.float32(s.slope)
+        if s.lut_dataset is None and s.intercept != 0.0:
+            out += np.float32(s.intercept)
+        if s.mirror is not None:  # MONOCHROME1: low stored values mean bright
+            np.subtract(np.float32(s.mirror), out, out=out)
+    return volume
+
+
+def _resize_bilinear(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Resample [h, w] -> ``shape`` over the same field of view (pixel centres aligned, edges clamped)."""
+    out_h, out_w = shape
+    in_h, in_w = image.shape
+    ys = np.clip((np.arange(out_h) + 0.5) * in_h / out_h - 0.5, 0, in_h - 1)
+    xs = np.clip((np.arange(out_w) + 0.5) * in_w / out_w - 0.5, 0, in_w - 1)
+    y0, x0 = ys.astype(np.int64), xs.astype(np.int64)  # floor: coordinates are >= 0
+    y1, x1 = np.minimum(y0 + 1, in_h - 1), np.minimum(x0 + 1, in_w - 1)
+    wy, wx = (ys - y0)[:, None], (xs - x0)[None, :]
+    top = image[y0][:, x0] * (1 - wx) + image[y0][:, x1] * wx
+    bottom = image[y1][:, x0] * (1 - wx) + image[y1][:, x1] * wx
+    return (top * (1 - wy) + bottom * wy).astype(np.float32)
