@@ -19,9 +19,9 @@ _LAZY = {
     "add_model_config": "spinemm.models.factory",
     "load_model": "spinemm.models.factory",
     "zero_shot_classify": "spinemm.zero_shot",
-    "predict": "spinemm.predict",
+    "predict": "spinemm.inference",
 }
-_SUBMODULES = {"data", "models", "metrics", "losses", "text", "constants", "viz", "cli"}
+_SUBMODULES = {"data", "models", "metrics", "losses", "text", "constants", "viz", "cli", "inference"}
 
 __all__ = sorted([*_LAZY, *_SUBMODULES, "SpineError", "SpineDataError", "SpineModelError"])
 

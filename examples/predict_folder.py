@@ -1,0 +1,40 @@
+"""Predict a Kaggle-layout folder: submission.csv (severity) and locations.csv (where each finding is).
+
+    python examples/predict_folder.py --model runs/tiny/model --data /path/to/rsna --out preds/
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import spinemm
+
+
+def main(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", required=True, help="a folder written by save_pretrained, or a preset name")
+    parser.add_argument("--data", required=True, help="a folder with test_series_descriptions.csv + test_images/")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--split", default="test")
+    args = parser.parse_args(argv)
+
+    model = spinemm.load_model(args.model) if args.model not in spinemm.list_models() else spinemm.create_model(args.model)
+    submission, locations = spinemm.predict(model, args.data, split=args.split)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    submission.to_csv(out / "submission.csv", index=False)
+    locations.to_csv(out / "locations.csv", index=False)
+    print(submission.head().to_string())
+    print(locations.head().to_string())
+
+    solution = Path(args.data) / "solution.csv"    # the phantom ships one; Kaggle's is hidden
+    if solution.exists():
+        import pandas as pd
+
+        print(f"official score {spinemm.metrics.rsna_score(pd.read_csv(solution), submission):.4f}")
+    return submission, locations
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""Pictures people would rather look at than read: study montages, confusion matrices, curves, overlays.
+
+matplotlib is an optional dependency (``pip install "spinemm[plots]"``); it is imported on first use
+and always with the non-interactive Agg backend, so these work on headless machines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .constants import LEVEL_NAMES, LEVELS, PLANES, SEVERITIES
+
+# The paper's colour code: spinal canal red, foraminal pink, subarticular yellow.
+CONDITION_COLORS = {
+    "spinal_canal_stenosis": "#e6194b",
+    "left_neural_foraminal_narrowing": "#f58fd0",
+    "right_neural_foraminal_narrowing": "#f58fd0",
+    "left_subarticular_stenosis": "#ffe119",
+    "right_subarticular_stenosis": "#ffe119",
+}
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError('plots need matplotlib: pip install "spinemm[plots]"') from err
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _display(image: np.ndarray) -> np.ndarray:
+    """Robust window for display only: 1st..99th percentile -> [0, 1]."""
+    lo, hi = np.percentile(image, [1, 99])
+    return np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1)
+
+
+def _save(fig, out: str | Path) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
+    _pyplot().close(fig)
+    return out
+
+
+def _short(column_condition: str, level: str) -> str:
+    cond = column_condition.replace("_neural_foraminal_narrowing", " NFN").replace("_subarticular_stenosis", " SS")
+    cond = cond.replace("spinal_canal_stenosis", "SCS").replace("left", "L").replace("right", "R")
+    return f"{cond} {LEVEL_NAMES[LEVELS.index(level)] if level in LEVELS else level}"
+
+
+def plot_slices_with_points(
+    panels: Sequence[Mapping[str, Any]], out: str | Path, title: str | None = None
+) -> Path:
+    """One panel per image: ``{"image": [H, W], "title": str, "points": [(x, y, label, color), ...],
+    "heatmap": optional [H, W] in [0, 1]}``. Points are in the image's own pixel coordinates."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.6), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        ax.imshow(_display(np.asarray(panel["image"], dtype=np.float32)), cmap="gray")
+        if panel.get("heatmap") is not None:
+            ax.imshow(panel["heatmap"], cmap="inferno", alpha=0.35)
+        for x, y, label, color in panel.get("points", ()):
+            ax.scatter([x], [y], s=60, facecolors="none", edgecolors=color, linewidths=1.8)
+            ax.annotate(label, (x, y), xytext=(4, -4), textcoords="offset points", color=color, fontsize=7)
+        ax.set_title(panel.get("title", ""), fontsize=9)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return _save(fig, out)
+
+
+def study_montage(root: str | Path, study_id: int, out: str | Path, split: str = "train") -> Path:
+    """The three planes of one study, each at its labelled slice (or the middle), label points marked."""
+    from .data.dicom import read_series
+    from .data.tables import load_tables, series_path
+
+    frame = load_tables(root, split)
+    rows = frame[frame.study_id == int(study_id)]
+    if rows.empty:
+        from .errors import SpineDataError
+
+        raise SpineDataError(f"study {study_id} is not in the {split} tables of {root}")
+    panels = []
+    for plane in PLANES:
+        plane_rows = rows[rows.plane == plane]
+        series_id = int(plane_rows.series_id.iloc[0])
+        if series_id < 0:
+            panels.append({"image": np.zeros((8, 8)), "title": f"{plane}: no series"})
+            continue
+        series = read_series(series_path(root, split, int(study_id), series_id))
+        labelled = plane_rows[(plane_rows.series_id == series_id) & plane_rows.instance_number.notna()]
+        if len(labelled):
+            instance = int(labelled.instance_number.mode().iloc[0])
+            index = series.instance_to_index[instance]
+        else:
+            index, instance = len(series.volume) // 2, int(series.instance_numbers[len(series.volume) // 2])
+        points = [
+            (r.x, r.y, _short(r.condition, r.level), CONDITION_COLORS[r.condition])
+            for r in labelled.itertuples()
+            if int(r.instance_number) == instance
+        ]
+        panels.append(
+            {"image": series.volume[index], "points": points, "title": f"{plane} · series {series_id} · instance {instance}"}
+        )
+    return plot_slices_with_points(panels, out, title=f"study {study_id}")
+
+
+def confusion_matrix_png(matrix: Sequence[Sequence[float]], out: str | Path, title: str = "Confusion matrix") -> Path:
+    """Rows = true class, columns = predicted class, in SEVERITIES order; counts and row-normalised shading."""
+    plt = _pyplot()
+    cm = np.asarray(matrix, dtype=float)
+    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(4.6, 4.0))
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, f"{int(cm[i, j])}\n{norm[i, j]:.0%}", ha="center", va="center",
+                    color="white" if norm[i, j] > 0.6 else "black", fontsize=9)
+    ax.set_xticks(range(len(SEVERITIES)), SEVERITIES)
+    ax.set_yticks(range(len(SEVERITIES)), SEVERITIES)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    return _save(fig, out)
+
+
+def training_curves_png(history: Sequence[Mapping[str, float]], out: str | Path, keys: Sequence[str] | None = None) -> Path:
+    """Plot per-epoch (or per-step) records, e.g. ``[{"epoch": 1, "train_loss": .., "val_score": ..}]``."""
+    plt = _pyplot()
+    if not history:
+        raise ValueError("training_curves_png needs at least one history record")
+    x_key = "epoch" if "epoch" in history[0] else "step"
+    keys = keys or [k for k in history[0] if k != x_key and isinstance(history[0][k], (int, float))]
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    xs = [h[x_key] for h in history]
+    for key in keys:
+        ax.plot(xs, [h.get(key, np.nan) for h in history], marker="o", label=key)
+    ax.set_xlabel(x_key)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out)
+
+
+def bar_chart_png(table: Mapping[str, Mapping[str, float]], metrics: Sequence[str], out: str | Path,
+                  title: str = "") -> Path:
+    """Grouped bars: ``table[row][metric]``, one panel per metric (e.g. backbones x scores)."""
+    plt = _pyplot()
+    rows = list(table)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.6), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        ax.bar(rows, [table[r].get(metric, np.nan) for r in rows], color="#4c72b0")
+        ax.set_title(metric, fontsize=9)
+        ax.tick_params(axis="x", rotation=60, labelsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+__all__ = [
+    "CONDITION_COLORS",
+    "bar_chart_png",
+    "confusion_matrix_png",
+    "plot_slices_with_points",
+    "study_montage",
+    "training_curves_png",
+]

@@ -1,0 +1,57 @@
+"""The `spinemm` command line: phantom, inspect (+ montage), evaluate."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from spinemm.cli import main
+from spinemm.constants import SUBMISSION_COLUMNS
+
+
+def test_phantom_command_writes_layout_and_reports_scores(tmp_path, capsys):
+    root = tmp_path / "ph"
+    assert main(["phantom", str(root), "--n-studies", "3", "--n-test", "2", "--image-size", "32", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    info = json.loads((root / "phantom_info.json").read_text())
+    assert f"{info['prior_score']:.4f}" in out and f"{info['oracle_score']:.4f}" in out
+    assert (root / "train.csv").exists() and (root / "test_series_descriptions.csv").exists()
+
+
+def test_inspect_summarises_and_draws(phantom_root, tmp_path, capsys):
+    png = tmp_path / "montage.png"
+    assert main(["inspect", str(phantom_root), "--png", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "8 studies" in out
+    for plane in ("Sagittal T1", "Sagittal T2/STIR", "Axial T2"):
+        assert plane in out
+    assert "labels per condition" in out
+    assert png.stat().st_size > 10_000  # a real picture, not an empty canvas
+
+
+def test_evaluate_perfect_vs_uniform(phantom_root, tmp_path, capsys):
+    solution = pd.read_csv(phantom_root / "solution.csv")
+    perfect = solution[["row_id", *SUBMISSION_COLUMNS]].copy()
+    uniform = perfect.copy()
+    uniform[list(SUBMISSION_COLUMNS)] = 1 / 3
+    scores = {}
+    for name, frame in (("perfect", perfect), ("uniform", uniform)):
+        sub = tmp_path / f"{name}.csv"
+        frame.to_csv(sub, index=False)
+        out_json = tmp_path / f"{name}.json"
+        assert main(["evaluate", "--solution", str(phantom_root / "solution.csv"), "--submission", str(sub),
+                     "--json", str(out_json)]) == 0
+        assert "official score" in capsys.readouterr().out
+        scores[name] = json.loads(out_json.read_text())["score"]
+    assert scores["perfect"] < 1e-6
+    assert scores["uniform"] == pytest.approx(np.log(3), rel=0.2)
+
+
+def test_bad_input_is_a_clean_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["inspect", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert "error" in err and ".csv" in err and str(tmp_path / "empty") in err
