@@ -1,0 +1,239 @@
+"""Series -> model-ready slice stacks, and train-time augmentations that keep location targets true.
+
+Two halves:
+
+* :func:`preprocess_series` is deterministic (so :class:`~spinemm.data.cache.SeriesCache` can store
+  its result): choose ``S`` slices evenly over the geometric order, normalise intensities per series,
+  build the 3 channels of each slice (2.5D neighbours or the slice replicated) and resize in-plane.
+* :func:`augment_plane` is random (driven only by a ``torch.Generator``) and acts on the stored
+  ``[S, C, H, W]`` tensor: affine shift/scale, intensity gain/gamma/noise and a slice shift. Every
+  geometric change is applied to the location targets too.
+
+Location convention (CONTRACTS "Sample format"): ``x, y`` are normalised by the ORIGINAL width and
+height, so one normalised point means the same anatomy at any resize; the resize is a plain stretch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:  # the attributes we use are listed in CONTRACTS (dicom.py)
+    from .dicom import Series
+
+CHANNEL_MODES = ("2.5d", "single")
+#: Percentiles mapped to 0 and 1 by the per-series normalisation (robust to hot pixels).
+INTENSITY_PERCENTILES = (0.5, 99.5)
+
+
+@dataclass
+class PreprocessedSeries:
+    """The deterministic, cacheable result of preprocessing one series.
+
+    ``image`` is float16 in [0, 1] whether or not it came from the cache, so cached and uncached
+    pipelines feed the model bit-identical inputs.
+    """
+
+    image: torch.Tensor  # float16 [S, C, H, W]
+    indices: np.ndarray  # int64 [S]: position in the sorted (geometric) stack of each resampled slice
+    instance_numbers: np.ndarray  # int64 [S]: InstanceNumber shown at each resampled slice
+    source_instance_numbers: np.ndarray  # int64 [N]: InstanceNumber of every sorted slice
+    original_shape: tuple[int, int]  # (H, W) of the DICOM images
+    pixel_spacing: tuple[float, float]  # (row_mm, col_mm)
+    slice_spacing: float  # mm between neighbouring sorted slices
+
+    @property
+    def num_source_slices(self) -> int:
+        return int(self.source_instance_numbers.shape[0])
+
+    def index_of_instance(self, instance_number: int) -> int | None:
+        """Sorted-stack index of an InstanceNumber, or None when the series has no such slice."""
+        hits = np.flatnonzero(self.source_instance_numbers == int(instance_number))
+        return int(hits[0]) if hits.size else None
+
+
+def choose_slices(num_source: int, num_slices: int) -> np.ndarray:
+    """``num_slices`` sorted-stack indices spread evenly over ``[0, num_source)`` (nearest slice).
+
+    With fewer source slices than requested, slices repeat (e.g. 3 -> 6 gives ``[0,0,1,1,2,2]``).
+    """
+    if num_source < 1 or num_slices < 1:
+        raise ValueError(f"need >= 1 source and target slice, got {num_source} and {num_slices}")
+    positions = np.linspace(0.0, num_source - 1, num_slices)
+    # floor(x + 0.5) rather than np.rint: round-half-to-even would make the spacing uneven
+    return np.floor(positions + 0.5).astype(np.int64)
+
+
+def intensity_window(
+    volume: np.ndarray, percentiles: tuple[float, float] = INTENSITY_PERCENTILES
+) -> tuple[float, float]:
+    """The ``(low, high)`` intensities that map to 0 and 1 for this series (physical units)."""
+    low, high = np.percentile(volume, percentiles)
+    return float(low), float(high)
+
+
+def resize_slices(slices: torch.Tensor, image_size: int) -> torch.Tensor:
+    """Bilinear, antialiased resize of ``[N, H, W]`` to ``[N, image_size, image_size]`` (float32)."""
+    out = F.interpolate(
+        slices[:, None].float(),
+        size=(image_size, image_size),
+        mode="bilinear",
+        antialias=True,
+        align_corners=False,
+    )
+    return out[:, 0].clamp_(0.0, 1.0)
+
+
+def channel_indices(indices: np.ndarray, num_source: int, channels: str) -> np.ndarray:
+    """``[S, 3]`` sorted-stack indices feeding the 3 channels of each chosen slice.
+
+    ``"2.5d"``: ``(i-1, i, i+1)`` from the original stack, clamped at the ends (so the first slice
+    repeats itself); ``"single"``: ``(i, i, i)``.
+    """
+    if channels == "2.5d":
+        return np.clip(indices[:, None] + np.arange(-1, 2)[None, :], 0, num_source - 1)
+    if channels == "single":
+        return np.repeat(indices[:, None], 3, axis=1)
+    raise ValueError(f"channels must be one of {CHANNEL_MODES}, got {channels!r}")
+
+
+def preprocess_series(
+    series: Series, num_slices: int, image_size: int, channels: str = "2.5d"
+) -> PreprocessedSeries:
+    """Resample, normalise, stack channels and resize one series (the deterministic pipeline).
+
+    ``series.volume`` holds physical intensities in geometric order (``read_series``); the
+    0.5/99.5 percentiles of the whole series map to [0, 1], then values are clipped.
+    """
+    volume = np.asarray(series.volume, dtype=np.float32)  # [N, H, W]
+    num_source = int(volume.shape[0])
+    indices = choose_slices(num_source, num_slices)
+    feeds = channel_indices(indices, num_source, channels)  # [S, 3]
+    # normalise and resize each needed source slice once, then gather the channels
+    needed, inverse = np.unique(feeds, return_inverse=True)
+    low, high = intensity_window(volume)
+    scale = 1.0 / (high - low) if high > low else 0.0  # a constant series becomes all zeros
+    normed = torch.from_numpy((volume[needed] - low) * scale).clamp_(0.0, 1.0)
+    resized = resize_slices(normed, image_size)  # [U, size, size]
+    image = resized[torch.from_numpy(inverse.reshape(feeds.shape))]  # [S, 3, size, size]
+    source_instances = np.asarray(series.instance_numbers, dtype=np.int64)
+    return PreprocessedSeries(
+        image=image.to(torch.float16).contiguous(),
+        indices=indices,
+        instance_numbers=source_instances[indices],
+        source_instance_numbers=source_instances,
+        original_shape=(int(volume.shape[1]), int(volume.shape[2])),
+        pixel_spacing=(float(series.pixel_spacing[0]), float(series.pixel_spacing[1])),
+        slice_spacing=float(series.slice_spacing),
+    )
+
+
+def nearest_slice(indices: np.ndarray, source_index: int, num_source: int) -> int | None:
+    """Resampled slice showing (or nearest to) sorted-stack slice ``source_index``; first on ties.
+
+    Returns None when the slice is farther from every shown slice than :func:`choose_slices` ever
+    leaves it (0 when every source slice is shown, else half a step plus rounding), which only
+    happens after :func:`shift_stack` moved the labelled slice out of the stack.
+    """
+    distance = np.abs(np.asarray(indices) - source_index)
+    best = int(np.argmin(distance))
+    step = (num_source - 1) / max(len(indices) - 1, 1)
+    tolerance = 0.0 if step <= 1.0 else step / 2 + 0.5
+    return best if distance[best] <= tolerance else None
+
+
+@dataclass
+class AugmentConfig:
+    """Ranges of the train-time augmentations; set a range to its identity to switch one off."""
+
+    max_shift: float = 0.08  # fraction of the image size, per axis
+    scale: tuple[float, float] = (0.9, 1.1)  # zoom factor, drawn log-uniformly
+    gain: tuple[float, float] = (0.85, 1.15)
+    gamma: tuple[float, float] = (0.8, 1.25)  # drawn log-uniformly
+    noise_std: float = 0.02  # Gaussian noise on [0, 1] intensities
+    slice_shift: int = 1  # the stack moves by an integer in [-slice_shift, slice_shift]
+
+
+def _uniform(low: float, high: float, generator: torch.Generator) -> float:
+    return low + (high - low) * float(torch.rand((), generator=generator))
+
+
+def _log_uniform(low: float, high: float, generator: torch.Generator) -> float:
+    return math.exp(_uniform(math.log(low), math.log(high), generator))
+
+
+def affine(
+    image: torch.Tensor, points: torch.Tensor, valid: torch.Tensor, scale: float, shift: tuple[float, float]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Zoom by ``scale`` about the centre, then move by ``shift`` (fractions of width, height).
+
+    image ``[S, C, H, W]``; points ``[K, 2]`` normalised ``(x, y)``; valid ``[K]`` bool. A point
+    that leaves the image becomes invalid (and zero). In grid_sample's [-1, 1] coordinates a point
+    ``g`` moves to ``scale * g + 2 * shift``, so the sampling grid is the inverse map.
+    """
+    dx, dy = 2.0 * shift[0], 2.0 * shift[1]
+    theta = torch.tensor(
+        [[1.0 / scale, 0.0, -dx / scale], [0.0, 1.0 / scale, -dy / scale]], dtype=torch.float32
+    )
+    grid = F.affine_grid(theta.expand(image.shape[0], 2, 3), list(image.shape), align_corners=False)
+    out = F.grid_sample(image.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    moved = ((scale * (points * 2.0 - 1.0) + torch.tensor([dx, dy])) + 1.0) / 2.0
+    inside = ((moved >= 0.0) & (moved < 1.0)).all(dim=1)
+    keep = valid & inside
+    return out, torch.where(keep[:, None], moved, torch.zeros_like(moved)), keep
+
+
+def adjust_intensity(
+    image: torch.Tensor, gain: float, gamma: float, noise_std: float, generator: torch.Generator
+) -> torch.Tensor:
+    """``clip(gain * image**gamma + N(0, noise_std))`` on a [0, 1] tensor; geometry unchanged."""
+    out = image.float().clamp(0.0, 1.0).pow(gamma).mul_(gain)
+    if noise_std > 0:
+        out.add_(torch.randn(out.shape, generator=generator).mul_(noise_std))
+    return out.clamp_(0.0, 1.0)
+
+
+def shift_stack(
+    image: torch.Tensor, indices: np.ndarray, instance_numbers: np.ndarray, offset: int
+) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """Move the resampled stack by ``offset`` slices: new slice ``s`` shows old slice ``s + offset``.
+
+    Clamped at the ends; the index arrays move with the pixels, so slice targets recomputed with
+    :func:`nearest_slice` from the new ``indices`` stay on the labelled anatomy.
+    """
+    take = np.clip(np.arange(len(indices)) + offset, 0, len(indices) - 1)
+    return image[torch.from_numpy(take)], indices[take], instance_numbers[take]
+
+
+def augment_plane(
+    image: torch.Tensor,
+    indices: np.ndarray,
+    instance_numbers: np.ndarray,
+    points: torch.Tensor,
+    valid: torch.Tensor,
+    generator: torch.Generator,
+    config: AugmentConfig | None = None,
+) -> tuple[torch.Tensor, np.ndarray, np.ndarray, torch.Tensor, torch.Tensor]:
+    """Random slice shift, affine and intensity change of one plane's stack and its targets.
+
+    image float ``[S, C, H, W]``; points ``[K, 2]`` normalised (x, y) of this plane's targets; valid
+    ``[K]``. Returns ``(image float32, indices, instance_numbers, points, valid)``. Everything random
+    comes from ``generator``, so a seeded generator reproduces the same augmentation.
+    """
+    cfg = config or AugmentConfig()
+    offset = int(torch.randint(-cfg.slice_shift, cfg.slice_shift + 1, (), generator=generator))
+    image, indices, instance_numbers = shift_stack(image, indices, instance_numbers, offset)
+    scale = _log_uniform(*cfg.scale, generator)
+    shift = (
+        _uniform(-cfg.max_shift, cfg.max_shift, generator),
+        _uniform(-cfg.max_shift, cfg.max_shift, generator),
+    )
+    image, points, valid = affine(image, points, valid, scale, shift)
+    gain, gamma = _uniform(*cfg.gain, generator), _log_uniform(*cfg.gamma, generator)
+    image = adjust_intensity(image, gain, gamma, cfg.noise_std, generator)
+    return image, indices, instance_numbers, points, valid
