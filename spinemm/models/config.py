@@ -1,0 +1,176 @@
+"""Model configs: JSON files (``models/configs/*.json``) turned into dataclasses, open_clip style.
+
+A config names every choice that changes the architecture. Tower configs carry a ``type`` key
+that picks a builder from :mod:`spinemm.models.registry`. After a model is built, builders write the
+upstream architecture they resolved (``vision.open_clip_cfg``, ``text.hf_config``, mean/std) back
+into the config, so a saved folder rebuilds offline without asking the hub anything.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import SpineModelError
+
+CHANNEL_MODES = ("2.5d", "single")
+
+
+@dataclass
+class VisionConfig:
+    """Vision tower (a :class:`~spinemm.models.base.SliceEncoder`).
+
+    ``type``: registry key: ``"open_clip"`` (native ViT or timm tower of an open_clip model),
+    ``"timm"`` (any timm backbone), or one registered by :mod:`spinemm.models.baselines`.
+    ``model_name``: open_clip name (``"ViT-B-16"``), ``"hf-hub:org/repo"``, or a timm model name.
+    ``pretrained``: an open_clip tag (``"openai"``) or a local weights file / folder. An
+    ``hf-hub:`` model loads its repo's weights unless this is ``False``; a timm model loads its
+    default weights when ``True``; otherwise ``None`` means random init.
+    ``mean`` / ``std``: input normalisation; ``None`` takes the pretrained weights' own.
+    ``open_clip_cfg``: an open_clip model config (``{"embed_dim", "quick_gelu", "vision_cfg"}``);
+    written on creation for named models, or given directly for a custom ViT (the tiny preset).
+    ``convert_attention``: swap ``nn.MultiheadAttention`` for Linear-projection attention (LoRA,
+    torch.compile). ``kwargs``: free-form options for registered builders (baselines).
+    """
+
+    type: str = "open_clip"
+    model_name: str | None = None
+    pretrained: str | bool | None = None
+    image_size: int = 224
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    open_clip_cfg: dict[str, Any] | None = None
+    convert_attention: bool = True
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TextConfig:
+    """Text tower (a :class:`~spinemm.models.towers.TextTower`).
+
+    ``type``: registry key: ``"bert"`` or ``"none"`` (learned queries, the no-text ablation).
+    ``hf_model_name``: a BERT on the hub (``"bert-base-uncased"``) or a local folder; ``None`` builds a
+    fresh BERT of ``width/layers/heads/intermediate_size`` with the offline tokenizer.
+    ``open_clip_model``: take the HF text tower of this open_clip model (``"hf-hub:..."`` or a local
+    folder), e.g. BiomedCLIP's PubMedBERT with its pretrained projection; ``hf_model_name`` then
+    only says where that BERT's ``config.json`` lives (default: the open_clip config's name).
+    ``pretrained``: load upstream weights (``False``: architecture only).
+    ``hf_config`` / ``open_clip_text_cfg``: resolved on creation so saved folders rebuild offline.
+    """
+
+    type: str = "bert"
+    hf_model_name: str | None = None
+    open_clip_model: str | None = None
+    pretrained: bool = True
+    width: int = 64
+    layers: int = 2
+    heads: int = 2
+    intermediate_size: int = 128
+    max_length: int = 64
+    pooler: str = "cls"
+    hf_config: dict[str, Any] | None = None
+    open_clip_text_cfg: dict[str, Any] | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class FusionConfig:
+    """Query decoder: ``layers`` x (self-attn over queries, cross-attn to own-plane tokens, MLP)."""
+
+    dim: int = 256
+    layers: int = 2
+    heads: int = 8
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    loc_dim: int = 64
+
+
+@dataclass
+class ModelConfig:
+    """A whole :class:`~spinemm.models.spine_clip.SpineCLIP`: towers, fusion and preprocessing."""
+
+    name: str = "custom"
+    embed_dim: int = 512
+    num_slices: int = 16
+    channels: str = "2.5d"
+    logit_scale_init: float = math.log(1 / 0.07)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
+        """Strict parse: unknown keys raise :class:`SpineModelError` naming the key."""
+        sections = {"vision": VisionConfig, "text": TextConfig, "fusion": FusionConfig}
+        top = _check_keys(cls, data, "")
+        for key, sub in sections.items():
+            if key in top:
+                value = top[key]
+                if not isinstance(value, Mapping):
+                    raise SpineModelError(
+                        f"model config key {key!r} must be a mapping, got {type(value).__name__}"
+                    )
+                top[key] = sub(**_check_keys(sub, value, key + "."))
+        cfg = cls(**top)
+        for attr in ("mean", "std"):
+            value = getattr(cfg.vision, attr)
+            if value is not None:
+                setattr(cfg.vision, attr, tuple(float(v) for v in value))
+        if cfg.channels not in CHANNEL_MODES:
+            raise SpineModelError(
+                f"model config 'channels' must be one of {CHANNEL_MODES}, got {cfg.channels!r}"
+            )
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (inverse of :meth:`from_dict`)."""
+        return dataclasses.asdict(self)
+
+    def preprocess(self, mean: tuple[float, ...], std: tuple[float, ...]) -> dict[str, Any]:
+        """What a dataset must feed this model (written beside the weights as ``preprocess_cfg``)."""
+        return {
+            "image_size": self.vision.image_size,
+            "num_slices": self.num_slices,
+            "channels": self.channels,
+            "mean": list(mean),
+            "std": list(std),
+        }
+
+
+def _check_keys(cls: type, data: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise SpineModelError(
+            f"unknown model config key(s) {[prefix + k for k in unknown]}; "
+            f"valid keys: {sorted(prefix + n for n in names)}"
+        )
+    return dict(data)
+
+
+def merge_overrides(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``overrides`` into a copy of ``base``.
+
+    Keys may be dotted (``{"fusion.layers": 4}``) or nested (``{"fusion": {"layers": 4}}``);
+    mappings merge key by key, anything else replaces.
+    """
+    out = copy.deepcopy(dict(base))
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise SpineModelError(f"override {key!r}: {part!r} is not a config section")
+            node = child
+        if isinstance(value, Mapping) and isinstance(node.get(leaf), dict):
+            node[leaf] = merge_overrides(node[leaf], value)
+        else:
+            node[leaf] = copy.deepcopy(value)
+    return out

@@ -1,0 +1,65 @@
+"""Heads on the decoded queries: severity (3 logits) and location (joint logits over slices x patches).
+
+The location logits of query q are the dot products of its projected output with the projected
+tokens of every (slice, patch) of its own plane: the query's attention over slices and patches,
+trained by the label coordinates (``spinemm.losses.location_loss``) and decoded by
+:func:`decode_location`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class SeverityHead(nn.Module):
+    """[B, Q, D] -> [B, Q, num_classes] logits, shared by all queries (the query text sets the task)."""
+
+    def __init__(self, dim: int, num_classes: int = 3) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward(self, queries: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.norm(queries))
+
+
+class LocationHead(nn.Module):
+    """Joint logits over (slice, patch) of each query's plane."""
+
+    def __init__(self, dim: int, loc_dim: int = 64) -> None:
+        super().__init__()
+        self.q_proj = nn.Linear(dim, loc_dim)
+        self.k_proj = nn.Linear(dim, loc_dim)
+        self.scale = loc_dim**-0.5
+
+    def forward(self, queries: torch.Tensor, memory: torch.Tensor, query_plane: torch.Tensor) -> torch.Tensor:
+        """queries [B, Q, D], memory [B, P, S, L, D], query_plane [Q] -> logits [B, Q, S, L]."""
+        q = self.q_proj(queries)  # [B, Q, E]
+        k = self.k_proj(memory)  # [B, P, S, L, E]
+        # Scoring against all P planes then picking one is cheaper in memory than gathering the
+        # keys of each query's plane ([B, Q, S, L, E]); Q and P are small.
+        logits = torch.einsum("bqe,bpsle->bqpsl", q, k) * self.scale
+        return logits[:, torch.arange(q.shape[1], device=q.device), query_plane]
+
+
+def decode_location(loc_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """loc_logits [B, Q, S, h, w] -> (location [B, Q, 3] = (slice, x, y), confidence [B, Q]).
+
+    The slice is the argmax of the slice marginal (a float in [0, S)); x and y are the soft-argmax
+    of the patch distribution within that slice, at patch centres, normalised to [0, 1].
+    The confidence is the probability mass of the chosen slice.
+    """
+    *lead, s, h, w = loc_logits.shape
+    probs = loc_logits.flatten(-3).softmax(-1).view(*lead, s, h, w)
+    slice_probs = probs.sum(dim=(-1, -2))  # [B, Q, S]
+    confidence, best = slice_probs.max(dim=-1)
+    index = best[..., None, None, None].expand(*lead, 1, h, w)
+    within = (
+        probs.gather(-3, index).squeeze(-3) / confidence.clamp_min(1e-12)[..., None, None]
+    )  # [B, Q, h, w]
+    xs = (torch.arange(w, device=loc_logits.device, dtype=probs.dtype) + 0.5) / w
+    ys = (torch.arange(h, device=loc_logits.device, dtype=probs.dtype) + 0.5) / h
+    x = (within.sum(-2) * xs).sum(-1)
+    y = (within.sum(-1) * ys).sum(-1)
+    return torch.stack([best.to(probs.dtype), x, y], dim=-1), confidence

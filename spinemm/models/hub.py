@@ -1,0 +1,203 @@
+"""Where pretrained files come from: a local folder or file, then the Hugging Face cache, then the hub.
+
+Offline (``HF_HUB_OFFLINE=1``) and not cached, :func:`resolve_files` raises a
+:class:`~spinemm.errors.SpineModelError` that names the repo, the files, the command that fetches
+them and the folder the loader will then read, plus the config key that takes a local folder.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from ..errors import SpineModelError
+
+#: A file name, or alternatives in order of preference (e.g. safetensors before a pickle).
+FileSpec = str | tuple[str, ...]
+#: Weight formats that need unpickling. spinemm's own checkpoints never use them.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+#: Files of a saved transformers tokenizer (whichever exist are read); one of the first two is needed.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+TOKENIZER_REQUIRED = ("tokenizer.json", "vocab.txt")
+_TRUE = {"1", "on", "yes", "true"}
+
+
+def hub_offline() -> bool:
+    """True when ``HF_HUB_OFFLINE`` is set (read now, not at import, so tests can flip it)."""
+    from huggingface_hub import constants
+
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE or bool(constants.HF_HUB_OFFLINE)
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache this loader reads (``HF_HUB_CACHE``, else ``HF_HOME/hub``)."""
+    from huggingface_hub import constants
+
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]) / "hub"
+    return Path(constants.HF_HUB_CACHE)
+
+
+def _alternatives(spec: FileSpec) -> tuple[str, ...]:
+    return (spec,) if isinstance(spec, str) else tuple(spec)
+
+
+def resolve_files(
+    source: str | os.PathLike, files: Sequence[FileSpec], *, setting: str, optional: Sequence[FileSpec] = ()
+) -> dict[str, Path]:
+    """Find ``files`` (and whichever of ``optional`` exist) for ``source``.
+
+    ``source`` is a local folder, a local file (when exactly one file is asked for), or a hub repo
+    id. Returns ``{first alternative of each spec: local path}``. ``setting`` is the config key
+    (e.g. ``"vision.pretrained"``) a user can point at a local folder instead; it goes in the error.
+    """
+    path = Path(source).expanduser()
+    if path.is_file():
+        if len(files) != 1:
+            raise SpineModelError(
+                f"{setting}={str(source)!r} is a file, but {len(files)} files are needed: "
+                f"{[_alternatives(f) for f in files]}; give a folder that holds them"
+            )
+        return {_alternatives(files[0])[0]: path}
+    if path.is_dir():
+        return _from_folder(path, files, optional, setting)
+    if os.path.isabs(str(source)) or str(source).startswith((".", "~")):
+        raise SpineModelError(f"{setting}: local path {str(source)!r} does not exist")
+    return _from_hub(str(source), files, optional, setting)
+
+
+def _from_folder(
+    folder: Path, files: Sequence[FileSpec], optional: Sequence[FileSpec], setting: str
+) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for spec, required in [(f, True) for f in files] + [(f, False) for f in optional]:
+        names = _alternatives(spec)
+        hit = next((folder / n for n in names if (folder / n).is_file()), None)
+        if hit is not None:
+            found[names[0]] = hit
+        elif required:
+            raise SpineModelError(f"{setting}: folder {folder} has no {' or '.join(names)}")
+    return found
+
+
+def _from_hub(
+    repo: str, files: Sequence[FileSpec], optional: Sequence[FileSpec], setting: str
+) -> dict[str, Path]:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo)
+    except HFValidationError as exc:
+        raise SpineModelError(f"{setting}={repo!r} is neither a local path nor a hub repo id ({exc})") from exc
+    cache = hub_cache_dir()
+    offline = hub_offline()
+    found: dict[str, Path] = {}
+    missing: list[tuple[str, ...]] = []
+    reason = ""
+    for spec, required in [(f, True) for f in files] + [(f, False) for f in optional]:
+        names = _alternatives(spec)
+        hit = None
+        for name in names:  # the cache first, so a cached copy never touches the network
+            try:
+                hit = hf_hub_download(repo, name, cache_dir=cache, local_files_only=True)
+                break
+            except (LocalEntryNotFoundError, EntryNotFoundError, FileNotFoundError):
+                continue
+        if hit is None and not offline and not reason:
+            for name in names:
+                try:
+                    hit = hf_hub_download(repo, name, cache_dir=cache)
+                    break
+                except EntryNotFoundError:  # this alternative is not in the repo; try the next
+                    continue
+                except Exception as exc:  # network down, unknown repo, auth: no point asking again
+                    reason = f"download failed: {type(exc).__name__}: {exc}"
+                    break
+        if hit is not None:
+            found[names[0]] = Path(hit)
+        elif required:
+            missing.append(names)
+    if missing:
+        raise MissingHubFiles({repo: missing}, {repo: setting}, cache, reason or "offline (HF_HUB_OFFLINE=1)")
+    return found
+
+
+class MissingHubFiles(SpineModelError):
+    """Pretrained files that are neither local nor cached and cannot be downloaded now.
+
+    ``needs`` maps repo id -> file alternatives; ``settings`` maps repo id -> the config key that
+    takes a local folder instead. :meth:`merge` joins the errors of several towers into one message.
+    """
+
+    def __init__(
+        self, needs: dict[str, list[tuple[str, ...]]], settings: dict[str, str], cache: Path, reason: str
+    ) -> None:
+        self.needs, self.settings, self.cache, self.reason = needs, settings, cache, reason
+        super().__init__(self._message())
+
+    @classmethod
+    def merge(cls, errors: Sequence[MissingHubFiles]) -> MissingHubFiles:
+        needs: dict[str, list[tuple[str, ...]]] = {}
+        settings: dict[str, str] = {}
+        for err in errors:
+            for repo, groups in err.needs.items():
+                needs.setdefault(repo, [])
+                needs[repo] += [g for g in groups if g not in needs[repo]]
+                settings.setdefault(repo, err.settings[repo])
+        return cls(needs, settings, errors[0].cache, errors[0].reason)
+
+    def _message(self) -> str:
+        # The command names the last alternative of each group: the legacy name every repo of that
+        # kind has (e.g. open_clip_pytorch_model.bin); the loader still prefers the first when present.
+        lines = [
+            f"pretrained files are missing: {self.reason}, and the hub cache {self.cache} has no copy of"
+        ]
+        for repo, groups in self.needs.items():
+            lines.append(f"  {repo}: " + ", ".join(" or ".join(names) for names in groups))
+        lines.append("To fix, on a machine with network run:")
+        for repo, groups in self.needs.items():
+            lines.append(
+                f"    hf download {repo} {' '.join(names[-1] for names in groups)} --cache-dir {self.cache}"
+            )
+        lines.append(f"and bring {self.cache} here (or set HF_HUB_CACHE to a copy); the loader reads")
+        for repo in self.needs:
+            lines.append(
+                f"    {self.cache / ('models--' + repo.replace('/', '--')) / 'snapshots' / '<revision>'}/"
+            )
+        lines.append(
+            "Or put each repo's files in a folder of their own and set "
+            + ", ".join(f"{self.settings[repo]}='/folder/with/{repo.split('/')[-1]}'" for repo in self.needs)
+            + "."
+        )
+        return "\n".join(lines)
+
+
+def refuse_pickle(path: Path) -> None:
+    """spinemm never unpickles its own weights: a pickle-format file is refused."""
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise SpineModelError(
+            f"refusing to load {path}: {path.suffix} weights are Python pickles, which can run code when "
+            f"loaded. spinemm reads model.safetensors only; convert with safetensors.torch.save_file."
+        )
+
+
+def load_upstream_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of an upstream (open_clip / HF) checkpoint: safetensors, or a pickle read with
+    ``weights_only=True`` (tensors and containers only, no code) for repos that ship nothing else."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise SpineModelError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
+    return {k.removeprefix("module."): v for k, v in state.items()}

@@ -1,0 +1,206 @@
+"""SpineCLIP: a study's 3 series + 25 query texts -> severity logits and locations; plus a dual encoder.
+
+Forward, for a collated batch (CONTRACTS "Sample format"), B studies, P = 3 planes, S slices:
+
+1. The 25 query texts are the same for every study, so each distinct text is encoded once per
+   forward (BERT pooled -> ``query_proj``) and gathered per study: queries [B, 25, D].
+2. Every series that exists (``plane_mask``) is encoded once by the vision tower: tokens
+   [B, P, S, h*w, D] after ``token_proj`` + slice-position and plane embeddings + LayerNorm.
+3. The query decoder lets each query attend only to its own plane's tokens (fusion.py).
+4. Heads: severity logits [B, 25, 3]; location logits [B, 25, S, h, w] over its plane, decoded.
+
+Dual encoder: :meth:`encode_image` (pooled vision of single images -> ``image_proj``),
+:meth:`encode_text` (pooled text -> ``text_proj``) and ``logit_scale``, as in open_clip.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..constants import NUM_CLASSES, PLANES, TARGET_PLANE_INDEX
+from ..errors import SpineModelError
+from ..text import QUERY_TEXTS
+from .base import SliceEncoder
+from .config import ModelConfig
+from .fusion import QueryDecoder, SlicePlaneEmbedding
+from .heads import LocationHead, SeverityHead, decode_location
+from .towers import TextTower
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+class SpineCLIP(nn.Module):
+    """Vision tower + text tower + query decoder + heads. Build with :func:`spinemm.create_model`."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        vision: SliceEncoder,
+        text: TextTower,
+        image_proj: nn.Module | None = None,
+        text_proj: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        dim = config.fusion.dim
+        self.config = config
+        self.vision = vision
+        self.text = text
+        # dual-encoder projections: pretrained ones come from open_clip towers, else fresh
+        self.image_proj = image_proj or nn.Linear(vision.width, config.embed_dim, bias=False)
+        self.text_proj = text_proj or nn.Linear(text.width, config.embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init)))
+        # fusion path
+        self.token_proj = nn.Linear(vision.width, dim)
+        self.query_proj = nn.Linear(text.width, dim)
+        self.slice_plane = SlicePlaneEmbedding(dim, config.num_slices, len(PLANES))
+        self.memory_norm = nn.LayerNorm(dim)
+        self.decoder = QueryDecoder(
+            dim,
+            config.fusion.layers,
+            config.fusion.heads,
+            TARGET_PLANE_INDEX,
+            config.fusion.mlp_ratio,
+            config.fusion.dropout,
+        )
+        self.severity_head = SeverityHead(dim, NUM_CLASSES)
+        self.location_head = LocationHead(dim, config.fusion.loc_dim)
+
+    # ------------------------------------------------------------------------------- properties
+    @property
+    def image_size(self) -> int:
+        return self.config.vision.image_size
+
+    @property
+    def preprocess_cfg(self) -> dict[str, Any]:
+        """What a dataset must feed this model: image_size, num_slices, channels, mean, std
+        (saved as ``preprocess_cfg`` in config.json, as open_clip names it)."""
+        return self.config.preprocess(self.vision.image_mean, self.vision.image_std)
+
+    @property
+    def preprocess(self) -> dict[str, Any]:
+        """Same as :attr:`preprocess_cfg`."""
+        return self.preprocess_cfg
+
+    @property
+    def tokenizer(self) -> Any:
+        return getattr(self.text, "tokenizer", None)
+
+    # ------------------------------------------------------------------------------ dual encoder
+    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """images [N, C, H, W] in [0, 1] (resized to ``image_size`` if needed) -> [N, embed_dim]."""
+        if images.ndim != 4:
+            raise SpineModelError(f"encode_image expects [N, C, H, W], got shape {tuple(images.shape)}")
+        if images.shape[-2:] != (self.image_size, self.image_size):
+            images = F.interpolate(
+                images,
+                size=(self.image_size, self.image_size),
+                mode="bilinear",
+                antialias=True,
+                align_corners=False,
+            )
+        _, pooled = self.vision(images[:, None])  # one-slice series: pooled [N, 1, width]
+        embeds = self.image_proj(pooled[:, 0])
+        return F.normalize(embeds, dim=-1) if normalize else embeds
+
+    def encode_text(self, texts: Sequence[str], normalize: bool = False) -> torch.Tensor:
+        """texts (N strings) -> [N, embed_dim]."""
+        _, _, pooled = self.text.encode(list(texts))
+        embeds = self.text_proj(pooled)
+        return F.normalize(embeds, dim=-1) if normalize else embeds
+
+    # ----------------------------------------------------------------------------------- fusion
+    def encode_queries(self, texts: Sequence[Sequence[str]] | None, batch_size: int) -> torch.Tensor:
+        """Per-study query texts (or None = ``QUERY_TEXTS``) -> queries [B, Q, dim].
+
+        Each distinct text goes through the text tower once, however many studies share it.
+        """
+        rows = [QUERY_TEXTS] * batch_size if texts is None else [list(r) for r in texts]
+        if len(rows) != batch_size or any(len(r) != len(TARGET_PLANE_INDEX) for r in rows):
+            raise SpineModelError(
+                f"batch['text'] must hold {batch_size} lists of {len(TARGET_PLANE_INDEX)} texts"
+            )
+        unique = list(dict.fromkeys(t for row in rows for t in row))
+        position = {t: i for i, t in enumerate(unique)}
+        _, _, pooled = self.text.encode(unique)  # [U, text width]
+        index = torch.tensor([[position[t] for t in row] for row in rows], device=pooled.device)
+        return self.query_proj(pooled)[index]  # [B, Q, dim]
+
+    def encode_series(self, image: torch.Tensor, plane_mask: torch.Tensor) -> torch.Tensor:
+        """image [B, P, S, C, H, W], plane_mask [B, P] -> memory tokens [B, P, S, h*w, dim]."""
+        b, p, s = image.shape[:3]
+        h, w = self.vision.grid_size
+        tokens = image.new_zeros(b, p, s, h * w, self.config.fusion.dim)
+        if plane_mask.any():  # absent series are never encoded
+            series_tokens, _ = self.vision(image[plane_mask])  # [M, S, h*w, width]
+            tokens = tokens.index_put((plane_mask,), self.token_proj(series_tokens).to(tokens.dtype))
+        return self.memory_norm(self.slice_plane(tokens))
+
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Collated batch -> CONTRACTS "Model outputs" (logits, loc_logits, location, ...)."""
+        image = batch["image"]
+        if image.ndim != 6 or image.shape[1] != len(PLANES):
+            raise SpineModelError(
+                f"batch['image'] must be [B, {len(PLANES)}, S, C, H, W], got {tuple(image.shape)}"
+            )
+        if image.shape[-2:] != (self.image_size, self.image_size):
+            raise SpineModelError(
+                f"images are {tuple(image.shape[-2:])} but the model expects "
+                f"{self.image_size}x{self.image_size}; build the dataset from model.preprocess_cfg"
+            )
+        b, _, s = image.shape[:3]
+        plane_mask = batch.get("plane_mask")
+        plane_mask = (
+            torch.ones(b, len(PLANES), dtype=torch.bool, device=image.device)
+            if plane_mask is None
+            else plane_mask.to(device=image.device, dtype=torch.bool)
+        )
+        queries = self.encode_queries(batch.get("text"), b)
+        memory = self.encode_series(image, plane_mask)  # [B, P, S, L, D]
+        decoded, attn = self.decoder(queries, memory.flatten(2, 3), plane_mask)
+        h, w = self.vision.grid_size
+        loc_logits = self.location_head(decoded, memory, self.decoder.query_plane).unflatten(-1, (h, w))
+        location, confidence = decode_location(loc_logits)
+        return {
+            "logits": self.severity_head(decoded),  # [B, 25, 3]
+            "loc_logits": loc_logits,  # [B, 25, S, h, w]
+            "location": location,  # [B, 25, 3]: slice, x, y
+            "location_confidence": confidence,  # [B, 25]
+            "attn": attn.unflatten(-1, (s, h, w)),  # [B, 25, S, h, w] last cross-attention layer
+            "query_embeds": decoded,  # [B, 25, D]
+        }
+
+    # -------------------------------------------------------------------------------- save/load
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write ``config.json`` (model + preprocess config), ``model.safetensors`` and tokenizer files."""
+        from safetensors.torch import save_model
+
+        from .. import __version__
+
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "spinemm_version": __version__,
+            "model_cfg": self.config.to_dict(),
+            "preprocess_cfg": self.preprocess_cfg,
+        }
+        (out / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        save_model(self, str(out / WEIGHTS_NAME))
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(str(out))
+        return out
+
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike) -> SpineCLIP:
+        """Load a folder written by :meth:`save_pretrained`, or a hub repo holding one."""
+        from .factory import load_model
+
+        return load_model(source)
