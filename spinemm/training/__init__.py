@@ -1,0 +1,36 @@
+"""Training with accelerate: configs, the severity loop, contrastive pretraining, the backbone
+comparison, evaluation and atomic checkpoints. The recipes in ``recipes/`` are thin wrappers::
+
+    from spinemm.training import load_config, train_severity
+    result = train_severity(load_config("recipes/configs/tiny.yaml", ["train.epochs=2"]))
+    model = spinemm.load_model(result["model_dir"])
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "DEFAULTS": "spinemm.training.config",
+    "load_config": "spinemm.training.config",
+    "config_from_argv": "spinemm.training.config",
+    "save_config": "spinemm.training.config",
+    "train_severity": "spinemm.training.loop",
+    "pretrain_clip": "spinemm.training.pretrain",
+    "compare_backbones": "spinemm.training.compare",
+    "evaluate_model": "spinemm.training.evaluate",
+    "severity_metrics": "spinemm.training.evaluate",
+    "save_checkpoint": "spinemm.training.checkpoint",
+    "load_checkpoint": "spinemm.training.checkpoint",
+    "latest_checkpoint": "spinemm.training.checkpoint",
+    "list_checkpoints": "spinemm.training.checkpoint",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'spinemm.training' has no attribute {name!r}")

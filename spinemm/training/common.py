@@ -1,0 +1,146 @@
+"""What every recipe sets up the same way: the data root, the study split, the model, the datasets.
+
+Dataset settings (slices, image size, channels) come from the model's ``preprocess_cfg``: config
+``data.num_slices / image_size / channels`` are applied to the model when it is created (so the
+tiny preset can train at 32 px) and must agree with it when the model is loaded (``init_from``).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import SpineDataError, SpineModelError
+
+
+def prepare_root(config: dict[str, Any], accelerator: Any) -> Path:
+    """The data root; when ``data.phantom`` is set and the root has no ``train.csv``, the main
+    process writes a phantom there first (the others wait)."""
+    data = config["data"]
+    if not data["root"]:
+        raise SpineDataError("config data.root is not set: point it at an RSNA-layout folder "
+                             "(or set data.phantom to write a phantom dataset there)")
+    root = Path(data["root"]).expanduser()
+    if data["phantom"] and not (root / "train.csv").is_file():
+        if accelerator.is_main_process:
+            import inspect
+
+            from ..data.phantom import make_phantom
+
+            options = dict(data["phantom"])
+            known = set(inspect.signature(make_phantom).parameters) - {"root", "progress"}
+            if set(options) - known:
+                raise SpineModelError(f"data.phantom keys {sorted(set(options) - known)} are not options of "
+                                      f"make_phantom; valid: {sorted(known)}")
+            make_phantom(root, progress=bool(config["log"]["progress"]), **options)
+        accelerator.wait_for_everyone()
+    if not (root / "train.csv").is_file():
+        raise SpineDataError(f"{root / 'train.csv'} does not exist (data.root={data['root']!r})")
+    return root
+
+
+def split_studies(frame: Any, config: dict[str, Any]) -> tuple[list[int], list[int]]:
+    """(train ids, val ids): ``split.fold`` of a ``split.folds``-fold split, else a
+    ``split.val_fraction`` holdout; studies limited to the first ``data.max_studies``."""
+    from ..data.dataset import kfold_split, study_split
+
+    split = config["split"]
+    ids = sorted({int(s) for s in frame["study_id"]})
+    if config["data"]["max_studies"]:
+        ids = ids[: int(config["data"]["max_studies"])]
+    if split["fold"] is not None:
+        return kfold_split(ids, int(split["folds"]), int(split["fold"]), seed=int(split["seed"]))
+    return study_split(ids, float(split["val_fraction"]), seed=int(split["seed"]))
+
+
+def model_overrides(config: dict[str, Any]) -> dict[str, Any]:
+    """``create_model`` overrides: ``model.kwargs`` plus the set ``data.num_slices/image_size/channels``."""
+    overrides = dict(config["model"]["kwargs"] or {})
+    data = config["data"]
+    for key, target in (("num_slices", "num_slices"), ("image_size", "vision.image_size"),
+                        ("channels", "channels")):
+        if data[key] is not None:
+            overrides[target] = data[key]
+    return overrides
+
+
+def preprocess_of(model: torch.nn.Module) -> dict[str, Any]:
+    """The model's dataset settings (``num_slices``, ``image_size``, ``channels``, ...)."""
+    pre = getattr(model, "preprocess_cfg", None)
+    if not isinstance(pre, dict):
+        raise SpineModelError(f"{type(model).__name__} has no preprocess_cfg; build it with spinemm.create_model")
+    return pre
+
+
+def build_model(config: dict[str, Any]) -> torch.nn.Module:
+    """``load_model(init_from)`` or ``create_model(model.name, **overrides)``, then LoRA
+    (``lora.r > 0``) and the tower freezes of ``train.freeze_vision / freeze_text``."""
+    from ..models.factory import create_model, load_model
+
+    if config["init_from"]:
+        model = load_model(config["init_from"])
+        pre = preprocess_of(model)
+        for key in ("num_slices", "image_size", "channels"):
+            want = config["data"][key]
+            if want is not None and want != pre[key]:
+                raise SpineModelError(
+                    f"data.{key}={want!r} but the model in init_from={config['init_from']} was built for "
+                    f"{pre[key]!r}; drop the override or rebuild the model")
+    else:
+        model = create_model(config["model"]["name"], **model_overrides(config))
+    lora = config["lora"]
+    if int(lora["r"]) > 0:
+        from ..models.lora import add_lora
+
+        kwargs = {"r": int(lora["r"]), "alpha": lora["alpha"], "dropout": lora["dropout"]}
+        if lora["targets"] is not None:
+            kwargs["targets"] = lora["targets"]
+        add_lora(model, **kwargs)
+    for flag, tower in (("freeze_vision", "vision"), ("freeze_text", "text")):
+        if config["train"][flag]:
+            module = getattr(model, tower, None)
+            if module is None:
+                raise SpineModelError(f"train.{flag}: the model has no '{tower}' tower")
+            for name, param in module.named_parameters():
+                if "lora_" not in name:
+                    param.requires_grad_(False)
+    return model
+
+
+def make_datasets(root: Path, frame: Any, train_ids: list[int], val_ids: list[int], model: torch.nn.Module,
+                  config: dict[str, Any]) -> tuple[Any, Any]:
+    """Train (augmented when ``data.augment``) and val :class:`~spinemm.data.SpineDataset` built
+    for the model's preprocessing."""
+    from ..data.dataset import SpineDataset
+
+    pre = preprocess_of(model)
+    data = config["data"]
+    common = {"num_slices": pre["num_slices"], "image_size": pre["image_size"], "channels": pre["channels"],
+              "cache_dir": data["cache_dir"], "frame": frame}
+    train = SpineDataset(root, "train", study_ids=train_ids, augment=bool(data["augment"]),
+                         seed=int(config["train"]["seed"]), **common)
+    val = SpineDataset(root, "train", study_ids=val_ids, augment=False, **common)
+    if len(train) == 0 or len(val) == 0:
+        raise SpineDataError(f"empty split: {len(train)} train and {len(val)} val studies under {root}")
+    return train, val
+
+
+def seed_everything(seed: int) -> None:
+    """Same initial weights on every process (DDP would broadcast them anyway)."""
+    from accelerate.utils import set_seed
+
+    set_seed(int(seed))
+
+
+def save_model(model: torch.nn.Module, directory: str | Path) -> Path:
+    """``save_pretrained(directory)``, loadable by :func:`spinemm.load_model`. A LoRA model is saved
+    merged (a copy; ``merge_lora`` checks the merge numerically) with its adapter in ``directory/adapter``."""
+    if getattr(model, "lora_config", None) is None:
+        return model.save_pretrained(directory)
+    from ..models.lora import merge_lora, save_adapter
+
+    save_adapter(model, Path(directory) / "adapter")
+    return merge_lora(copy.deepcopy(model)).save_pretrained(directory)

@@ -1,0 +1,282 @@
+"""Recipe configs: YAML defaults + command-line overrides, resolved config saved beside the outputs.
+
+A config is a plain nested dict. :data:`DEFAULTS` lists every key a recipe reads, so a typo in a
+YAML file or on the command line fails loudly instead of being ignored (timm-style). Overrides are
+dotted keys written any of three ways::
+
+    python recipes/train_severity.py --config recipes/configs/tiny.yaml train.epochs=2 \\
+        --optim.lr 1e-3 --resume=latest
+
+Values are parsed as YAML (``1e-4``, ``true``, ``null``, ``[a, b]`` all work). Keys whose
+default is an empty dict or null (``model.kwargs``, ``data.phantom``) take any value.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import SpineModelError
+
+#: Every key the recipes read, with its default. Sections: model, data, split, train, optim, lora,
+#: checkpoint, log, pretrain, compare; plus top-level output_dir, init_from, resume.
+DEFAULTS: dict[str, Any] = {
+    "output_dir": "runs/severity",
+    "init_from": None,  # a model dir (e.g. pretrain_clip's output/model) to start from
+    "resume": None,  # null | "latest" | path to a checkpoint-STEP dir
+    "model": {
+        "name": "spine-tiny",  # spinemm.list_models() preset
+        "kwargs": {},  # create_model(name, **kwargs) config overrides, e.g. {text.type: none}
+    },
+    "data": {
+        "root": None,  # RSNA-layout folder (train.csv, train_images/, ...)
+        "phantom": None,  # {n_studies, n_test, image_size, seed}: write a phantom to root if it is empty
+        # null = the model preset's; set, they override the preset when the model is created
+        "num_slices": None,
+        "image_size": None,
+        "channels": None,  # 2.5d | single
+        "augment": False,
+        "cache_dir": None,
+        "batch_size": 4,
+        "eval_batch_size": None,  # default: batch_size
+        "num_workers": 0,
+        "max_studies": None,  # use only the first N studies (smoke runs)
+    },
+    "split": {
+        "val_fraction": 0.2,  # study-level holdout when fold is null
+        "fold": None,  # k-fold index in [0, folds)
+        "folds": 5,
+        "seed": 0,
+    },
+    "train": {
+        "seed": 0,
+        "epochs": 1,
+        "max_steps": None,  # cap on optimizer steps (the budget of compare_backbones)
+        "stop_at_step": None,  # stop after this many steps as if killed (resume tests); schedule unchanged
+        "gradient_accumulation_steps": 1,
+        "mixed_precision": None,  # no | bf16 | fp16; null = the launcher's (accelerate config), else no
+        "cpu": False,  # train on CPU even where a GPU is visible
+        "location_weight": 0.5,
+        "any_severe_weight": 1.0,
+        "freeze_vision": False,  # ignored for towers that carry LoRA (peft freezes their base weights)
+        "freeze_text": False,
+        "eval_every_epochs": 1,
+    },
+    "optim": {
+        "lr": 3.0e-4,  # fusion, heads and every fully trained parameter
+        "lr_lora": 1.0e-4,  # LoRA adapter weights
+        "weight_decay": 0.05,
+        "betas": [0.9, 0.999],
+        "warmup_ratio": 0.1,  # of the total optimizer steps
+        "max_grad_norm": 1.0,
+    },
+    "lora": {"r": 0, "alpha": 16, "dropout": 0.05, "targets": None},
+    "checkpoint": {"every_steps": 50, "keep_last": 2},
+    "log": {"tensorboard": True, "progress": True, "every_steps": 10},
+    "pretrain": {  # recipes/pretrain_clip.py; other sections (data, split, train, optim, lora) are shared
+        "output_dir": "runs/pretrain",
+        "epochs": None,  # null -> train.epochs
+        "lr": None,  # null -> optim.lr
+        "crop_fraction": 0.25,  # ROI side as a fraction of the plane image side
+        "crops_per_study": 8,  # labelled (condition, level) ROIs drawn per study and step
+        "positives": "severity",  # severity: same-severity pairs are positives | text: same prompt | pair
+    },
+    "compare": {  # recipes/compare_backbones.py
+        "output_dir": "runs/compare",
+        # rows of the table: {name: str, overrides: {dotted.key: value}} applied over this config
+        "backbones": [],
+        "only": None,  # run only these names (list), e.g. [cnn, clip]
+    },
+}
+
+
+def _fail(msg: str) -> None:
+    raise SpineModelError(msg)
+
+
+_EXPONENT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value as YAML; ``1e-4`` (which YAML 1.1 reads as a string) becomes a float."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise SpineModelError(f"cannot parse override value {text!r}: {err}") from None
+    if isinstance(value, str) and _EXPONENT.match(value.strip()):
+        return float(value)
+    return value
+
+
+def _is_free(node: Any) -> bool:
+    return node is None or (isinstance(node, dict) and not node)
+
+
+def _free_form(defaults: dict[str, Any], path: list[str]) -> bool:
+    """True when ``path`` is, or lies inside, a key whose default is ``{}`` or null: any value goes."""
+    node: Any = defaults
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            return False
+        node = node[key]
+        if _is_free(node):
+            return True
+    return False
+
+
+def _check_key(defaults: dict[str, Any], dotted: str, where: str) -> None:
+    node: Any = defaults
+    parts = dotted.split(".")
+    for i, key in enumerate(parts):
+        if not isinstance(node, dict) or key not in node:
+            known = sorted(node) if isinstance(node, dict) else []
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {'.'.join([*parts[:i], close[0]])!r}?" if close else ""
+            _fail(f"unknown config key {dotted!r} ({where}){hint}")
+        node = node[key]
+        if _is_free(node):
+            return  # the rest of the path is inside a free-form key
+
+
+def _coerce(default: Any, value: Any, dotted: str) -> Any:
+    """Keep YAML's type, except ints where the default is a float (``lr=1`` means 1.0)."""
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(default, bool) and not isinstance(value, bool):
+        _fail(f"config key {dotted!r} must be true or false, got {value!r}")
+    return value
+
+
+def set_dotted(config: dict[str, Any], dotted: str, value: Any, defaults: dict[str, Any] = DEFAULTS,
+               where: str = "command line") -> None:
+    """Set ``config["a"]["b"] = value`` for ``dotted="a.b"``, validating the key against ``defaults``."""
+    _check_key(defaults, dotted, where)
+    parts = dotted.split(".")
+    node, ref = config, defaults
+    for key in parts[:-1]:
+        if node.get(key) is None:
+            node[key] = {}
+        node = node[key]
+        ref = ref.get(key, {}) if isinstance(ref, dict) else {}
+        if not isinstance(node, dict):
+            _fail(f"config key {dotted!r} ({where}): {key!r} is not a section")
+    default = ref.get(parts[-1]) if isinstance(ref, dict) else None
+    node[parts[-1]] = _coerce(default, value, dotted)
+
+
+def _merge(config: dict[str, Any], update: dict[str, Any], defaults: dict[str, Any], where: str,
+           prefix: str = "") -> None:
+    for key, value in update.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value and not _free_form(defaults, dotted.split(".")):
+            _check_key(defaults, dotted, where)
+            _merge(config, value, defaults, where, prefix=f"{dotted}.")
+        else:
+            set_dotted(config, dotted, copy.deepcopy(value), defaults, where)
+
+
+def parse_overrides(args: Sequence[str]) -> list[tuple[str, Any]]:
+    """``["a.b=1", "--c.d", "x", "--e=2"]`` -> ``[("a.b", 1), ("c.d", "x"), ("e", 2)]``."""
+    out: list[tuple[str, Any]] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--"):
+            body = arg[2:]
+            if "=" in body:
+                key, text = body.split("=", 1)
+            else:
+                if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                    _fail(f"override {arg!r} needs a value: '{arg} VALUE' or '{arg}=VALUE'")
+                key, text = body, args[i + 1]
+                i += 1
+        elif "=" in arg:
+            key, text = arg.split("=", 1)
+        else:
+            _fail(f"cannot read argument {arg!r}: expected key=value, --key value or --key=value")
+        key = key.replace("-", "_")  # --output-dir == output_dir; no config key has a dash
+        if not key:
+            _fail(f"empty key in override {arg!r}")
+        out.append((key, parse_value(text)))
+        i += 1
+    return out
+
+
+def load_config(path: str | Path | dict[str, Any] | None = None,
+                overrides: Iterable[str] | Sequence[tuple[str, Any]] = (),
+                defaults: dict[str, Any] = DEFAULTS) -> dict[str, Any]:
+    """Defaults, then ``path`` (a YAML file or a partial config dict), then ``overrides``
+    (strings as on the command line, or (dotted key, value) pairs). Unknown keys raise
+    :class:`~spinemm.errors.SpineModelError`."""
+    config = copy.deepcopy(defaults)
+    if isinstance(path, dict):
+        _merge(config, path, defaults, where="config dict")
+    elif path is not None:
+        path = Path(path)
+        if not path.is_file():
+            _fail(f"config file {path} does not exist")
+        with path.open() as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            _fail(f"config file {path} must hold a mapping, got {type(loaded).__name__}")
+        _merge(config, loaded, defaults, where=str(path))
+    items = list(overrides)
+    pairs = parse_overrides(items) if items and isinstance(items[0], str) else items
+    for key, value in pairs:
+        if isinstance(value, dict) and not _free_form(defaults, key.split(".")):
+            _merge(config, value, defaults, "command line", prefix=f"{key}.")
+        else:
+            set_dotted(config, key, value, defaults)
+    return config
+
+
+def config_from_argv(argv: Sequence[str] | None = None, defaults: dict[str, Any] = DEFAULTS) -> dict[str, Any]:
+    """What a recipe's ``main(argv)`` calls: ``--config FILE`` (optional) plus overrides."""
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ("-h", "--help"):
+        print(__doc__)
+        print(yaml.safe_dump(defaults, sort_keys=False))
+        raise SystemExit(0)
+    path = None
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        if args[i] == "--config":
+            if i + 1 >= len(args):
+                _fail("--config needs a file path")
+            path, i = args[i + 1], i + 2
+        elif args[i].startswith("--config="):
+            path, i = args[i].split("=", 1)[1], i + 1
+        else:
+            rest.append(args[i])
+            i += 1
+    return load_config(path, rest, defaults)
+
+
+def save_config(config: dict[str, Any], path: str | Path) -> Path:
+    """Write the resolved config as YAML (re-loadable with :func:`load_config`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; non-scalars become strings (TensorBoard hparams)."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            out.update(flat(value, f"{prefix}{key}."))
+        elif isinstance(value, (int, float, str, bool)):
+            out[f"{prefix}{key}"] = value
+        else:
+            out[f"{prefix}{key}"] = str(value)
+    return out

@@ -1,0 +1,124 @@
+"""The recipes: configs, pretrain -> LoRA fine-tune, the backbone comparison, and a 2-process launch."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import spinemm
+from spinemm.training import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = REPO / "recipes"
+SMALL = ["data.num_slices=4", "data.image_size=32", "data.batch_size=2", "data.phantom=null",
+         "split.val_fraction=0.25", "log.progress=false", "log.tensorboard=false"]
+
+
+def _recipe(name: str):
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", RECIPES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_accelerate_configs_parse():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    configs = {p.stem: load_config_from_file(str(p)) for p in sorted((RECIPES / "accelerate").glob("*.yaml"))}
+    assert set(configs) == {"cpu_2proc", "single_gpu", "multi_gpu_ddp", "fsdp", "multi_node"}
+    assert configs["cpu_2proc"].num_processes == 2 and configs["cpu_2proc"].use_cpu
+    assert configs["fsdp"].distributed_type == "FSDP" and configs["multi_node"].num_machines == 2
+    assert configs["single_gpu"].num_processes == 1 and configs["multi_gpu_ddp"].distributed_type == "MULTI_GPU"
+
+
+def test_recipe_configs_resolve():
+    tiny = load_config(RECIPES / "configs" / "tiny.yaml")
+    assert tiny["model"]["name"] in spinemm.list_models() and tiny["data"]["phantom"]
+    assert tiny["data"]["image_size"] <= 64 and 6 <= tiny["data"]["num_slices"] <= 8
+    for name in ("vitb16-bert", "biomedclip"):
+        real = load_config(RECIPES / "configs" / f"{name}.yaml")
+        assert real["model"]["name"] in spinemm.list_models()
+        assert real["train"]["mixed_precision"] == "bf16" and real["data"]["image_size"] == 224
+        assert 16 <= real["data"]["num_slices"] <= 24 and real["lora"]["r"] > 0 and real["data"]["root"]
+        assert real["optim"]["lr_lora"] < real["optim"]["lr"]
+    compare = load_config(RECIPES / "configs" / "compare-tiny.yaml")
+    names = [b["name"] for b in compare["compare"]["backbones"]]
+    assert names == ["cnn", "resnet50", "efficientnet", "unet3d", "clip", "bert-none"]
+
+
+def test_pretrain_then_lora_finetune(phantom_root, tmp_path):
+    pre_out, sev_out = tmp_path / "pretrain", tmp_path / "severity"
+    pre = _recipe("pretrain_clip").main(["--config", str(RECIPES / "configs" / "tiny.yaml"), *SMALL,
+                                         f"data.root={phantom_root}", f"pretrain.output_dir={pre_out}",
+                                         "pretrain.epochs=1", "pretrain.crops_per_study=4"])
+    metrics = json.loads((pre_out / "metrics.json").read_text())
+    assert metrics["metrics"]["n_pairs"] > 0 and 0.0 <= metrics["metrics"]["zero_shot_accuracy"] <= 1.0
+    assert metrics["metrics"]["score"] > 0 and pre["model_dir"] == pre_out / "model"
+    model = spinemm.load_model(pre_out / "model")
+    probs = spinemm.zero_shot_classify(model, _images(), spinemm.text.severity_prompts("spinal_canal_stenosis", "l4_l5"))
+    assert probs.shape == (2, 3)
+
+    result = _recipe("train_severity").main(["--config", str(RECIPES / "configs" / "tiny.yaml"), *SMALL,
+                                             f"data.root={phantom_root}", f"output_dir={sev_out}",
+                                             f"init_from={pre_out / 'model'}", "train.epochs=1",
+                                             "lora.r=2", "lora.alpha=4", "checkpoint.every_steps=0"])
+    assert result["parameters"]["trainable"] < result["parameters"]["total"]  # LoRA froze the tower bases
+    assert (sev_out / "model" / "adapter" / "adapter_model.safetensors").is_file()
+    merged = spinemm.load_model(sev_out / "model")  # saved merged: a plain model
+    assert merged.preprocess_cfg["num_slices"] == 4
+    with pytest.raises(spinemm.SpineModelError, match="init_from"):
+        _recipe("train_severity").main([*SMALL, f"data.root={phantom_root}", f"output_dir={tmp_path / 'x'}",
+                                        f"init_from={pre_out / 'model'}", "data.num_slices=5"])
+
+
+def _images():
+    import torch
+
+    return torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def test_compare_backbones_tiny(phantom_root, tmp_path):
+    table = _recipe("compare_backbones").main([
+        "--config", str(RECIPES / "configs" / "compare-tiny.yaml"), *SMALL, f"data.root={phantom_root}",
+        f"compare.output_dir={tmp_path}", "compare.only=[cnn, bert-none]", "train.max_steps=2"])
+    assert table["backbone"].tolist() == ["cnn", "bert-none"] and (table["steps"] == 2).all()
+    for column in ("accuracy", "macro_precision", "macro_recall", "score", "train_studies_per_s",
+                   "eval_studies_per_s"):
+        assert pd.to_numeric(table[column]).notna().all(), column
+    markdown = (tmp_path / "comparison.md").read_text()
+    assert "| cnn |" in markdown and "| bert-none |" in markdown and "official score" in markdown
+    assert (tmp_path / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(pd.read_csv(tmp_path / "comparison.csv")) == 2
+    assert any((tmp_path / "series-cache").rglob("*.safetensors"))  # series decoded once, shared
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_cpu_processes(phantom_root, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch",
+           "--config_file", str(RECIPES / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", str(_free_port()),
+           str(RECIPES / "train_severity.py"), "--config", str(RECIPES / "configs" / "tiny.yaml"), *SMALL,
+           f"data.root={phantom_root}", f"output_dir={out}", "train.epochs=1", "checkpoint.every_steps=1"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_processes"] == 2  # really two ranks, not two copies training alone
+    sub = pd.read_csv(out / "val_submission.csv")
+    assert len(sub) == 25 * metrics["val_studies"] and sub["row_id"].is_unique  # gathered, no duplicates
+    assert spinemm.load_model(out / "model").preprocess_cfg["image_size"] == 32
+    assert (out / "checkpoint-2" / "random_states_1.pkl").is_file()  # per-rank RNG state

@@ -1,0 +1,229 @@
+"""The training engine: config overrides, atomic checkpoints, a tiny severity run and exact resume."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import spinemm
+from spinemm.errors import SpineModelError
+from spinemm.training import checkpoint as ckpt_mod
+from spinemm.training import (
+    config_from_argv,
+    latest_checkpoint,
+    list_checkpoints,
+    load_config,
+    train_severity,
+)
+
+# The smallest settings that still exercise every path: 6 train + 2 val studies, 4 slices, 32 px.
+TINY = [
+    "data.num_slices=4", "data.image_size=32", "data.batch_size=2", "data.phantom=null",
+    "split.val_fraction=0.25", "train.epochs=2", "optim.lr=2e-3", "checkpoint.every_steps=2",
+    "checkpoint.keep_last=3", "log.progress=false", "log.tensorboard=false", "model.name=spine-tiny",
+    # dropout draws from the global RNG and augmentation from per-sample generators: resume must
+    # restore both streams exactly
+    "model.kwargs={fusion.dropout: 0.1}", "data.augment=true",
+]
+
+
+def _run(root: Path, out: Path, *extra: str) -> dict:
+    return train_severity(None, [f"data.root={root}", f"output_dir={out}", *TINY, *extra])
+
+
+# ------------------------------------------------------------------------------------------ config
+
+
+def test_config_override_forms_and_errors(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epochs: 3\noptim:\n  lr: 0.01\ndata:\n  phantom: {n_studies: 5}\n")
+    config = config_from_argv(["--config", str(path), "optim.lr=1e-4", "--train.epochs", "7",
+                               "--data.batch_size=3", "model.kwargs={text.type: none}", "--resume", "latest",
+                               "data.phantom.seed=2", "--output-dir", "out"])
+    assert config["optim"]["lr"] == pytest.approx(1e-4) and isinstance(config["optim"]["lr"], float)
+    assert config["train"]["epochs"] == 7 and config["data"]["batch_size"] == 3
+    assert config["model"]["kwargs"] == {"text.type": "none"}
+    assert config["resume"] == "latest" and config["output_dir"] == "out"
+    assert config["data"]["phantom"] == {"n_studies": 5, "seed": 2}  # YAML value, then a nested override
+    assert config["optim"]["weight_decay"] == 0.05  # untouched defaults stay
+    assert load_config(None, ["optim.lr=1"])["optim"]["lr"] == 1.0  # an int where a float is expected
+    with pytest.raises(SpineModelError, match="did you mean 'optim.lr'"):
+        load_config(None, ["optim.lrr=1"])
+    path.write_text("trian:\n  epochs: 3\n")
+    with pytest.raises(SpineModelError, match="trian"):
+        load_config(path)
+    with pytest.raises(SpineModelError, match="needs a value"):
+        config_from_argv(["--train.epochs"])
+    with pytest.raises(SpineModelError, match="true or false"):
+        load_config(None, ["log.progress=maybe"])
+
+
+# -------------------------------------------------------------------------------------- checkpoint
+
+
+def _toy_accelerator(tmp_path):
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True, project_dir=str(tmp_path))
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return accelerator, model, optimizer
+
+
+def _train_step(model, optimizer):
+    model(torch.randn(8, 4)).square().mean().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def test_interrupted_save_leaves_previous_checkpoint_loadable(tmp_path, monkeypatch):
+    accelerator, model, optimizer = _toy_accelerator(tmp_path)
+    _train_step(model, optimizer)
+    first = ckpt_mod.save_checkpoint(accelerator, tmp_path, 1, {"epoch": 0}, keep_last=2)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    _train_step(model, optimizer)
+
+    def killed(tmp: Path, final: Path) -> None:  # the process dies after writing, before the rename
+        raise KeyboardInterrupt("killed during save")
+
+    monkeypatch.setattr(ckpt_mod, "_commit", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt_mod.save_checkpoint(accelerator, tmp_path, 2, {"epoch": 0}, keep_last=2)
+    tmp = tmp_path / "checkpoint-2.tmp"
+    assert (tmp / "model.safetensors").is_file() and (tmp / ckpt_mod.STATE_FILE).is_file()
+    assert list_checkpoints(tmp_path) == [first] and latest_checkpoint(tmp_path) == first
+
+    state = ckpt_mod.load_checkpoint(accelerator, ckpt_mod.resolve_resume("latest", tmp_path))
+    assert state == {"step": 1, "epoch": 0}
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+    monkeypatch.undo()
+    ckpt_mod.save_checkpoint(accelerator, tmp_path, 3, {"epoch": 0}, keep_last=1)
+    assert not tmp.exists()  # the stale half-written folder is swept by the next save
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-3"]
+    with pytest.raises(SpineModelError, match="not a complete checkpoint"):
+        ckpt_mod.resolve_resume(tmp_path / "checkpoint-9", tmp_path)
+
+
+# ------------------------------------------------------------------------------------- severity run
+
+
+@pytest.fixture(scope="module")
+def full_run(phantom_root, tmp_path_factory):
+    """The uninterrupted reference run: 2 epochs x 3 steps."""
+    out = tmp_path_factory.mktemp("full")
+    return _run(phantom_root, out, "log.tensorboard=true"), out
+
+
+def test_train_severity_outputs(full_run, phantom_root):
+    result, out = full_run
+    assert result["stopped"] is False and result["state"].step == 6 and result["num_processes"] == 1
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    assert load_config(out / "config.yaml")["output_dir"] == str(out)  # the resolved config, re-loadable
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2]
+    assert math.isfinite(metrics["metrics"]["score"]) and metrics["metrics"]["score"] > 0
+    assert 0.0 <= metrics["metrics"]["accuracy"] <= 1.0 and "macro_recall" in metrics["metrics"]
+    assert metrics["best"]["score"] == min(h["score"] for h in metrics["history"])
+
+    # the val predictions rescore to the metrics' official score
+    sub = pd.read_csv(out / "val_submission.csv")
+    sol = pd.read_csv(out / "val_solution.csv")
+    assert len(sub) == 25 * metrics["val_studies"]
+    np.testing.assert_allclose(sub[["normal_mild", "moderate", "severe"]].sum(axis=1), 1.0, atol=1e-5)
+    assert spinemm.metrics.rsna_score(sol, sub) == pytest.approx(metrics["metrics"]["score"], rel=1e-5)
+    assert len(pd.read_csv(out / "val_locations.csv")) == 25 * metrics["val_studies"]
+
+    model = spinemm.load_model(out / "model")
+    assert model.preprocess_cfg["num_slices"] == 4 and model.preprocess_cfg["image_size"] == 32
+    weights = load_file(str(out / "model" / "model.safetensors"))
+    final = load_file(str(out / "checkpoint-6" / "model.safetensors"))
+    assert all(torch.equal(weights[k], final[k]) for k in final)  # the model dir is the final state
+    assert spinemm.load_model(out / "best") is not None
+    assert any((out / "tensorboard").rglob("events.out.tfevents*"))
+
+    # evaluate_model() on its own, on a plain DataLoader, reproduces the run's final val metrics
+    from torch.utils.data import DataLoader
+
+    from spinemm.data import SpineDataset, collate, load_tables
+    from spinemm.training import evaluate_model
+    from spinemm.training.common import split_studies
+
+    _, val_ids = split_studies(load_tables(phantom_root), load_config(out / "config.yaml"))
+    dataset = SpineDataset(phantom_root, study_ids=val_ids, num_slices=4, image_size=32)
+    evaluated = evaluate_model(model, DataLoader(dataset, batch_size=2, collate_fn=collate))
+    assert evaluated["probs"].shape == (len(val_ids), 25, 3) and evaluated["labels"].shape == (len(val_ids), 25)
+    assert evaluated["location"].shape == (len(val_ids), 25, 3)
+    assert evaluated["metrics"]["score"] == pytest.approx(metrics["metrics"]["score"], abs=1e-5)
+    assert evaluated["metrics"]["accuracy"] == pytest.approx(metrics["metrics"]["accuracy"])
+
+
+def test_study_splits_from_config():
+    from spinemm.training.common import split_studies
+
+    frame = pd.DataFrame({"study_id": np.repeat(np.arange(100, 120), 25)})
+    folds = [split_studies(frame, load_config(None, [f"split.fold={k}", "split.folds=4"])) for k in range(4)]
+    vals = [set(v) for _, v in folds]
+    assert all(len(v) == 5 for v in vals) and set().union(*vals) == set(range(100, 120))
+    assert all(not (set(t) & v) for (t, _), v in zip(folds, vals, strict=True))
+    train, val = split_studies(frame, load_config(None, ["split.val_fraction=0.25", "data.max_studies=8"]))
+    assert len(val) == 2 and len(train) == 6 and set(train + val) == set(range(100, 108))
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "model" / "model.safetensors"))
+
+
+def _assert_same_run(a: dict, a_out: Path, b: dict, b_out: Path) -> None:
+    wa, wb = _weights(a_out), _weights(b_out)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=1e-6, msg=key)
+    assert [h["score"] for h in a["history"]] == pytest.approx([h["score"] for h in b["history"]], abs=1e-6)
+
+
+def test_stop_then_resume_matches_uninterrupted(full_run, phantom_root, tmp_path):
+    reference, ref_out = full_run
+    stopped = _run(phantom_root, tmp_path, "train.stop_at_step=4")
+    assert stopped["stopped"] and stopped["state"].step == 4 and not (tmp_path / "model").exists()
+    resumed = _run(phantom_root, tmp_path, "--resume", "latest")
+    assert resumed["state"].step == 6 and not resumed["stopped"]
+    _assert_same_run(reference, ref_out, resumed, tmp_path)
+    # resuming a finished run is a no-op that reproduces its outputs
+    again = _run(phantom_root, tmp_path, "resume=latest")
+    assert again["state"].step == 6
+    _assert_same_run(reference, ref_out, again, tmp_path)
+
+
+def test_kill_during_save_then_resume(full_run, phantom_root, tmp_path, monkeypatch):
+    """A crash inside the step-4 save: checkpoint-2 stays the latest, and resuming from it still
+    lands on the uninterrupted run's weights (gradient accumulation on, to cover its counters)."""
+    real_commit = ckpt_mod._commit
+
+    def crash_at_4(tmp: Path, final: Path) -> None:
+        if final.name == "checkpoint-4":
+            raise RuntimeError("simulated kill during save")
+        real_commit(tmp, final)
+
+    accum = ["data.batch_size=1", "train.gradient_accumulation_steps=2"]
+    monkeypatch.setattr(ckpt_mod, "_commit", crash_at_4)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        _run(phantom_root, tmp_path, *accum)
+    assert latest_checkpoint(tmp_path).name == "checkpoint-2"
+    assert (tmp_path / "checkpoint-4.tmp").is_dir()
+    monkeypatch.undo()
+    resumed = _run(phantom_root, tmp_path, *accum, "resume=latest")
+    assert resumed["state"].step == 6 and not (tmp_path / "checkpoint-4.tmp").exists()
+
+    reference_out = tmp_path.parent / f"{tmp_path.name}-ref"
+    reference = _run(phantom_root, reference_out, *accum)
+    _assert_same_run(reference, reference_out, resumed, tmp_path)
