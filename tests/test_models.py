@@ -166,7 +166,7 @@ def test_backward_reaches_every_part():
         "decoder.layers.0.cross_attn.k_proj.weight",
         "slice_plane.slice_pos",
         "slice_plane.plane",
-        "severity_head.fc.weight",
+        "severity_head.mlp.0.weight",
         "location_head.k_proj.weight",
         "image_proj.weight",
         "text_proj.weight",

@@ -13,15 +13,32 @@ from torch import nn
 
 
 class SeverityHead(nn.Module):
-    """[B, Q, D] -> [B, Q, num_classes] logits, shared by all queries (the query text sets the task)."""
+    """Severity logits from each decoded query and the tokens under its predicted location.
+
+    The ROI feature is the memory pooled with the query's own location distribution, so the
+    grade is read where the finding is (localise, then classify, as the strongest RSNA 2024
+    solutions do) instead of only through the decoder's cross-attention.
+    [B, Q, D] + [B, Q, D] -> [B, Q, num_classes]; shared by all queries (the query text sets the task).
+    """
 
     def __init__(self, dim: int, num_classes: int = 3) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.fc = nn.Linear(dim, num_classes)
+        self.norm = nn.LayerNorm(2 * dim)
+        self.mlp = nn.Sequential(nn.Linear(2 * dim, dim), nn.GELU(), nn.Linear(dim, num_classes))
 
-    def forward(self, queries: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.norm(queries))
+    def forward(self, queries: torch.Tensor, roi: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.norm(torch.cat([queries, roi], dim=-1)))
+
+
+def pool_at_location(loc_logits: torch.Tensor, memory: torch.Tensor, query_plane: torch.Tensor) -> torch.Tensor:
+    """loc_logits [B, Q, S, L], memory [B, P, S, L, D], query_plane [Q] -> ROI features [B, Q, D].
+
+    Each query's tokens are averaged with the softmax of its location logits over its own plane.
+    """
+    probs = loc_logits.flatten(2).softmax(-1)  # [B, Q, S*L]
+    # All planes, then pick each query's: [B, Q, P, D] is small, unlike gathering [B, Q, S*L, D].
+    pooled = torch.einsum("bqn,bpnd->bqpd", probs, memory.flatten(2, 3))
+    return pooled[:, torch.arange(probs.shape[1], device=probs.device), query_plane]
 
 
 class LocationHead(nn.Module):

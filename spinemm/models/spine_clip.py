@@ -31,7 +31,7 @@ from ..text import QUERY_TEXTS
 from .base import SliceEncoder
 from .config import ModelConfig
 from .fusion import QueryDecoder, SlicePlaneEmbedding
-from .heads import LocationHead, SeverityHead, decode_location
+from .heads import LocationHead, SeverityHead, decode_location, pool_at_location
 from .towers import TextTower
 
 CONFIG_NAME = "config.json"
@@ -167,10 +167,12 @@ class SpineCLIP(nn.Module):
         memory = self.encode_series(image, plane_mask)  # [B, P, S, L, D]
         decoded, attn = self.decoder(queries, memory.flatten(2, 3), plane_mask)
         h, w = self.vision.grid_size
-        loc_logits = self.location_head(decoded, memory, self.decoder.query_plane).unflatten(-1, (h, w))
+        loc_logits = self.location_head(decoded, memory, self.decoder.query_plane)  # [B, 25, S, h*w]
+        roi = pool_at_location(loc_logits, memory, self.decoder.query_plane)  # [B, 25, D]
+        loc_logits = loc_logits.unflatten(-1, (h, w))
         location, confidence = decode_location(loc_logits)
         return {
-            "logits": self.severity_head(decoded),  # [B, 25, 3]
+            "logits": self.severity_head(decoded, roi),  # [B, 25, 3]
             "loc_logits": loc_logits,  # [B, 25, S, h, w]
             "location": location,  # [B, 25, 3]: slice, x, y
             "location_confidence": confidence,  # [B, 25]
