@@ -100,7 +100,8 @@ class TimmEncoder(SliceEncoder):
             self.grid_size = tuple(patch_embed.grid_size)
         else:  # CNN: the last stage's stride sets the grid
             reduction = trunk.feature_info[-1]["reduction"]
-            self.grid_size = (image_size // reduction, image_size // reduction)
+            side = -(-image_size // reduction)  # stride-2 layers round up on odd sizes
+            self.grid_size = (side, side)
         self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
         self._projection = projection
 
@@ -285,7 +286,12 @@ def build_timm_vision(cfg: VisionConfig, ctx: BuildContext) -> SliceEncoder:
         files = ("model.safetensors", "pytorch_model.bin")
         path = resolve_files(source, [files], setting="vision.pretrained")[files[0]]
         kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(path)})
-    trunk = timm.create_model(cfg.model_name, num_classes=0, **kwargs)
+    try:  # ViT-style trunks must be built at our image size (their position grid depends on it)
+        trunk = timm.create_model(cfg.model_name, num_classes=0, **{"img_size": cfg.image_size, **kwargs})
+    except TypeError as err:  # CNN trunks take any size and have no img_size argument
+        if "img_size" not in str(err):
+            raise
+        trunk = timm.create_model(cfg.model_name, num_classes=0, **kwargs)
     data_cfg = trunk.pretrained_cfg
     cfg.mean = cfg.mean or tuple(data_cfg.get("mean", OPENAI_MEAN))
     cfg.std = cfg.std or tuple(data_cfg.get("std", OPENAI_STD))
