@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> np.ndarray:
         labels.append(row.label)
 
     prompts = severity_prompts(args.condition)          # {"Normal/Mild": [...], "Moderate": [...], "Severe": [...]}
-    probs = spinemm.zero_shot_classify(model, crops, prompts)   # [N, 3], rows sum to 1
+    probs = spinemm.zero_shot_classify(model, crops, prompts).numpy()   # [N, 3], rows sum to 1
     predicted = probs.argmax(1)
     print(f"{len(crops)} crops of {args.condition}: accuracy {np.mean(predicted == np.array(labels)):.3f} (chance 1/3)")
     return probs

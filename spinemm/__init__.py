@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .errors import SpineDataError, SpineError, SpineModelError
+from .errors import SpineDataError, SpineError, SpineModelError  # noqa: F401 (public re-exports)
 
 __version__ = "0.1.0"
 

@@ -26,16 +26,16 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
 
     print(summarize(args.root, split=args.split))
     if args.png:
-        from .viz import study_montage
         from .data.tables import load_tables
+        from .viz import study_montage
 
         study = args.study if args.study is not None else int(load_tables(args.root, args.split).study_id.iloc[0])
         print(f"montage written to {study_montage(args.root, study, args.png, split=args.split)}")
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
-    from .models.factory import load_model
     from .inference import predict
+    from .models.factory import load_model
 
     model = load_model(args.model)
     submission, locations = predict(model, args.data, split=args.split, batch_size=args.batch_size,
@@ -73,9 +73,9 @@ def _cmd_zero_shot(args: argparse.Namespace) -> None:
     prompts = args.prompt or severity_prompts(args.condition, args.level)
     probs = zero_shot_classify(model, [str(p) for p in args.images], prompts)
     names = list(prompts) if isinstance(prompts, dict) else prompts
-    for image, row in zip(args.images, probs.tolist()):
+    for image, row in zip(args.images, probs.tolist(), strict=True):
         best = max(range(len(row)), key=row.__getitem__)
-        scores = "  ".join(f"{n}: {p:.3f}" for n, p in zip(names, row))
+        scores = "  ".join(f"{n}: {p:.3f}" for n, p in zip(names, row, strict=True))
         print(f"{image}: {names[best]}   ({scores})")
 
 

@@ -14,15 +14,9 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .constants import (
-    CONDITIONS,
-    LABEL_COLUMNS,
-    LEVELS,
-    SUBMISSION_COLUMNS,
-    TARGET_PLANE_INDEX,
-    row_id,
-)
+from .constants import CONDITIONS, LABEL_COLUMNS, LEVELS, TARGET_PLANE_INDEX
 from .errors import SpineDataError
+from .metrics import submission_frame
 
 LOCATION_COLUMNS = ("study_id", "condition", "level", "series_id", "instance_number", "x", "y", "confidence")
 
@@ -60,8 +54,8 @@ def run_model(model: torch.nn.Module, loader: DataLoader, device: torch.device |
 def locations_to_pixels(location: np.ndarray, confidence: np.ndarray, metas: list[dict]) -> pd.DataFrame:
     """Decode model-frame locations [N, 25, 3] (slice, x/W, y/H) into original instance and pixels."""
     rows = []
-    for study_loc, study_conf, meta in zip(location, confidence, metas):
-        for target, column in enumerate(LABEL_COLUMNS):
+    for study_loc, study_conf, meta in zip(location, confidence, metas, strict=True):
+        for target in range(len(LABEL_COLUMNS)):
             plane = TARGET_PLANE_INDEX[target]
             condition, level = CONDITIONS[target // len(LEVELS)], LEVELS[target % len(LEVELS)]
             series_id = int(meta["series_ids"][plane])
@@ -80,14 +74,13 @@ def locations_to_pixels(location: np.ndarray, confidence: np.ndarray, metas: lis
 
 
 def submission_from_probs(study_ids: list[int], probs: np.ndarray, order: list[str] | None = None) -> pd.DataFrame:
-    """Kaggle submission frame; rows follow ``order`` (e.g. sample_submission's row_ids) when given."""
-    ids = [row_id(s, c) for s in study_ids for c in LABEL_COLUMNS]
-    frame = pd.DataFrame(probs.reshape(-1, len(SUBMISSION_COLUMNS)), columns=list(SUBMISSION_COLUMNS))
-    frame.insert(0, "row_id", ids)
-    frame[list(SUBMISSION_COLUMNS)] = frame[list(SUBMISSION_COLUMNS)].div(frame[list(SUBMISSION_COLUMNS)].sum(1), axis=0)
+    """Kaggle submission frame, rows renormalised to sum to 1; rows follow ``order`` (e.g.
+    sample_submission's row_ids) when given, else study order x ``LABEL_COLUMNS``."""
+    probs = np.asarray(probs, dtype=np.float64)
+    frame = submission_frame(study_ids, probs / probs.sum(-1, keepdims=True))
     if order is None:
         return frame
-    missing = sorted(set(order) - set(ids))
+    missing = sorted(set(order) - set(frame.row_id))
     if missing:
         raise SpineDataError(f"sample_submission.csv asks for rows of studies that were not predicted, e.g. {missing[:3]}")
     return frame.set_index("row_id").loc[order].reset_index()

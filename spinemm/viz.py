@@ -62,7 +62,7 @@ def plot_slices_with_points(
     "heatmap": optional [H, W] in [0, 1]}``. Points are in the image's own pixel coordinates."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.6), squeeze=False)
-    for ax, panel in zip(axes[0], panels):
+    for ax, panel in zip(axes[0], panels, strict=True):
         ax.imshow(_display(np.asarray(panel["image"], dtype=np.float32)), cmap="gray")
         if panel.get("heatmap") is not None:
             ax.imshow(panel["heatmap"], cmap="inferno", alpha=0.35)
@@ -154,7 +154,7 @@ def bar_chart_png(table: Mapping[str, Mapping[str, float]], metrics: Sequence[st
     plt = _pyplot()
     rows = list(table)
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.6), squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
+    for ax, metric in zip(axes[0], metrics, strict=True):
         ax.bar(rows, [table[r].get(metric, np.nan) for r in rows], color="#4c72b0")
         ax.set_title(metric, fontsize=9)
         ax.tick_params(axis="x", rotation=60, labelsize=7)

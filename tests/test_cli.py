@@ -55,3 +55,33 @@ def test_bad_input_is_a_clean_error(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err
     assert "error" in err and ".csv" in err and str(tmp_path / "empty") in err
+
+
+def test_zero_shot_command_scores_dicom_files(phantom_root, tmp_path, capsys):
+    import spinemm
+
+    model_dir = tmp_path / "model"
+    spinemm.create_model("spine-tiny").save_pretrained(model_dir)
+    files = sorted((phantom_root / "train_images").glob("*/*/*.dcm"))[:2]
+    assert main(["zero-shot", "--model", str(model_dir), *map(str, files)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    for line, f in zip(lines, files, strict=True):
+        assert line.startswith(str(f))
+        probs = [float(part.split(": ")[1]) for part in line.split("(")[1].rstrip(")").split("  ")]
+        assert len(probs) == 3 and abs(sum(probs) - 1) < 2e-3  # printed to 3 decimals
+
+
+def test_demo_quick_end_to_end(tmp_path, capsys):
+    assert main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    report = tmp_path / "demo" / "report"
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert f"official score {metrics['official_score']:.4f}" in out
+    assert metrics["prior_score"] > metrics["oracle_score"] > 0
+    assert 0 <= metrics["zero_shot"]["balanced_accuracy"] <= 1
+    for name in ("summary.md", "confusion_matrix.png", "training_curves.png", "submission.csv", "locations.csv"):
+        assert (report / name).stat().st_size > 0, name
+    assert list(report.glob("study_*.png")), "no location overlay"
+    submission = pd.read_csv(report / "submission.csv")
+    assert len(submission) == len(pd.read_csv(tmp_path / "demo" / "phantom" / "sample_submission.csv"))
