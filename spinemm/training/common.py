@@ -8,6 +8,7 @@ tiny preset can train at 32 px) and must agree with it when the model is loaded 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -144,3 +145,60 @@ def save_model(model: torch.nn.Module, directory: str | Path) -> Path:
 
     save_adapter(model, Path(directory) / "adapter")
     return merge_lora(copy.deepcopy(model)).save_pretrained(directory)
+
+
+@dataclass
+class Run:
+    """Everything a recipe sets up before its loop: accelerator, data, split, model and loaders."""
+
+    config: dict[str, Any]
+    accelerator: Any
+    output_dir: Path
+    root: Path
+    train_ids: list[int]
+    val_ids: list[int]
+    model: torch.nn.Module
+    train_loader: Any
+    sampler: Any
+    val_loader: Any
+
+
+def setup_run(config: dict[str, Any]) -> Run:
+    """Accelerator, resolved config saved beside the outputs, seeded RNGs, the data root (a phantom
+    written first when asked), the study split, the model and the train/val loaders."""
+    from ..data.dataset import collate
+    from ..data.tables import load_tables
+    from .config import save_config
+    from .engine import make_accelerator, make_loader
+
+    output_dir = Path(config["output_dir"])
+    accelerator = make_accelerator(config, output_dir)
+    if accelerator.is_main_process:
+        save_config(config, output_dir / "config.yaml")
+    seed_everything(config["train"]["seed"])
+    root = prepare_root(config, accelerator)
+    frame = load_tables(root, "train")
+    train_ids, val_ids = split_studies(frame, config)
+    model = build_model(config)
+    train_set, val_set = make_datasets(root, frame, train_ids, val_ids, model, config)
+    data, seed = config["data"], int(config["train"]["seed"])
+    train_loader, sampler = make_loader(train_set, int(data["batch_size"]), collate, seed, shuffle=True,
+                                        num_workers=int(data["num_workers"]))
+    val_loader, _ = make_loader(val_set, int(data["eval_batch_size"] or data["batch_size"]), collate, seed,
+                                shuffle=False, num_workers=int(data["num_workers"]))
+    return Run(config, accelerator, output_dir, root, train_ids, val_ids, model, train_loader, sampler, val_loader)
+
+
+def prepare_training(run: Run, module: torch.nn.Module) -> tuple[torch.nn.Module, Any, Any]:
+    """AdamW + warmup/cosine for ``module`` (the model or a loss wrapper around it), everything passed
+    through ``accelerator.prepare``; the run's loaders are replaced by their prepared versions.
+    Returns ``(module, optimizer, scheduler)``."""
+    from .engine import budget, make_optimizer, make_scheduler
+
+    accelerator, optim = run.accelerator, run.config["optim"]
+    optimizer = make_optimizer(module, optim)
+    module, optimizer, run.train_loader, run.val_loader = accelerator.prepare(
+        module, optimizer, run.train_loader, run.val_loader)
+    _, total = budget(run.config, len(run.train_loader), accelerator.gradient_accumulation_steps)
+    scheduler = accelerator.prepare(make_scheduler(optimizer, total, float(optim["warmup_ratio"])))
+    return module, optimizer, scheduler

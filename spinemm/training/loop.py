@@ -22,9 +22,9 @@ from typing import Any
 import torch
 
 from ..losses import location_loss, severity_loss
-from .common import build_model, make_datasets, prepare_root, save_model, seed_everything, split_studies
-from .config import load_config, save_config
-from .engine import TrainState, budget, fit, make_accelerator, make_loader, make_optimizer, make_scheduler
+from .common import prepare_training, save_model, setup_run
+from .config import load_config
+from .engine import TrainState, fit
 from .evaluate import SCALAR_METRICS, evaluate_model, write_predictions
 
 
@@ -55,31 +55,12 @@ def train_severity(config: dict[str, Any] | str | Path | None = None, overrides:
     ``train.stop_at_step``. Every process must call it under ``accelerate launch``.
     """
     config = load_config(config, overrides)
-    output_dir = Path(config["output_dir"])
-    accelerator = make_accelerator(config, output_dir)
-    if accelerator.is_main_process:
-        save_config(config, output_dir / "config.yaml")
-    seed_everything(config["train"]["seed"])
-    root = prepare_root(config, accelerator)
-
-    from ..data.dataset import collate
-    from ..data.tables import load_tables
-
-    frame = load_tables(root, "train")
-    train_ids, val_ids = split_studies(frame, config)
-    model = build_model(config)
-    parameters = {"total": sum(p.numel() for p in model.parameters()),
-                  "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-    train_set, val_set = make_datasets(root, frame, train_ids, val_ids, model, config)
-    data, seed = config["data"], int(config["train"]["seed"])
-    train_loader, sampler = make_loader(train_set, int(data["batch_size"]), collate, seed, shuffle=True,
-                                        num_workers=int(data["num_workers"]))
-    val_loader, _ = make_loader(val_set, int(data["eval_batch_size"] or data["batch_size"]), collate, seed,
-                                shuffle=False, num_workers=int(data["num_workers"]))
-    optimizer = make_optimizer(model, config["optim"])
-    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
-    _, total = budget(config, len(train_loader), accelerator.gradient_accumulation_steps)
-    scheduler = accelerator.prepare(make_scheduler(optimizer, total, float(config["optim"]["warmup_ratio"])))
+    run = setup_run(config)
+    accelerator, output_dir = run.accelerator, run.output_dir
+    parameters = {"total": sum(p.numel() for p in run.model.parameters()),
+                  "trainable": sum(p.numel() for p in run.model.parameters() if p.requires_grad)}
+    model, optimizer, scheduler = prepare_training(run, run.model)
+    train_loader, val_loader = run.train_loader, run.val_loader
 
     progress = bool(config["log"]["progress"])
     last: dict[str, Any] = {}
@@ -94,7 +75,7 @@ def train_severity(config: dict[str, Any] | str | Path | None = None, overrides:
             write_predictions(last["result"], output_dir / "best")
         accelerator.wait_for_everyone()
 
-    state, metrics = fit(accelerator, model, optimizer, scheduler, train_loader, sampler,
+    state, metrics = fit(accelerator, model, optimizer, scheduler, train_loader, run.sampler,
                          severity_step(config["train"]), eval_fn, config, output_dir, on_best=on_best)
     result = _result(config, output_dir, state, accelerator.num_processes)
     result["parameters"] = parameters
@@ -108,7 +89,7 @@ def train_severity(config: dict[str, Any] | str | Path | None = None, overrides:
     result.update(model_dir=output_dir / "model", metrics=_scalars(metrics))
     summary = {**{k: v for k, v in result.items() if k not in ("output_dir", "model_dir", "best_dir", "state")},
                "per_condition": metrics.get("per_condition"), "confusion_matrix": metrics.get("confusion_matrix"),
-               "train_studies": len(train_ids), "val_studies": len(val_ids), "steps": state.step}
+               "train_studies": len(run.train_ids), "val_studies": len(run.val_ids), "steps": state.step}
     if accelerator.is_main_process:
         (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2, default=str))
     accelerator.wait_for_everyone()

@@ -29,17 +29,9 @@ from ..losses import clip_loss
 from ..metrics import classification_report
 from ..text import severity_prompts
 from ..zero_shot import build_zero_shot_classifier, crop_roi
-from .common import (
-    build_model,
-    make_datasets,
-    prepare_root,
-    preprocess_of,
-    save_model,
-    seed_everything,
-    split_studies,
-)
-from .config import load_config, save_config
-from .engine import budget, fit, make_accelerator, make_loader, make_optimizer, make_scheduler
+from .common import prepare_training, preprocess_of, save_model, setup_run
+from .config import load_config
+from .engine import fit
 
 POSITIVES = ("severity", "text", "pair")
 
@@ -184,33 +176,11 @@ def pretrain_clip(config: dict[str, Any] | str | Path | None = None, overrides: 
     Every process must call it under ``accelerate launch``.
     """
     config = pretrain_config(load_config(config, overrides))
-    output_dir = Path(config["output_dir"])
-    accelerator = make_accelerator(config, output_dir)
-    if accelerator.is_main_process:
-        save_config(config, output_dir / "config.yaml")
-    seed_everything(config["train"]["seed"])
-    root = prepare_root(config, accelerator)
-
-    from ..data.dataset import collate
-    from ..data.tables import load_tables
-
-    frame = load_tables(root, "train")
-    train_ids, val_ids = split_studies(frame, config)
-    model = build_model(config)
-    pre = preprocess_of(model)
-    crop_size = max(4, int(round(float(config["pretrain"]["crop_fraction"]) * pre["image_size"])))
-    train_set, val_set = make_datasets(root, frame, train_ids, val_ids, model, config)
-    data, seed = config["data"], int(config["train"]["seed"])
-    train_loader, sampler = make_loader(train_set, int(data["batch_size"]), collate, seed, shuffle=True,
-                                        num_workers=int(data["num_workers"]))
-    val_loader, _ = make_loader(val_set, int(data["eval_batch_size"] or data["batch_size"]), collate, seed,
-                                shuffle=False, num_workers=int(data["num_workers"]))
-    objective = ContrastiveObjective(model)
-    optimizer = make_optimizer(objective, config["optim"])
-    objective, optimizer, train_loader, val_loader = accelerator.prepare(objective, optimizer, train_loader,
-                                                                         val_loader)
-    _, total = budget(config, len(train_loader), accelerator.gradient_accumulation_steps)
-    scheduler = accelerator.prepare(make_scheduler(optimizer, total, float(config["optim"]["warmup_ratio"])))
+    run = setup_run(config)
+    accelerator, output_dir, model = run.accelerator, run.output_dir, run.model
+    crop_size = max(4, int(round(float(config["pretrain"]["crop_fraction"]) * preprocess_of(model)["image_size"])))
+    objective, optimizer, scheduler = prepare_training(run, ContrastiveObjective(model))
+    train_loader, val_loader = run.train_loader, run.val_loader
     positives, per_study = config["pretrain"]["positives"], int(config["pretrain"]["crops_per_study"])
 
     def step(obj: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -228,7 +198,7 @@ def pretrain_clip(config: dict[str, Any] | str | Path | None = None, overrides: 
             save_model(inner(), output_dir / "best")
         accelerator.wait_for_everyone()
 
-    state, metrics = fit(accelerator, objective, optimizer, scheduler, train_loader, sampler, step, eval_fn,
+    state, metrics = fit(accelerator, objective, optimizer, scheduler, train_loader, run.sampler, step, eval_fn,
                          config, output_dir, on_best=on_best)
     result = {"output_dir": output_dir, "model_dir": None, "best_dir": output_dir / "best",
               "metrics": metrics, "history": state.history, "state": state, "stopped": state.stopped}
