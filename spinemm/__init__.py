@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from ._lazy import lazy_getattr
 from .errors import SpineDataError, SpineError, SpineModelError  # noqa: F401 (public re-exports)
 
 __version__ = "0.1.0"
@@ -21,14 +22,13 @@ _LAZY = {
     "zero_shot_classify": "spinemm.zero_shot",
     "predict": "spinemm.inference",
 }
-_SUBMODULES = {"data", "models", "metrics", "losses", "text", "constants", "viz", "cli", "inference"}
+_SUBMODULES = {"data", "models", "training", "metrics", "losses", "text", "constants", "viz", "cli", "inference"}
 
 __all__ = sorted([*_LAZY, *_SUBMODULES, "SpineError", "SpineDataError", "SpineModelError"])
+_lazy_names = lazy_getattr(__name__, _LAZY)
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
     if name in _SUBMODULES:
         return importlib.import_module(f"spinemm.{name}")
-    raise AttributeError(f"module 'spinemm' has no attribute {name!r}")
+    return _lazy_names(name)

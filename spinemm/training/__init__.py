@@ -8,8 +8,7 @@ comparison, evaluation and atomic checkpoints. The recipes in ``recipes/`` are t
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .._lazy import lazy_getattr
 
 _LAZY = {
     "DEFAULTS": "spinemm.training.config",
@@ -29,8 +28,4 @@ _LAZY = {
 
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'spinemm.training' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
