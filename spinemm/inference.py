@@ -95,22 +95,24 @@ def _sample_submission_order(root: Path, split: str) -> list[str] | None:
 
 def predict(model: torch.nn.Module, root: str | Path, split: str = "test", *, batch_size: int = 2,
             num_workers: int = 0, device: torch.device | str | None = None, cache_dir: str | Path | None = None,
-            progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+            study_ids: list[int] | None = None, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Predict severity and location for every study of ``root``'s ``split``.
 
     Returns ``(submission, locations)``: the submission has every study x 25 rows, in
     ``sample_submission.csv`` order when that file exists (else study order x ``LABEL_COLUMNS``),
     rows summing to 1; locations has one row per (study, condition, level) with the series,
-    instance_number and x, y in the original pixels, plus the model's confidence.
+    instance_number and x, y in the original pixels, plus the model's confidence. ``study_ids``
+    restricts the run to those studies (then the rows follow study order).
     """
     from .data.dataset import SpineDataset, collate
 
     root = Path(root)
-    dataset = SpineDataset(root, split=split, augment=False, cache_dir=cache_dir, on_bad_series="warn",
-                           **preprocess_settings(model))
+    dataset = SpineDataset(root, split=split, study_ids=study_ids, augment=False, cache_dir=cache_dir,
+                           on_bad_series="warn", **preprocess_settings(model))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
     result = run_model(model, loader, device=device, progress=progress)
-    study_ids = [int(m["study_id"]) for m in result["meta"]]
-    submission = submission_from_probs(study_ids, result["probs"], _sample_submission_order(root, split))
+    order = _sample_submission_order(root, split) if study_ids is None else None
+    predicted = [int(m["study_id"]) for m in result["meta"]]
+    submission = submission_from_probs(predicted, result["probs"], order)
     locations = locations_to_pixels(result["location"], result["confidence"], result["meta"])
     return submission, locations
