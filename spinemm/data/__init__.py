@@ -15,6 +15,8 @@ _LAZY = {
     "make_phantom": "spinemm.data.phantom",
     "SpineDataset": "spinemm.data.dataset",
     "collate": "spinemm.data.dataset",
+    "study_split": "spinemm.data.dataset",
+    "kfold_split": "spinemm.data.dataset",
     "SeriesCache": "spinemm.data.cache",
 }
 
