@@ -227,3 +227,12 @@ def test_kill_during_save_then_resume(full_run, phantom_root, tmp_path, monkeypa
     reference_out = tmp_path.parent / f"{tmp_path.name}-ref"
     reference = _run(phantom_root, reference_out, *accum)
     _assert_same_run(reference, reference_out, resumed, tmp_path)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "recipes" / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_config_resolves(path):
+    from spinemm.training import load_config
+
+    config = load_config(path)  # unknown keys or bad values raise
+    assert config["model"]["name"] in spinemm.list_models()
