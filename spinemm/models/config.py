@@ -87,6 +87,15 @@ class FusionConfig:
     mlp_ratio: float = 4.0
     dropout: float = 0.0
     loc_dim: int = 64
+    # Side of an ROI crop at each query's location, encoded by encode_image and read by the
+    # severity head, as a fraction of the image side; 0 = off (the default: it pays only once
+    # localisation is precise, see the model docs).
+    roi_crop: float = 0.0
+    # While training, the share of queries whose crop is taken at the label instead of the prediction.
+    roi_teacher_forcing: float = 0.5
+    # Gaussian jitter (sd, fraction of the image side) of those label-taken crops, about the
+    # localiser's own error, so the grader does not depend on perfectly centred crops.
+    roi_jitter: float = 0.03
 
 
 @dataclass
