@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:  # the attributes we use are listed in CONTRACTS (dicom.py)
-    from .dicom import Series
+    from .series import Series
 
 CHANNEL_MODES = ("2.5d", "single")
 #: Percentiles mapped to 0 and 1 by the per-series normalisation (robust to hot pixels).
