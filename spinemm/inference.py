@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .constants import CONDITIONS, LABEL_COLUMNS, LEVELS, TARGET_PLANE_INDEX
-from .errors import SpineDataError
+from .errors import SpineDataError, SpineModelError
 from .metrics import submission_frame
 
 LOCATION_COLUMNS = ("study_id", "condition", "level", "series_id", "instance_number", "x", "y", "confidence")
@@ -24,8 +24,8 @@ LOCATION_COLUMNS = ("study_id", "condition", "level", "series_id", "instance_num
 def preprocess_settings(model: torch.nn.Module) -> dict:
     """The dataset settings a model was built for (``num_slices``, ``image_size``, ``channels``)."""
     cfg = getattr(model, "preprocess_cfg", None)
-    if cfg is None:
-        raise SpineDataError(f"{type(model).__name__} has no preprocess_cfg; build it with spinemm.create_model")
+    if not isinstance(cfg, dict):
+        raise SpineModelError(f"{type(model).__name__} has no preprocess_cfg; build it with spinemm.create_model")
     return {k: cfg[k] for k in ("num_slices", "image_size", "channels")}
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import SpineDataError, SpineModelError
+from ..inference import preprocess_settings
 
 
 def prepare_root(config: dict[str, Any], accelerator: Any) -> Path:
@@ -68,14 +69,6 @@ def model_overrides(config: dict[str, Any]) -> dict[str, Any]:
     return overrides
 
 
-def preprocess_of(model: torch.nn.Module) -> dict[str, Any]:
-    """The model's dataset settings (``num_slices``, ``image_size``, ``channels``, ...)."""
-    pre = getattr(model, "preprocess_cfg", None)
-    if not isinstance(pre, dict):
-        raise SpineModelError(f"{type(model).__name__} has no preprocess_cfg; build it with spinemm.create_model")
-    return pre
-
-
 def build_model(config: dict[str, Any]) -> torch.nn.Module:
     """``load_model(init_from)`` or ``create_model(model.name, **overrides)``, then LoRA
     (``lora.r > 0``) and the tower freezes of ``train.freeze_vision / freeze_text``."""
@@ -83,7 +76,7 @@ def build_model(config: dict[str, Any]) -> torch.nn.Module:
 
     if config["init_from"]:
         model = load_model(config["init_from"])
-        pre = preprocess_of(model)
+        pre = preprocess_settings(model)
         for key in ("num_slices", "image_size", "channels"):
             want = config["data"][key]
             if want is not None and want != pre[key]:
@@ -117,10 +110,9 @@ def make_datasets(root: Path, frame: Any, train_ids: list[int], val_ids: list[in
     for the model's preprocessing."""
     from ..data.dataset import SpineDataset
 
-    pre = preprocess_of(model)
+    pre = preprocess_settings(model)
     data = config["data"]
-    common = {"num_slices": pre["num_slices"], "image_size": pre["image_size"], "channels": pre["channels"],
-              "cache_dir": data["cache_dir"], "frame": frame}
+    common = {**pre, "cache_dir": data["cache_dir"], "frame": frame}
     train = SpineDataset(root, "train", study_ids=train_ids, augment=bool(data["augment"]),
                          seed=int(config["train"]["seed"]), **common)
     val = SpineDataset(root, "train", study_ids=val_ids, augment=False, **common)

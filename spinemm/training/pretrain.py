@@ -25,11 +25,12 @@ from torch import nn
 
 from ..constants import CONDITIONS, LEVELS, SEVERITIES, TARGET_PLANE_INDEX
 from ..errors import SpineModelError
+from ..inference import preprocess_settings
 from ..losses import clip_loss
 from ..metrics import classification_report
 from ..text import severity_prompts
 from ..zero_shot import build_zero_shot_classifier, crop_roi
-from .common import prepare_training, preprocess_of, save_model, setup_run
+from .common import prepare_training, save_model, setup_run
 from .config import load_config
 from .engine import fit
 
@@ -178,7 +179,7 @@ def pretrain_clip(config: dict[str, Any] | str | Path | None = None, overrides: 
     config = pretrain_config(load_config(config, overrides))
     run = setup_run(config)
     accelerator, output_dir, model = run.accelerator, run.output_dir, run.model
-    crop_size = max(4, int(round(float(config["pretrain"]["crop_fraction"]) * preprocess_of(model)["image_size"])))
+    crop_size = max(4, int(round(float(config["pretrain"]["crop_fraction"]) * preprocess_settings(model)["image_size"])))
     objective, optimizer, scheduler = prepare_training(run, ContrastiveObjective(model))
     train_loader, val_loader = run.train_loader, run.val_loader
     positives, per_study = config["pretrain"]["positives"], int(config["pretrain"]["crops_per_study"])
