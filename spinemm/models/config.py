@@ -87,6 +87,10 @@ class FusionConfig:
     mlp_ratio: float = 4.0
     dropout: float = 0.0
     loc_dim: int = 64
+    # A learned embedding per query (target column) added to its text embedding. Templated texts
+    # that differ in one word ("left" / "right") embed almost alike (cosine 0.99 in a small BERT), so
+    # without it the localiser cannot tell the two sides apart.
+    learned_queries: bool = False
     # Side of an ROI crop at each query's location, encoded by encode_image and read by the
     # severity head, as a fraction of the image side; 0 = off (the default: it pays only once
     # localisation is precise, see the model docs).
@@ -96,6 +100,21 @@ class FusionConfig:
     # Gaussian jitter (sd, fraction of the image side) of those label-taken crops, about the
     # localiser's own error, so the grader does not depend on perfectly centred crops.
     roi_jitter: float = 0.03
+
+
+@dataclass
+class GraderConfig:
+    """Second stage (``spinemm.models.grader``): grade 2.5D crops of the original slices at each
+    finding's predicted location. Off until :meth:`SpineCLIP.add_grader` turns it on."""
+
+    enabled: bool = False
+    side_mm: float = 60.0  # side of the crop in patient millimetres
+    size: int = 32  # pixels the crop is resampled to
+    context: int = 1  # neighbouring original slices on each side (channels = 1 + 2 * context)
+    backbone: str = "cnn"  # "cnn" (built in) or a timm model name (random init; see the docs)
+    channels: tuple[int, ...] = (32, 64, 96)  # "cnn": output channels of each conv stage
+    dropout: float = 0.1
+    refine: int = 1  # times the offset head re-centres the crop before it is graded
 
 
 @dataclass
@@ -110,11 +129,12 @@ class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
+    grader: GraderConfig = field(default_factory=GraderConfig)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
         """Strict parse: unknown keys raise :class:`SpineModelError` naming the key."""
-        sections = {"vision": VisionConfig, "text": TextConfig, "fusion": FusionConfig}
+        sections = {"vision": VisionConfig, "text": TextConfig, "fusion": FusionConfig, "grader": GraderConfig}
         top = _check_keys(cls, data, "")
         for key, sub in sections.items():
             if key in top:
@@ -125,6 +145,7 @@ class ModelConfig:
                     )
                 top[key] = sub(**_check_keys(sub, value, key + "."))
         cfg = cls(**top)
+        cfg.grader.channels = tuple(int(c) for c in cfg.grader.channels)
         for attr in ("mean", "std"):
             value = getattr(cfg.vision, attr)
             if value is not None:

@@ -29,8 +29,9 @@ from ..constants import NUM_CLASSES, PLANES, TARGET_PLANE_INDEX
 from ..errors import SpineModelError
 from ..text import QUERY_TEXTS
 from .base import SliceEncoder
-from .config import ModelConfig
+from .config import GraderConfig, ModelConfig
 from .fusion import QueryDecoder, SlicePlaneEmbedding
+from .grader import ROIGrader
 from .heads import LocationHead, SeverityHead, crop_at, decode_location, pool_at_location
 from .towers import TextTower
 
@@ -61,6 +62,9 @@ class SpineCLIP(nn.Module):
         # fusion path
         self.token_proj = nn.Linear(vision.width, dim)
         self.query_proj = nn.Linear(text.width, dim)
+        num_queries = len(TARGET_PLANE_INDEX)
+        # unit-variance init, as DETR's learned queries: an identity as large as the text embedding
+        self.query_embed = nn.Parameter(torch.randn(num_queries, dim)) if config.fusion.learned_queries else None
         self.slice_plane = SlicePlaneEmbedding(dim, config.num_slices, len(PLANES))
         self.memory_norm = nn.LayerNorm(dim)
         self.decoder = QueryDecoder(
@@ -76,6 +80,8 @@ class SpineCLIP(nn.Module):
         self.roi_proj = nn.Linear(config.embed_dim, dim) if config.fusion.roi_crop > 0 else None
         self.severity_head = SeverityHead(dim, NUM_CLASSES, inputs=3 if self.roi_proj is not None else 2)
         self.location_head = LocationHead(dim, config.fusion.loc_dim)
+        # Second stage, off until add_grader: grades crops of the original slices (predict() runs it).
+        self.grader = ROIGrader(config.grader, dim, NUM_CLASSES) if config.grader.enabled else None
 
     # ------------------------------------------------------------------------------- properties
     @property
@@ -135,7 +141,8 @@ class SpineCLIP(nn.Module):
         position = {t: i for i, t in enumerate(unique)}
         _, _, pooled = self.text.encode(unique)  # [U, text width]
         index = torch.tensor([[position[t] for t in row] for row in rows], device=pooled.device)
-        return self.query_proj(pooled)[index]  # [B, Q, dim]
+        queries = self.query_proj(pooled)[index]  # [B, Q, dim]
+        return queries if self.query_embed is None else queries + self.query_embed
 
     def encode_series(self, image: torch.Tensor, plane_mask: torch.Tensor) -> torch.Tensor:
         """image [B, P, S, C, H, W], plane_mask [B, P] -> memory tokens [B, P, S, h*w, dim]."""
@@ -213,6 +220,31 @@ class SpineCLIP(nn.Module):
             "attn": attn.unflatten(-1, (s, h, w)),  # [B, 25, S, h, w] last cross-attention layer
             "query_embeds": decoded,  # [B, 25, D]
         }
+
+    # ------------------------------------------------------------------------------- ROI grader
+    def add_grader(self, **options: Any) -> ROIGrader:
+        """Turn on the second stage: a fresh :class:`~spinemm.models.grader.ROIGrader` built from
+        ``GraderConfig`` fields (``side_mm``, ``size``, ``context``, ``backbone``, ...), recorded in
+        ``config.grader`` so :meth:`save_pretrained` / ``load_model`` keep it."""
+        fields = {**self.config.grader.__dict__, **options, "enabled": True}
+        try:
+            self.config.grader = GraderConfig(**fields)
+        except TypeError as err:
+            raise SpineModelError(f"add_grader: {err}; valid options: {sorted(GraderConfig().__dict__)}") from None
+        self.config.grader.channels = tuple(int(c) for c in self.config.grader.channels)
+        device = next(self.parameters()).device
+        self.grader = ROIGrader(self.config.grader, self.config.fusion.dim, NUM_CLASSES).to(device)
+        return self.grader
+
+    def grade(self, crops: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The grader on ROI crops [N, C, size, size] (``spinemm.data.roi``), each for label column
+        ``targets [N]`` (0..24), conditioned on that column's query text: ``{"logits": [N, 3],
+        "offset": [N, 3]}``, the offset being where the finding lies from the crop centre: x, y as
+        fractions of the crop side, and slices."""
+        if self.grader is None:
+            raise SpineModelError("this model has no ROI grader; call add_grader() and train it (train_grader)")
+        queries = self.encode_queries(None, 1)[0]  # [25, dim]
+        return self.grader(crops, queries[targets.to(queries.device)])
 
     # -------------------------------------------------------------------------------- save/load
     def save_pretrained(self, directory: str | os.PathLike) -> Path:

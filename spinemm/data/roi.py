@@ -1,0 +1,133 @@
+"""Regions of interest cut from the ORIGINAL slices: the second stage's input.
+
+The fusion model sees every series resampled to a few slices at a low resolution, which is enough
+to find each finding but not to grade it: a canal that narrows by a few millimetres, or a foramen
+that sits between two of the resampled slices, is lost. The ROI grader (``spinemm.models.grader``)
+instead reads a 2.5D crop of the original slices (the finding's slice and its neighbours) centred
+on the finding, with a side fixed in millimetres so every scanner's crop covers the same anatomy.
+
+- :func:`normalized_volume`: a series' volume windowed to [0, 1] exactly as ``preprocess_series``.
+- :func:`crop_roi`: crops ``[slices, size, size]`` at (slice, x, y) in original pixels.
+- :class:`ROIWindows`: every labelled point of some studies, cut once with a margin in space and
+  slices, so training draws shifted crops (the jitter that makes the grader tolerate the first
+  stage's location errors) without decoding a DICOM again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..errors import SpineDataError
+from .dicom import read_series
+from .series import Series
+from .tables import series_path
+from .transforms import intensity_window
+
+__all__ = ["normalized_volume", "crop_roi", "ROIWindows"]
+
+
+def normalized_volume(series: Series) -> torch.Tensor:
+    """float32 ``[S, H, W]`` in [0, 1]: the series' 0.5/99.5 percentile window, as the fusion model sees."""
+    volume = np.asarray(series.volume, dtype=np.float32)
+    low, high = intensity_window(volume)
+    scale = 1.0 / (high - low) if high > low else 0.0
+    return torch.from_numpy((volume - low) * scale).clamp_(0.0, 1.0)
+
+
+def crop_roi(volume: torch.Tensor, pixel_spacing: Sequence[float], index: int, x: float, y: float,
+             side_mm: float, size: int, slice_offsets: Sequence[int] = (-1, 0, 1)) -> torch.Tensor:
+    """A square crop of side ``side_mm`` centred on pixel (x, y) of slice ``index``, resampled to ``size``.
+
+    ``volume [S, H, W]``; ``pixel_spacing`` is DICOM's (row mm, column mm); ``x, y`` are column and
+    row in pixels (pixel centres at integers, as in ``train_label_coordinates.csv``). One output
+    channel per entry of ``slice_offsets``, clamped to the stack; outside the image is zero.
+    Returns ``[len(slice_offsets), size, size]`` float32.
+    """
+    depth, height, width = volume.shape
+    slices = np.clip(int(index) + np.asarray(slice_offsets, dtype=np.int64), 0, depth - 1)
+    image = volume[torch.from_numpy(slices)].float()[None]  # [1, C, H, W]
+    row_mm, col_mm = (float(v) for v in pixel_spacing)
+    theta = torch.zeros(1, 2, 3)
+    # affine_grid maps output [-1, 1] onto input [-1, 1]; align_corners=False puts pixel i's centre
+    # at (2 i + 1) / n - 1.
+    theta[0, 0, 0] = side_mm / col_mm / width
+    theta[0, 1, 1] = side_mm / row_mm / height
+    theta[0, 0, 2] = (2 * float(x) + 1) / width - 1
+    theta[0, 1, 2] = (2 * float(y) + 1) / height - 1
+    grid = F.affine_grid(theta, [1, len(slices), size, size], align_corners=False)
+    return F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+
+
+class ROIWindows:
+    """Every labelled (study, condition, level) point of ``study_ids``, cut once with a margin.
+
+    Each window is ``[1 + 2 * (context + slice_jitter), W, W]`` float16: the label's slice with
+    ``context + slice_jitter`` neighbours on each side, and a side of ``side_mm * (1 + 2 * shift)``
+    at the crop's resolution (``W = size + 2 * pad``). :meth:`crops` draws ``[N, 1 + 2 * context,
+    size, size]`` crops from them, shifted by up to ``pad`` pixels and ``slice_jitter`` slices.
+
+    Rows without a coordinate or label are left out (there is nothing to crop), and counted in
+    :attr:`skipped`. Series paths come from validated integer ids, never from CSV text.
+    """
+
+    def __init__(self, root: str | Path, frame: pd.DataFrame, study_ids: Sequence[int], *, side_mm: float,
+                 size: int, context: int = 1, shift: float = 0.1, slice_jitter: int = 1, split: str = "train",
+                 progress: bool = True) -> None:
+        self.size, self.context, self.slice_jitter = int(size), int(context), int(slice_jitter)
+        self.pad = int(round(shift * self.size))
+        rows = frame[frame["study_id"].isin([int(s) for s in study_ids])]
+        usable = rows["instance_number"].notna() & (rows["label"] >= 0)
+        self.skipped = int((~usable).sum())
+        rows = rows[usable].sort_values(["study_id", "series_id", "target"])
+        reach = self.context + self.slice_jitter
+        offsets = range(-reach, reach + 1)
+        outer = self.size + 2 * self.pad
+        windows, targets, labels, studies = [], [], [], []
+        groups = rows.groupby(["study_id", "series_id"], sort=False)
+        for (study_id, series_id), group in tqdm(groups, desc="ROI windows", unit="series", disable=not progress):
+            path = series_path(root, split, int(study_id), int(series_id))
+            series = read_series(path)
+            volume = normalized_volume(series)
+            for row in group.itertuples(index=False):
+                index = series.instance_to_index.get(int(row.instance_number))
+                if index is None:
+                    raise SpineDataError(f"{path}: no slice with InstanceNumber {int(row.instance_number)} "
+                                         f"(train_label_coordinates.csv, study {study_id}, {row.column})")
+                window = crop_roi(volume, series.pixel_spacing, index, row.x, row.y,
+                                  side_mm * outer / self.size, outer, offsets)
+                windows.append(window.to(torch.float16))
+                targets.append(int(row.target))
+                labels.append(int(row.label))
+                studies.append(int(study_id))
+        self.windows = torch.stack(windows) if windows else torch.zeros(0, len(offsets), outer, outer, dtype=torch.float16)
+        self.targets = torch.tensor(targets, dtype=torch.long)
+        self.labels = torch.tensor(labels, dtype=torch.long)
+        self.study_ids = np.asarray(studies, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return int(self.targets.shape[0])
+
+    def crops(self, index: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Crops ``[N, 1 + 2 * context, size, size]`` of windows ``index`` and the label point's
+        offset from each crop's centre ``[N, 3]``: x, y as fractions of the crop side, and slices.
+        Random shifts when a ``generator`` is given, else the centre (offset 0)."""
+        n, channels = len(index), 1 + 2 * self.context
+        if generator is None:
+            dx = dy = torch.full((n,), self.pad)
+            dk = torch.full((n,), self.slice_jitter)
+        else:
+            dx, dy = (torch.randint(0, 2 * self.pad + 1, (n,), generator=generator) for _ in range(2))
+            dk = torch.randint(0, 2 * self.slice_jitter + 1, (n,), generator=generator)
+        span, side = torch.arange(channels), torch.arange(self.size)
+        # one gather: [N, 1, 1, 1] windows x [N, C, 1, 1] slices x [N, 1, S, 1] rows x [N, 1, 1, S] columns
+        crops = self.windows[index[:, None, None, None], (dk[:, None] + span)[:, :, None, None],
+                             (dy[:, None] + side)[:, None, :, None], (dx[:, None] + side)[:, None, None, :]].float()
+        xy = torch.stack([self.pad - dx, self.pad - dy], dim=-1).float() / self.size
+        return crops, torch.cat([xy, (self.slice_jitter - dk).float()[:, None]], dim=-1)

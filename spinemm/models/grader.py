@@ -1,0 +1,74 @@
+"""The ROI grader: severity logits from a 2.5D crop of the original slices, conditioned on the query text.
+
+Localise, then classify at full resolution (the recipe of the strongest RSNA 2024 solutions). The
+fusion model finds each (condition, level) in its low-resolution stacks; the grader then reads a
+crop of the original slices around that point (``spinemm.data.roi``) and grades it. The crop's
+features are modulated (FiLM) by the query's text embedding, the same embedding that drives the
+fusion decoder, so one grader serves all 25 (condition, level) queries.
+
+``backbone="cnn"`` is a small ConvNet built here (fast on a CPU, enough for the phantom); any timm
+model name gives that trunk instead, randomly initialised (pretrained timm weights need the hub:
+load them into ``model.grader.encoder`` yourself where you have it).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import SpineModelError
+from .config import GraderConfig
+
+
+def _conv_trunk(in_chans: int, channels: tuple[int, ...]) -> nn.Sequential:
+    """Conv3x3 -> BN -> ReLU stages, halving the side between stages, then global average pooling."""
+    layers: list[nn.Module] = []
+    for i, (cin, cout) in enumerate(zip((in_chans, *channels[:-1]), channels, strict=True)):
+        layers += [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+        if i < len(channels) - 1:
+            layers.append(nn.MaxPool2d(2))
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return nn.Sequential(*layers)
+
+
+class ROIGrader(nn.Module):
+    """crops [N, 1 + 2 * context, size, size] in [0, 1] + queries [N, query_dim] -> severity logits
+    and the finding's offset from the crop centre."""
+
+    def __init__(self, config: GraderConfig, query_dim: int, num_classes: int = 3) -> None:
+        super().__init__()
+        self.config = config
+        in_chans = 1 + 2 * int(config.context)
+        if config.backbone == "cnn":
+            if not config.channels:
+                raise SpineModelError("grader.channels must list at least one conv stage")
+            self.encoder = _conv_trunk(in_chans, tuple(config.channels))
+            width = int(config.channels[-1])
+        else:
+            import timm
+
+            try:
+                self.encoder = timm.create_model(config.backbone, pretrained=False, num_classes=0, in_chans=in_chans)
+            except RuntimeError as err:  # timm's "Unknown model"
+                raise SpineModelError(f"grader.backbone {config.backbone!r}: {err}") from None
+            width = int(self.encoder.num_features)
+        self.width = width
+        self.film = nn.Linear(query_dim, 2 * width)
+        nn.init.zeros_(self.film.weight)  # start as the plain trunk; the text learns to modulate it
+        nn.init.zeros_(self.film.bias)
+        self.head = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(width, width), nn.GELU(),
+                                  nn.Linear(width, num_classes))
+        # Where the finding lies relative to the crop's centre: (x, y) as fractions of the crop side
+        # and the slice, in slices. Trained on the known shifts of the training crops; used to
+        # re-centre the crop before grading.
+        self.offset = nn.Linear(width, 3)
+
+    def forward(self, crops: torch.Tensor, queries: torch.Tensor) -> dict[str, torch.Tensor]:
+        """-> ``{"logits": [N, classes], "offset": [N, 3]}`` (x, y as fractions of the side; slices)."""
+        expected = 1 + 2 * int(self.config.context)
+        if crops.ndim != 4 or crops.shape[1] != expected:
+            raise SpineModelError(f"grader crops must be [N, {expected}, H, W], got {tuple(crops.shape)}")
+        features = self.encoder((crops - 0.5) / 0.5)  # [N, width]
+        scale, shift = self.film(queries).chunk(2, dim=-1)
+        features = features * (1 + scale) + shift
+        return {"logits": self.head(features), "offset": self.offset(features)}
