@@ -1,11 +1,16 @@
 """Kaggle-format predictions with locations for every study of an RSNA-layout folder.
 
+A model with an ROI grader (``SpineCLIP.add_grader``, trained by ``train_grader``) is run in two
+stages: the fusion model finds every (condition, level), then the grader grades a crop of the
+original slices at that point; rows it cannot grade keep the fusion model's probabilities.
+
 Nothing is dropped: a study whose series is missing or unreadable still gets all 25 rows (the model
 sees that plane as missing, with a warning naming the series), and its location rows say NaN.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +78,63 @@ def locations_to_pixels(location: np.ndarray, confidence: np.ndarray, metas: lis
     return frame
 
 
+@torch.no_grad()
+def grade_locations(model: torch.nn.Module, root: str | Path, split: str, locations: pd.DataFrame, *,
+                    device: torch.device | str | None = None, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Run the ROI grader at each row of a location frame (:func:`locations_to_pixels`).
+
+    The grader first re-centres each crop on the finding (x, y and slice) with its offset head
+    (``grader.refine`` times), then grades it. Returns ``(probs [N, 3], xy [N, 2], instances)``: the probabilities and the
+    re-centred x, y in original pixels; NaN for rows without a location or whose series cannot be
+    read (with a warning naming the series). Also ``instances [N]``: the re-centred slice's
+    InstanceNumber (-1 where not graded).
+    """
+    from .data.dicom import read_series
+    from .data.roi import crop_roi, normalized_volume
+    from .data.tables import series_path
+
+    cfg = model.config.grader
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    column = {name: i for i, name in enumerate(LABEL_COLUMNS)}
+    offsets = range(-cfg.context, cfg.context + 1)
+    probs, xy = np.full((len(locations), 3), np.nan), np.full((len(locations), 2), np.nan)
+    instances = np.full(len(locations), -1, dtype=np.int64)
+    located = locations.reset_index(drop=True)
+    located = located[(located["series_id"] >= 0) & located["instance_number"].notna()]
+    was_training = model.training
+    model.eval()
+    try:
+        groups = located.groupby(["study_id", "series_id"], sort=False)
+        for (study_id, series_id), group in tqdm(groups, desc="ROI grader", unit="series", disable=not progress):
+            try:
+                series = read_series(series_path(root, split, int(study_id), int(series_id)))
+            except (SpineDataError, OSError) as err:
+                warnings.warn(f"study {study_id} series {series_id}: not graded ({err})", stacklevel=2)
+                continue
+            volume = normalized_volume(series)
+            index = [series.instance_to_index.get(int(i)) for i in group["instance_number"]]
+            keep = np.array([i is not None for i in index])
+            rows = group.index.to_numpy()[keep]
+            slices = np.array([i for i in index if i is not None], dtype=np.int64)
+            points = group[["x", "y"]].to_numpy(dtype=np.float64)[keep]
+            targets = torch.tensor([column[f"{c}_{lv}"] for c, lv in zip(group["condition"], group["level"], strict=True)])[keep]
+            side_px = np.array([cfg.side_mm / series.pixel_spacing[1], cfg.side_mm / series.pixel_spacing[0]])
+            for step in range(int(cfg.refine) + 1):
+                crops = torch.stack([crop_roi(volume, series.pixel_spacing, k, x, y, cfg.side_mm, cfg.size, offsets)
+                                     for k, (x, y) in zip(slices, points, strict=True)])
+                out = model.grade(crops.to(device), targets.to(device))
+                if step < int(cfg.refine):
+                    offset = out["offset"].float().cpu().numpy()
+                    points = points + offset[:, :2] * side_px
+                    slices = np.clip(slices + np.rint(offset[:, 2]).astype(np.int64), 0, len(volume) - 1)
+            probs[rows] = out["logits"].float().softmax(-1).cpu().numpy()
+            xy[rows] = points
+            instances[rows] = series.instance_numbers[slices]
+    finally:
+        model.train(was_training)
+    return probs, xy, instances
+
+
 def submission_from_probs(study_ids: list[int], probs: np.ndarray, order: list[str] | None = None) -> pd.DataFrame:
     """Kaggle submission frame, rows renormalised to sum to 1; rows follow ``order`` (e.g.
     sample_submission's row_ids) when given, else study order x ``LABEL_COLUMNS``."""
@@ -113,6 +175,13 @@ def predict(model: torch.nn.Module, root: str | Path, split: str = "test", *, ba
     result = run_model(model, loader, device=device, progress=progress)
     order = _sample_submission_order(root, split) if study_ids is None else None
     predicted = [int(m["study_id"]) for m in result["meta"]]
-    submission = submission_from_probs(predicted, result["probs"], order)
     locations = locations_to_pixels(result["location"], result["confidence"], result["meta"])
+    probs = result["probs"]
+    if getattr(model, "grader", None) is not None:
+        graded, xy, instances = grade_locations(model, root, split, locations, device=device, progress=progress)
+        probs = np.where(np.isnan(graded), probs.reshape(-1, probs.shape[-1]), graded).reshape(probs.shape)
+        refined = ~np.isnan(xy[:, 0])
+        locations.loc[refined, ["x", "y"]] = xy[refined]
+        locations.loc[refined, "instance_number"] = instances[refined]
+    submission = submission_from_probs(predicted, probs, order)
     return submission, locations

@@ -74,6 +74,15 @@ def test_pretrain_then_lora_finetune(phantom_root, tmp_path):
     assert (sev_out / "model" / "adapter" / "adapter_model.safetensors").is_file()
     merged = spinemm.load_model(sev_out / "model")  # saved merged: a plain model
     assert merged.preprocess_cfg["num_slices"] == 4
+
+    # Second stage on top: the grader recipe writes a two-stage model and both val scores.
+    graded = _recipe("train_grader").main(["--config", str(RECIPES / "configs" / "tiny.yaml"), *SMALL,
+                                          f"data.root={phantom_root}", f"init_from={sev_out / 'model'}",
+                                          f"grader.output_dir={tmp_path / 'grader'}", "grader.epochs=1",
+                                          "grader.model.size=16"])
+    assert graded["metrics"]["score"] > 0 and graded["metrics"]["fusion_score"] > 0
+    assert spinemm.load_model(tmp_path / "grader" / "model").config.grader.size == 16
+    assert (tmp_path / "grader" / "config.yaml").is_file()
     with pytest.raises(spinemm.SpineModelError, match="init_from"):
         _recipe("train_severity").main([*SMALL, f"data.root={phantom_root}", f"output_dir={tmp_path / 'x'}",
                                         f"init_from={pre_out / 'model'}", "data.num_slices=5"])

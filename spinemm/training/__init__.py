@@ -17,6 +17,7 @@ _LAZY = {
     "save_config": "spinemm.training.config",
     "train_severity": "spinemm.training.loop",
     "pretrain_clip": "spinemm.training.pretrain",
+    "train_grader": "spinemm.training.grader",
     "compare_backbones": "spinemm.training.compare",
     "evaluate_model": "spinemm.training.evaluate",
     "severity_metrics": "spinemm.training.evaluate",

@@ -25,7 +25,7 @@ import yaml
 from ..errors import SpineModelError
 
 #: Every key the recipes read, with its default. Sections: model, data, split, train, optim, lora,
-#: checkpoint, log, pretrain, compare; plus top-level output_dir, init_from, resume.
+#: checkpoint, log, pretrain, grader, compare; plus top-level output_dir, init_from, resume.
 DEFAULTS: dict[str, Any] = {
     "output_dir": "runs/severity",
     "init_from": None,  # a model dir (e.g. pretrain_clip's output/model) to start from
@@ -86,6 +86,16 @@ DEFAULTS: dict[str, Any] = {
         "crop_fraction": 0.25,  # ROI side as a fraction of the plane image side
         "crops_per_study": 8,  # labelled (condition, level) ROIs drawn per study and step
         "positives": "severity",  # severity: same-severity pairs are positives | text: same prompt | pair
+    },
+    "grader": {  # recipes/train_grader.py: the ROI grader on crops of the original slices
+        "output_dir": "runs/grader",
+        "epochs": 15,
+        "lr": 2.0e-3,
+        "weight_decay": 0.01,
+        "batch_size": 64,
+        "shift": 0.2,  # largest crop shift, a fraction of the crop side (about the localiser's error)
+        "slice_jitter": 1,  # largest shift in original slices
+        "model": {},  # GraderConfig options: side_mm, size, context, backbone, channels, dropout
     },
     "compare": {  # recipes/compare_backbones.py
         "output_dir": "runs/compare",

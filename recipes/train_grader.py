@@ -1,0 +1,36 @@
+"""Train the ROI grader (second stage) of a trained severity model with accelerate.
+
+    python recipes/train_grader.py --config recipes/configs/tiny.yaml init_from=runs/severity/best
+    accelerate launch --config_file recipes/accelerate/single_gpu.yaml \\
+        recipes/train_grader.py --config recipes/configs/vitb16-bert.yaml init_from=runs/severity/best
+
+The fusion model in ``init_from`` stays frozen; only the grader trains, on crops of the original
+slices at the label points (``grader.*`` keys; ``grader.model.*`` sets its architecture, e.g.
+``grader.model.side_mm=50``). Outputs under ``grader.output_dir``: ``config.yaml``, ``model/`` (the
+two-stage model, for ``spinemm predict``) and ``metrics.json`` with the validation score of the
+fusion model alone and of both stages, at predicted locations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from accelerate import PartialState
+
+from spinemm.training import config_from_argv, train_grader
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Parse ``--config`` + overrides and train; returns :func:`spinemm.training.train_grader`'s result."""
+    result = train_grader(config_from_argv(argv))
+    if result.get("metrics"):
+        m = result["metrics"]
+        PartialState().print(f"val score {m['score']:.4f} (fusion model alone {m['fusion_score']:.4f})  "
+                             f"model -> {result['model_dir']}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
+    PartialState().destroy_process_group()  # a no-op unless launched with several processes

@@ -1,0 +1,175 @@
+"""Second stage: train the ROI grader on crops of the original slices at the label points.
+
+``train_grader(config)`` is what ``recipes/train_grader.py`` runs. It loads the fusion model from
+``init_from`` (``train_severity``'s ``best/`` or ``model/``), freezes it, adds a grader
+(``SpineCLIP.add_grader`` with ``grader.model`` options) and trains only the grader on
+:class:`~spinemm.data.roi.ROIWindows` of the training studies. Every crop is shifted at random by
+up to ``grader.shift`` of its side and ``grader.slice_jitter`` slices, about the fusion model's own
+location error, so the grader tolerates the locations it will be given. The epoch with the lowest
+weighted validation loss at the label points is kept. Then the two-stage model is evaluated the way
+it will be used, at the fusion model's PREDICTED locations on the validation studies, beside the
+fusion model alone. Outputs under ``grader.output_dir``::
+
+    config.yaml      the resolved config
+    model/           save_pretrained of the fusion model + grader (spinemm.load_model reads it)
+    metrics.json     per-epoch history, and val scores of the fusion model alone and of both stages
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..constants import NUM_TARGETS, SEVERITY_WEIGHTS
+from ..errors import SpineModelError
+from .common import prepare_root, seed_everything, split_studies
+from .config import load_config, save_config
+from .engine import make_accelerator, make_scheduler
+
+# L1 weights of the offset (x, y in fractions of the crop side, ~0.1; slice in slices, ~1), which
+# put each on about the footing of the cross-entropy.
+OFFSET_WEIGHTS = (10.0, 10.0, 1.0)
+
+
+def _offset_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    weights = torch.tensor(OFFSET_WEIGHTS, dtype=predicted.dtype, device=predicted.device)
+    return ((predicted - target).abs() * weights).sum(-1).mean()
+
+
+def val_solution(frame: pd.DataFrame, study_ids: list[int]) -> pd.DataFrame:
+    """Kaggle solution frame of ``study_ids`` from a :func:`~spinemm.data.load_tables` frame."""
+    from ..metrics import solution_frame
+
+    labels = np.full((len(study_ids), NUM_TARGETS), -1, dtype=np.int64)
+    position = {s: i for i, s in enumerate(study_ids)}
+    rows = frame[frame["study_id"].isin(study_ids)]
+    labels[rows["study_id"].map(position).to_numpy(), rows["target"].to_numpy()] = rows["label"].to_numpy()
+    return solution_frame(study_ids, labels)
+
+
+def _weighted_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy weighted 1/2/4 by the true class and normalised by the weights, as the
+    official score weights each row."""
+    weights = torch.tensor(SEVERITY_WEIGHTS, dtype=logits.dtype, device=logits.device)[labels]
+    return (F.cross_entropy(logits, labels, reduction="none") * weights).sum() / weights.sum()
+
+
+def train_grader(config: dict[str, Any] | str | Path | None = None, overrides: Any = ()) -> dict[str, Any]:
+    """Train the ROI grader of the fusion model in ``init_from``; returns ``{"output_dir", "model_dir",
+    "history", "metrics"}`` where metrics holds the val official score of the fusion model alone
+    (``fusion_score``) and of both stages (``score``) at predicted locations."""
+    from ..data.roi import ROIWindows
+    from ..data.tables import load_tables
+    from ..inference import predict
+    from ..metrics import rsna_score
+    from ..models.factory import load_model
+
+    config = load_config(config, overrides)
+    options = config["grader"]
+    if not config["init_from"]:
+        raise SpineModelError("train_grader needs init_from: the fusion model to add a grader to "
+                              "(train_severity's output_dir/best or output_dir/model)")
+    output_dir = Path(options["output_dir"])
+    accelerator = make_accelerator(config, output_dir)
+    if accelerator.is_main_process:
+        save_config(config, output_dir / "config.yaml")
+    seed = int(config["train"]["seed"])
+    seed_everything(seed)
+    progress = bool(config["log"]["progress"]) and accelerator.is_main_process
+    root = prepare_root(config, accelerator)
+    frame = load_tables(root, "train")
+    train_ids, val_ids = split_studies(frame, config)
+
+    model = load_model(config["init_from"])
+    model.requires_grad_(False)
+    model.eval()  # the frozen fusion model and text tower stay in eval mode (dropout off)
+    grader = model.add_grader(**(options["model"] or {}))
+    cfg = model.config.grader
+    window_args = {"side_mm": cfg.side_mm, "size": cfg.size, "context": cfg.context, "progress": progress}
+    train_set = ROIWindows(root, frame, train_ids, shift=float(options["shift"]),
+                           slice_jitter=int(options["slice_jitter"]), **window_args)
+    val_set = ROIWindows(root, frame, val_ids, shift=0.0, slice_jitter=0, **window_args)
+    if len(train_set) == 0:
+        raise SpineModelError(f"no labelled coordinates in the {len(train_ids)} training studies under {root}")
+
+    model.to(accelerator.device)
+    with torch.no_grad():
+        queries = model.encode_queries(None, 1)[0].detach()  # [25, dim], frozen text tower
+    optimizer = torch.optim.AdamW(grader.parameters(), lr=float(options["lr"]),
+                                  weight_decay=float(options["weight_decay"]))
+    batch_size, world = int(options["batch_size"]), accelerator.num_processes
+    per_process = len(train_set) // world  # equal batch counts on every process (DDP)
+    steps_per_epoch = max(1, math.ceil(per_process / batch_size))
+    epochs = int(options["epochs"])
+    scheduler = make_scheduler(optimizer, epochs * steps_per_epoch, float(config["optim"]["warmup_ratio"]))
+    wrapped, optimizer, scheduler = accelerator.prepare(grader, optimizer, scheduler)
+
+    history, best_loss, best_state = [], math.inf, None
+    generator = torch.Generator().manual_seed(seed)
+    for epoch in range(1, epochs + 1):
+        wrapped.train()
+        order = torch.randperm(len(train_set), generator=generator)[: per_process * world]
+        local = order[accelerator.process_index::world]
+        total = 0.0
+        bar = tqdm(range(0, len(local), batch_size), desc=f"grader epoch {epoch}/{epochs}", disable=not progress)
+        for start in bar:
+            index = local[start:start + batch_size]
+            crops, offsets = (t.to(accelerator.device) for t in train_set.crops(index, generator))
+            labels = train_set.labels[index].to(accelerator.device)
+            out = wrapped(crops, queries[train_set.targets[index].to(queries.device)])
+            loss = _weighted_ce(out["logits"], labels) + _offset_loss(out["offset"], offsets)
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(wrapped.parameters(), float(config["optim"]["max_grad_norm"]))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            total += float(loss.detach()) * len(index)
+        record = {"epoch": epoch, "train_loss": total / max(1, len(local)), "val_loss": _val_loss(model, val_set, queries)}
+        history.append(record)
+        if record["val_loss"] < best_loss:
+            best_loss, best_state = record["val_loss"], copy.deepcopy(grader.state_dict())
+    if best_state is not None:
+        grader.load_state_dict(best_state)
+
+    result: dict[str, Any] = {"output_dir": output_dir, "model_dir": output_dir / "model", "history": history}
+    if accelerator.is_main_process:
+        solution = val_solution(frame, val_ids)
+        cache = config["data"]["cache_dir"]
+        both, _ = predict(model, root, "train", study_ids=val_ids, cache_dir=cache, progress=progress)
+        model.grader = None  # the fusion model alone, on the same studies
+        fusion, _ = predict(model, root, "train", study_ids=val_ids, cache_dir=cache, progress=progress)
+        model.grader = grader
+        result["metrics"] = {"score": rsna_score(solution, both), "fusion_score": rsna_score(solution, fusion),
+                             "best_val_loss": best_loss, "train_rows": len(train_set), "val_rows": len(val_set),
+                             "skipped_rows": train_set.skipped + val_set.skipped}
+        model.save_pretrained(output_dir / "model")
+        (output_dir / "metrics.json").write_text(json.dumps({**result["metrics"], "history": history}, indent=2))
+    accelerator.wait_for_everyone()
+    return result
+
+
+@torch.no_grad()
+def _val_loss(model: torch.nn.Module, windows: Any, queries: torch.Tensor, batch_size: int = 256) -> float:
+    """Weighted cross-entropy of the grader on centred val crops (NaN without val rows)."""
+    if len(windows) == 0:
+        return math.nan
+    grader = model.grader
+    was_training = grader.training
+    grader.eval()
+    device = queries.device
+    logits = []
+    for start in range(0, len(windows), batch_size):
+        index = torch.arange(start, min(start + batch_size, len(windows)))
+        crops, _ = windows.crops(index)
+        logits.append(grader(crops.to(device), queries[windows.targets[index].to(device)])["logits"])
+    grader.train(was_training)
+    return float(_weighted_ce(torch.cat(logits), windows.labels.to(device)))
