@@ -1,7 +1,7 @@
 """`spinemm demo`: the whole product on the built-in phantom, end to end, on a CPU in minutes.
 
-phantom -> contrastive pretraining -> severity training (from the pretrained towers) -> held-out
-evaluation with the official score -> predictions with locations -> zero-shot check -> a report
+phantom -> contrastive pretraining -> severity training (from the pretrained towers) -> the ROI
+grader (second stage, on crops of the original slices at the label points) -> held-out evaluation with the official score -> predictions with locations -> zero-shot check -> a report
 folder. The score is printed beside the phantom's prior-only score and oracle floor, so it says
 where the model stands between "knows nothing" and "perfect".
 """
@@ -22,9 +22,9 @@ from .text import severity_prompts
 
 #: Settings of the full demo; ``quick`` shrinks them for smoke tests.
 DEMO = {"n_studies": 160, "n_test": 40, "phantom_size": 96, "image_size": 64, "num_slices": 8,
-        "pretrain_epochs": 6, "epochs": 12, "batch_size": 4, "lr": 2e-3}
+        "pretrain_epochs": 6, "epochs": 12, "grader_epochs": 30, "batch_size": 4, "lr": 2e-3}
 QUICK = {"n_studies": 8, "n_test": 3, "phantom_size": 48, "image_size": 32, "num_slices": 4,
-         "pretrain_epochs": 1, "epochs": 1, "batch_size": 4, "lr": 2e-3}
+         "pretrain_epochs": 1, "epochs": 1, "grader_epochs": 1, "batch_size": 4, "lr": 2e-3}
 
 
 def demo_config(out: Path, settings: dict[str, Any], seed: int) -> dict[str, Any]:
@@ -43,6 +43,7 @@ def demo_config(out: Path, settings: dict[str, Any], seed: int) -> dict[str, Any
         "log": {"tensorboard": False, "progress": True},
         "pretrain": {"output_dir": str(out / "pretrain"), "epochs": settings["pretrain_epochs"],
                      "crops_per_study": 12},
+        "grader": {"output_dir": str(out / "grader"), "epochs": settings["grader_epochs"]},
     }
 
 
@@ -79,10 +80,10 @@ def run_demo(out: str | Path = "demo_out", n_studies: int | None = None, seed: i
     from .data.phantom import make_phantom
     from .data.tables import load_tables
     from .inference import predict
-    from .metrics import evaluate_frames
+    from .metrics import evaluate_frames, rsna_score
     from .models.factory import load_model
     from .report import format_metrics, location_overlays
-    from .training import pretrain_clip, train_severity
+    from .training import pretrain_clip, train_grader, train_severity
     from .training.config import load_config
     from .viz import confusion_matrix_png, training_curves_png
 
@@ -95,31 +96,42 @@ def run_demo(out: str | Path = "demo_out", n_studies: int | None = None, seed: i
     report = out / "report"
     report.mkdir(parents=True, exist_ok=True)
 
-    print(f"[1/5] phantom: {settings['n_studies']} train + {settings['n_test']} test studies")
+    print(f"[1/6] phantom: {settings['n_studies']} train + {settings['n_test']} test studies")
     root = make_phantom(out / "phantom", n_studies=settings["n_studies"], n_test=settings["n_test"], seed=seed,
                         image_size=settings["phantom_size"])
     info = json.loads((root / "phantom_info.json").read_text())
 
-    print("[2/5] contrastive pretraining of the dual encoder on (ROI crop, severity prompt) pairs")
+    print("[2/6] contrastive pretraining of the dual encoder on (ROI crop, severity prompt) pairs")
     pretrained = pretrain_clip({**config, "init_from": None})
     zero_shot = zero_shot_check(load_model(pretrained["model_dir"]), config)
 
-    print("[3/5] severity + location training from the pretrained towers")
+    print("[3/6] severity + location training from the pretrained towers")
     trained = train_severity(config)
-    model_dir = trained["best_dir"] or trained["model_dir"]
+    fusion_dir = trained["best_dir"] or trained["model_dir"]
+
+    print("[4/6] ROI grader on crops of the original slices (second stage)")
+    graded = train_grader({**config, "init_from": str(fusion_dir)})
+    model_dir = graded["model_dir"]
     model = load_model(model_dir)
 
-    print("[4/5] held-out evaluation and predictions")
+    print("[5/6] held-out evaluation and predictions")
     submission, locations = predict(model, root, split="test", cache_dir=out / "cache")
     submission.to_csv(report / "submission.csv", index=False)
     locations.to_csv(report / "locations.csv", index=False)
-    metrics = evaluate_frames(pd.read_csv(root / "solution.csv"), submission)
+    solution = pd.read_csv(root / "solution.csv")
+    metrics = evaluate_frames(solution, submission)
+    grader, model.grader = model.grader, None  # the first stage alone, to show what the grader adds
+    fusion_submission, _ = predict(model, root, split="test", cache_dir=out / "cache", progress=False)
+    model.grader = grader
+    fusion_score = rsna_score(solution, fusion_submission)
 
-    print("[5/5] report")
+    print("[6/6] report")
     score, prior, oracle = metrics["score"], info["prior_score"], info["oracle_score"]
     gap_closed = (prior - score) / (prior - oracle)
     summary = {"official_score": score, "prior_score": prior, "oracle_score": oracle, "gap_closed": gap_closed,
+               "fusion_only_score": fusion_score,
                "zero_shot": zero_shot, "evaluation": metrics, "history": trained["history"],
+               "grader": {"history": graded["history"], "val": graded.get("metrics")},
                "settings": settings, "model_dir": str(model_dir), "seconds": time.perf_counter() - start}
     (report / "metrics.json").write_text(json.dumps(summary, indent=2, default=str))
     confusion_matrix_png(metrics["classification"]["confusion_matrix"], report / "confusion_matrix.png",
@@ -131,8 +143,9 @@ def run_demo(out: str | Path = "demo_out", n_studies: int | None = None, seed: i
     lines = [
         "# spinemm demo report", "",
         f"Held-out phantom studies: {settings['n_test']}. Official score (lower is better):", "",
-        "| model | prior only | oracle floor | gap closed |", "| --- | --- | --- | --- |",
-        f"| {score:.4f} | {prior:.4f} | {oracle:.4f} | {gap_closed:.0%} |", "",
+        "| fusion + ROI grader | fusion model alone | prior only | oracle floor | gap closed |",
+        "| --- | --- | --- | --- | --- |",
+        f"| {score:.4f} | {fusion_score:.4f} | {prior:.4f} | {oracle:.4f} | {gap_closed:.0%} |", "",
         f"Zero-shot severity prompts on {zero_shot['n_crops']} held-out ROI crops: balanced accuracy "
         f"{zero_shot['balanced_accuracy']:.3f} (chance {zero_shot['chance']:.3f}).", "",
         "```", format_metrics(metrics), "```", "",
@@ -142,7 +155,7 @@ def run_demo(out: str | Path = "demo_out", n_studies: int | None = None, seed: i
     (report / "summary.md").write_text("\n".join(lines) + "\n")
     print(format_metrics(metrics))
     print(f"\nofficial score {score:.4f}   prior-only {prior:.4f}   oracle floor {oracle:.4f}   "
-          f"gap closed {gap_closed:.0%}")
+          f"gap closed {gap_closed:.0%}   (fusion model alone {fusion_score:.4f})")
     print(f"zero-shot balanced accuracy {zero_shot['balanced_accuracy']:.3f} (chance {zero_shot['chance']:.3f})")
     print(f"report: {report}   ({summary['seconds']:.0f} s)")
     return summary
