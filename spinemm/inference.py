@@ -104,6 +104,7 @@ def grade_locations(model: torch.nn.Module, root: str | Path, split: str, locati
     was_training = model.training
     model.eval()
     try:
+        queries = model.grader_queries()  # the text tower runs once, not once per series
         groups = located.groupby(["study_id", "series_id"], sort=False)
         for (study_id, series_id), group in tqdm(groups, desc="ROI grader", unit="series", disable=not progress):
             try:
@@ -122,7 +123,7 @@ def grade_locations(model: torch.nn.Module, root: str | Path, split: str, locati
             for step in range(int(cfg.refine) + 1):
                 crops = torch.stack([crop_roi(volume, series.pixel_spacing, k, x, y, cfg.side_mm, cfg.size, offsets)
                                      for k, (x, y) in zip(slices, points, strict=True)])
-                out = model.grade(crops.to(device), targets.to(device))
+                out = model.grade_with(crops.to(device), targets, queries)
                 if step < int(cfg.refine):
                     offset = out["offset"].float().cpu().numpy()
                     points = points + offset[:, :2] * side_px

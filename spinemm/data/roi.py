@@ -28,7 +28,7 @@ from ..errors import SpineDataError
 from .dicom import read_series
 from .series import Series
 from .tables import series_path
-from .transforms import intensity_window
+from .transforms import intensity_window, to_unit_range
 
 __all__ = ["normalized_volume", "crop_roi", "ROIWindows"]
 
@@ -36,9 +36,7 @@ __all__ = ["normalized_volume", "crop_roi", "ROIWindows"]
 def normalized_volume(series: Series) -> torch.Tensor:
     """float32 ``[S, H, W]`` in [0, 1]: the series' 0.5/99.5 percentile window, as the fusion model sees."""
     volume = np.asarray(series.volume, dtype=np.float32)
-    low, high = intensity_window(volume)
-    scale = 1.0 / (high - low) if high > low else 0.0
-    return torch.from_numpy((volume - low) * scale).clamp_(0.0, 1.0)
+    return to_unit_range(volume, intensity_window(volume))
 
 
 def crop_roi(volume: torch.Tensor, pixel_spacing: Sequence[float], index: int, x: float, y: float,

@@ -77,6 +77,14 @@ def intensity_window(
     return float(low), float(high)
 
 
+def to_unit_range(slices: np.ndarray, window: tuple[float, float]) -> torch.Tensor:
+    """float32 tensor of ``slices`` with ``window = (low, high)`` mapped to [0, 1], clipped; a
+    constant series (``high <= low``) becomes all zeros."""
+    low, high = window
+    scale = 1.0 / (high - low) if high > low else 0.0
+    return torch.from_numpy((np.asarray(slices, dtype=np.float32) - low) * scale).clamp_(0.0, 1.0)
+
+
 def resize_slices(slices: torch.Tensor, image_size: int) -> torch.Tensor:
     """Bilinear, antialiased resize of ``[N, H, W]`` to ``[N, image_size, image_size]`` (float32)."""
     out = F.interpolate(
@@ -116,9 +124,7 @@ def preprocess_series(
     feeds = channel_indices(indices, num_source, channels)  # [S, 3]
     # normalise and resize each needed source slice once, then gather the channels
     needed, inverse = np.unique(feeds, return_inverse=True)
-    low, high = intensity_window(volume)
-    scale = 1.0 / (high - low) if high > low else 0.0  # a constant series becomes all zeros
-    normed = torch.from_numpy((volume[needed] - low) * scale).clamp_(0.0, 1.0)
+    normed = to_unit_range(volume[needed], intensity_window(volume))
     resized = resize_slices(normed, image_size)  # [U, size, size]
     image = resized[torch.from_numpy(inverse.reshape(feeds.shape))]  # [S, 3, size, size]
     source_instances = np.asarray(series.instance_numbers, dtype=np.int64)

@@ -116,6 +116,9 @@ class GraderConfig:
     dropout: float = 0.1
     refine: int = 1  # times the offset head re-centres the crop before it is graded
 
+    def __post_init__(self) -> None:
+        self.channels = tuple(int(c) for c in self.channels)  # JSON gives a list
+
 
 @dataclass
 class ModelConfig:
@@ -145,7 +148,6 @@ class ModelConfig:
                     )
                 top[key] = sub(**_check_keys(sub, value, key + "."))
         cfg = cls(**top)
-        cfg.grader.channels = tuple(int(c) for c in cfg.grader.channels)
         for attr in ("mean", "std"):
             value = getattr(cfg.vision, attr)
             if value is not None:

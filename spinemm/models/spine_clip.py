@@ -15,6 +15,7 @@ Dual encoder: :meth:`encode_image` (pooled vision of single images -> ``image_pr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -226,12 +227,11 @@ class SpineCLIP(nn.Module):
         """Turn on the second stage: a fresh :class:`~spinemm.models.grader.ROIGrader` built from
         ``GraderConfig`` fields (``side_mm``, ``size``, ``context``, ``backbone``, ...), recorded in
         ``config.grader`` so :meth:`save_pretrained` / ``load_model`` keep it."""
-        fields = {**self.config.grader.__dict__, **options, "enabled": True}
         try:
-            self.config.grader = GraderConfig(**fields)
+            self.config.grader = dataclasses.replace(self.config.grader, **options, enabled=True)
         except TypeError as err:
-            raise SpineModelError(f"add_grader: {err}; valid options: {sorted(GraderConfig().__dict__)}") from None
-        self.config.grader.channels = tuple(int(c) for c in self.config.grader.channels)
+            valid = sorted(f.name for f in dataclasses.fields(GraderConfig))
+            raise SpineModelError(f"add_grader: {err}; valid options: {valid}") from None
         device = next(self.parameters()).device
         self.grader = ROIGrader(self.config.grader, self.config.fusion.dim, NUM_CLASSES).to(device)
         return self.grader
@@ -241,9 +241,16 @@ class SpineCLIP(nn.Module):
         ``targets [N]`` (0..24), conditioned on that column's query text: ``{"logits": [N, 3],
         "offset": [N, 3]}``, the offset being where the finding lies from the crop centre: x, y as
         fractions of the crop side, and slices."""
+        return self.grade_with(crops, targets, self.grader_queries())
+
+    def grader_queries(self) -> torch.Tensor:
+        """The 25 query embeddings [25, dim] the grader is conditioned on; compute once, grade many."""
         if self.grader is None:
             raise SpineModelError("this model has no ROI grader; call add_grader() and train it (train_grader)")
-        queries = self.encode_queries(None, 1)[0]  # [25, dim]
+        return self.encode_queries(None, 1)[0]
+
+    def grade_with(self, crops: torch.Tensor, targets: torch.Tensor, queries: torch.Tensor) -> dict[str, torch.Tensor]:
+        """:meth:`grade` with the query embeddings of :meth:`grader_queries` already computed."""
         return self.grader(crops, queries[targets.to(queries.device)])
 
     # -------------------------------------------------------------------------------- save/load

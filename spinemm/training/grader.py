@@ -103,7 +103,7 @@ def train_grader(config: dict[str, Any] | str | Path | None = None, overrides: A
 
     model.to(accelerator.device)
     with torch.no_grad():
-        queries = model.encode_queries(None, 1)[0].detach()  # [25, dim], frozen text tower
+        queries = model.grader_queries().detach()  # [25, dim], frozen text tower
     optimizer = torch.optim.AdamW(grader.parameters(), lr=float(options["lr"]),
                                   weight_decay=float(options["weight_decay"]))
     batch_size, world = int(options["batch_size"]), accelerator.num_processes
