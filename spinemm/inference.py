@@ -80,23 +80,22 @@ def locations_to_pixels(location: np.ndarray, confidence: np.ndarray, metas: lis
 
 @torch.no_grad()
 def grade_locations(model: torch.nn.Module, root: str | Path, split: str, locations: pd.DataFrame, *,
-                    device: torch.device | str | None = None, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                    device: torch.device | str | None = None, context: bool = True,
+                    progress: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Run the ROI grader at each row of a location frame (:func:`locations_to_pixels`).
 
     The grader first re-centres each crop on the finding (x, y and slice) with its offset head
-    (``grader.refine`` times), then grades it. Returns ``(probs [N, 3], xy [N, 2], instances)``: the probabilities and the
-    re-centred x, y in original pixels; NaN for rows without a location or whose series cannot be
-    read (with a warning naming the series). Also ``instances [N]``: the re-centred slice's
-    InstanceNumber (-1 where not graded).
+    (``grader.refine`` times), then grades it, and its ``study_context`` (if any, and ``context``)
+    weighs each grade with the rest of the study's. Returns ``(probs [N, 3], xy [N, 2],
+    instances [N])``: the probabilities, the re-centred x, y in original pixels and the re-centred
+    slice's InstanceNumber; NaN (-1) for rows without a location or whose series cannot be read
+    (with a warning naming the series).
     """
     from .data.dicom import read_series
-    from .data.roi import crop_roi, normalized_volume
     from .data.tables import series_path
 
-    cfg = model.config.grader
     device = torch.device(device) if device is not None else next(model.parameters()).device
     column = {name: i for i, name in enumerate(LABEL_COLUMNS)}
-    offsets = range(-cfg.context, cfg.context + 1)
     probs, xy = np.full((len(locations), 3), np.nan), np.full((len(locations), 2), np.nan)
     instances = np.full(len(locations), -1, dtype=np.int64)
     located = locations.reset_index(drop=True)
@@ -105,35 +104,65 @@ def grade_locations(model: torch.nn.Module, root: str | Path, split: str, locati
     model.eval()
     try:
         queries = model.grader_queries()  # the text tower runs once, not once per series
-        groups = located.groupby(["study_id", "series_id"], sort=False)
-        for (study_id, series_id), group in tqdm(groups, desc="ROI grader", unit="series", disable=not progress):
-            try:
-                series = read_series(series_path(root, split, int(study_id), int(series_id)))
-            except (SpineDataError, OSError) as err:
-                warnings.warn(f"study {study_id} series {series_id}: not graded ({err})", stacklevel=2)
-                continue
-            volume = normalized_volume(series)
-            index = [series.instance_to_index.get(int(i)) for i in group["instance_number"]]
-            keep = np.array([i is not None for i in index])
-            rows = group.index.to_numpy()[keep]
-            slices = np.array([i for i in index if i is not None], dtype=np.int64)
-            points = group[["x", "y"]].to_numpy(dtype=np.float64)[keep]
-            targets = torch.tensor([column[f"{c}_{lv}"] for c, lv in zip(group["condition"], group["level"], strict=True)])[keep]
-            side_px = np.array([cfg.side_mm / series.pixel_spacing[1], cfg.side_mm / series.pixel_spacing[0]])
-            for step in range(int(cfg.refine) + 1):
-                crops = torch.stack([crop_roi(volume, series.pixel_spacing, k, x, y, cfg.side_mm, cfg.size, offsets)
-                                     for k, (x, y) in zip(slices, points, strict=True)])
-                out = model.grade_with(crops.to(device), targets, queries)
-                if step < int(cfg.refine):
-                    offset = out["offset"].float().cpu().numpy()
-                    points = points + offset[:, :2] * side_px
-                    slices = np.clip(slices + np.rint(offset[:, 2]).astype(np.int64), 0, len(volume) - 1)
-            probs[rows] = out["logits"].float().softmax(-1).cpu().numpy()
-            xy[rows] = points
-            instances[rows] = series.instance_numbers[slices]
+        studies = located.groupby("study_id", sort=False)
+        for study_id, study in tqdm(studies, desc="ROI grader", unit="study", disable=not progress):
+            # Re-centre series by series, then grade the whole study at once (a study-context
+            # grader reads each finding beside the rest of its study).
+            crops, targets, rows = [], [], []
+            for series_id, group in study.groupby("series_id", sort=False):
+                try:
+                    series = read_series(series_path(root, split, int(study_id), int(series_id)))
+                except (SpineDataError, OSError) as err:
+                    warnings.warn(f"study {study_id} series {series_id}: not graded ({err})", stacklevel=2)
+                    continue
+                index = [series.instance_to_index.get(int(i)) for i in group["instance_number"]]
+                keep = np.array([i is not None for i in index])
+                if not keep.any():
+                    continue
+                slices = np.array([i for i in index if i is not None], dtype=np.int64)
+                points = group[["x", "y"]].to_numpy(dtype=np.float64)[keep]
+                series_targets = torch.tensor([column[f"{c}_{lv}"] for c, lv in
+                                               zip(group["condition"], group["level"], strict=True)])[keep]
+                series_crops, slices, points = _recentred_crops(model, series, slices, points, series_targets,
+                                                                queries, device)
+                rows.append(group.index.to_numpy()[keep])
+                crops.append(series_crops)
+                targets.append(series_targets)
+                xy[rows[-1]] = points
+                instances[rows[-1]] = series.instance_numbers[slices]
+            if rows:
+                targets = torch.cat(targets).to(device)
+                log_probs = model.grade_with(torch.cat(crops).to(device), targets, queries)["logits"].float().log_softmax(-1)
+                if context and model.grader.study_context is not None:
+                    log_probs = model.grader.study_context(log_probs, targets % len(LEVELS)).log_softmax(-1)
+                probs[np.concatenate(rows)] = log_probs.exp().cpu().numpy()
     finally:
         model.train(was_training)
     return probs, xy, instances
+
+
+def _recentred_crops(model: torch.nn.Module, series, slices: np.ndarray, points: np.ndarray,
+                     targets: torch.Tensor, queries: torch.Tensor, device: torch.device):
+    """Crops of one series at (slice, x, y), moved ``grader.refine`` times by the offset head;
+    returns ``(crops [N, C, size, size], slices, points)`` at the final positions."""
+    from .data.roi import crop_roi, normalized_volume
+
+    cfg = model.config.grader
+    volume = normalized_volume(series)
+    offsets = range(-cfg.context, cfg.context + 1)
+    side_px = np.array([cfg.side_mm / series.pixel_spacing[1], cfg.side_mm / series.pixel_spacing[0]])
+
+    def cut(slices: np.ndarray, points: np.ndarray) -> torch.Tensor:
+        return torch.stack([crop_roi(volume, series.pixel_spacing, k, x, y, cfg.side_mm, cfg.size, offsets)
+                            for k, (x, y) in zip(slices, points, strict=True)])
+
+    crops = cut(slices, points)
+    for _ in range(int(cfg.refine)):
+        offset = model.grade_with(crops.to(device), targets, queries)["offset"].float().cpu().numpy()
+        points = points + offset[:, :2] * side_px
+        slices = np.clip(slices + np.rint(offset[:, 2]).astype(np.int64), 0, len(volume) - 1)
+        crops = cut(slices, points)
+    return crops, slices, points
 
 
 def submission_from_probs(study_ids: list[int], probs: np.ndarray, order: list[str] | None = None) -> pd.DataFrame:

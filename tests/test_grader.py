@@ -106,8 +106,11 @@ def test_train_grader_then_two_stage_predict(phantom_root, tmp_path):
     assert len(result["history"]) == 2 and all(np.isfinite(h["train_loss"]) for h in result["history"])
     metrics = result["metrics"]
     assert np.isfinite(metrics["score"]) and np.isfinite(metrics["fusion_score"]) and metrics["train_rows"] > 0
+    assert np.isfinite(metrics["grader_score"]) and "study_context" in metrics  # on by default in the recipe
     # Only the grader trained: the fusion weights are those it was loaded from.
     model = spinemm.load_model(result["model_dir"]).eval()
+    context = model.grader.study_context
+    assert context is not None and context.log_temperature.item() == pytest.approx(metrics["study_context"]["log_temperature"])
     for name, value in spinemm.load_model(tmp_path / "fusion").state_dict().items():
         torch.testing.assert_close(model.state_dict()[name], value, rtol=0, atol=0, msg=name)
 

@@ -115,6 +115,11 @@ class GraderConfig:
     channels: tuple[int, ...] = (32, 64, 96)  # "cnn": output channels of each conv stage
     dropout: float = 0.1
     refine: int = 1  # times the offset head re-centres the crop before it is graded
+    # Grade each finding with the rest of its study in view (StudyContext): degeneration is shared
+    # across a patient's spine and across the conditions of one disc level, so 25 noisy readings
+    # say more together than apart. train_grader fits it on the validation studies. A saved config
+    # without this key predates it and loads with it off (ModelConfig.from_dict).
+    study_context: bool = True
 
     def __post_init__(self) -> None:
         self.channels = tuple(int(c) for c in self.channels)  # JSON gives a list
@@ -146,6 +151,8 @@ class ModelConfig:
                     raise SpineModelError(
                         f"model config key {key!r} must be a mapping, got {type(value).__name__}"
                     )
+                if key == "grader" and "study_context" not in value:
+                    value = {**value, "study_context": False}  # saved before the study context existed
                 top[key] = sub(**_check_keys(sub, value, key + "."))
         cfg = cls(**top)
         for attr in ("mean", "std"):

@@ -6,6 +6,11 @@ crop of the original slices around that point (``spinemm.data.roi``) and grades 
 features are modulated (FiLM) by the query's text embedding, the same embedding that drives the
 fusion decoder, so one grader serves all 25 (condition, level) queries.
 
+:class:`StudyContext` (``study_context``) then reads a study's grades together: each finding's
+log-probabilities, a temperature, and the mean expected grade of its study and of its disc level.
+It has ten parameters, fitted on held-out studies at the predicted locations (``train_grader``):
+learned jointly with the grader, the study's mean features let it memorise training studies.
+
 ``backbone="cnn"`` is a small ConvNet built here (fast on a CPU, enough for the phantom); any timm
 model name gives that trunk instead, randomly initialised (pretrained timm weights need the hub:
 load them into ``model.grader.encoder`` yourself where you have it).
@@ -62,6 +67,7 @@ class ROIGrader(nn.Module):
         # and the slice, in slices. Trained on the known shifts of the training crops; used to
         # re-centre the crop before grading.
         self.offset = nn.Linear(width, 3)
+        self.study_context = StudyContext(num_classes) if config.study_context else None
 
     def forward(self, crops: torch.Tensor, queries: torch.Tensor) -> dict[str, torch.Tensor]:
         """-> ``{"logits": [N, classes], "offset": [N, 3]}`` (x, y as fractions of the side; slices)."""
@@ -72,3 +78,41 @@ class ROIGrader(nn.Module):
         scale, shift = self.film(queries).chunk(2, dim=-1)
         features = features * (1 + scale) + shift
         return {"logits": self.head(features), "offset": self.offset(features)}
+
+
+class StudyContext(nn.Module):
+    """Per-crop log-probabilities ``[N, K]`` of one or more studies -> logits ``[N, K]`` that also
+    weigh the mean expected grade of the finding's study and of its disc level.
+
+    ``logits = temperature * log_probs + bias + W @ (study mean grade, level mean grade)``. It
+    starts as the identity (temperature 1, everything else 0).
+    """
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.log_temperature = nn.Parameter(torch.zeros(1))
+        self.mix = nn.Linear(2, num_classes)
+        nn.init.zeros_(self.mix.weight)
+        nn.init.zeros_(self.mix.bias)
+
+    def forward(self, log_probs: torch.Tensor, levels: torch.Tensor, studies: torch.Tensor | None = None) -> torch.Tensor:
+        """``levels [N]``: each finding's disc level (0..4); ``studies [N]``: its study (any integer
+        ids; ``None``: one study)."""
+        if log_probs.ndim != 2 or levels.shape != log_probs.shape[:1]:
+            raise SpineModelError(f"StudyContext needs log_probs [N, K] and levels [N], got "
+                                  f"{tuple(log_probs.shape)} and {tuple(levels.shape)}")
+        studies = torch.zeros_like(levels) if studies is None else studies.to(levels.device)
+        classes = torch.arange(log_probs.shape[-1], dtype=log_probs.dtype, device=log_probs.device)
+        grade = (log_probs.exp() * classes).sum(-1, keepdim=True)  # expected grade, [N, 1]
+        by_study = _group_mean(grade, studies[:, None])
+        by_level = _group_mean(grade, torch.stack([studies, levels], dim=1))
+        return self.log_temperature.exp() * log_probs + self.mix(torch.cat([by_study, by_level], dim=-1))
+
+
+def _group_mean(values: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Each row of ``values [N, D]`` replaced by the mean of the rows sharing its key row (``keys [N, K]``)."""
+    _, group = torch.unique(keys, dim=0, return_inverse=True)
+    count = int(group.max()) + 1
+    sums = values.new_zeros(count, values.shape[-1]).index_add_(0, group, values)
+    sizes = torch.bincount(group, minlength=count).to(values.dtype)
+    return (sums / sizes[:, None])[group]

@@ -18,6 +18,7 @@ _LAZY = {
     "train_severity": "spinemm.training.loop",
     "pretrain_clip": "spinemm.training.pretrain",
     "train_grader": "spinemm.training.grader",
+    "fit_study_context": "spinemm.training.study_context",
     "compare_backbones": "spinemm.training.compare",
     "evaluate_model": "spinemm.training.evaluate",
     "severity_metrics": "spinemm.training.evaluate",

@@ -95,7 +95,7 @@ DEFAULTS: dict[str, Any] = {
         "batch_size": 64,
         "shift": 0.2,  # largest crop shift, a fraction of the crop side (about the localiser's error)
         "slice_jitter": 1,  # largest shift in original slices
-        "model": {},  # GraderConfig options: side_mm, size, context, backbone, channels, dropout
+        "model": {},  # GraderConfig options: side_mm, size, context, backbone, channels, study_context
     },
     "compare": {  # recipes/compare_backbones.py
         "output_dir": "runs/compare",

@@ -7,12 +7,15 @@
 up to ``grader.shift`` of its side and ``grader.slice_jitter`` slices, about the fusion model's own
 location error, so the grader tolerates the locations it will be given. The epoch with the lowest
 weighted validation loss at the label points is kept. Then the two-stage model is evaluated the way
-it will be used, at the fusion model's PREDICTED locations on the validation studies, beside the
-fusion model alone. Outputs under ``grader.output_dir``::
+it will be used, at the fusion model's PREDICTED locations on the validation studies, and the
+grader's study context (``grader.model.study_context``, on by default) is fitted there
+(:mod:`spinemm.training.study_context`); its reported score is cross-fitted over those studies.
+Outputs under ``grader.output_dir``::
 
     config.yaml      the resolved config
     model/           save_pretrained of the fusion model + grader (spinemm.load_model reads it)
-    metrics.json     per-epoch history, and val scores of the fusion model alone and of both stages
+    metrics.json     per-epoch history; val scores of the fusion model alone (fusion_score), the
+                     grader without (grader_score) and with its study context (score)
 """
 
 from __future__ import annotations
@@ -69,8 +72,6 @@ def train_grader(config: dict[str, Any] | str | Path | None = None, overrides: A
     (``fusion_score``) and of both stages (``score``) at predicted locations."""
     from ..data.roi import ROIWindows
     from ..data.tables import load_tables
-    from ..inference import predict
-    from ..metrics import rsna_score
     from ..models.factory import load_model
 
     config = load_config(config, overrides)
@@ -142,19 +143,48 @@ def train_grader(config: dict[str, Any] | str | Path | None = None, overrides: A
 
     result: dict[str, Any] = {"output_dir": output_dir, "model_dir": output_dir / "model", "history": history}
     if accelerator.is_main_process:
-        solution = val_solution(frame, val_ids)
-        cache = config["data"]["cache_dir"]
-        both, _ = predict(model, root, "train", study_ids=val_ids, cache_dir=cache, progress=progress)
-        model.grader = None  # the fusion model alone, on the same studies
-        fusion, _ = predict(model, root, "train", study_ids=val_ids, cache_dir=cache, progress=progress)
-        model.grader = grader
-        result["metrics"] = {"score": rsna_score(solution, both), "fusion_score": rsna_score(solution, fusion),
+        result["metrics"] = {**_fit_and_score(model, root, frame, val_ids, config["data"]["cache_dir"], progress),
                              "best_val_loss": best_loss, "train_rows": len(train_set), "val_rows": len(val_set),
                              "skipped_rows": train_set.skipped + val_set.skipped}
         model.save_pretrained(output_dir / "model")
         (output_dir / "metrics.json").write_text(json.dumps({**result["metrics"], "history": history}, indent=2))
     accelerator.wait_for_everyone()
     return result
+
+
+def _fit_and_score(model: torch.nn.Module, root: Path, frame: pd.DataFrame, val_ids: list[int],
+                   cache_dir: Any, progress: bool) -> dict[str, float]:
+    """Val official scores at the fusion model's predicted locations: the fusion model alone,
+    the grader alone and, when the grader has a study context, with it. The context is fitted
+    here on all val studies; its reported score is cross-fitted (out-of-fold over the studies)."""
+    from ..inference import predict, submission_from_probs
+    from ..metrics import rsna_score
+    from .study_context import cross_fitted, fit_study_context, val_grades
+
+    if not val_ids:
+        return {}
+    grader, model.grader = model.grader, None
+    fusion, locations = predict(model, root, "train", study_ids=val_ids, cache_dir=cache_dir, progress=progress)
+    model.grader = grader
+    solution = val_solution(frame, val_ids)
+    study_order = locations["study_id"].unique().tolist()  # predict's row order: study x LABEL_COLUMNS
+    fusion_probs = fusion[["normal_mild", "moderate", "severe"]].to_numpy(dtype=np.float64)
+    grades = val_grades(model, root, frame, locations, progress=progress)
+
+    def score(graded: torch.Tensor) -> float:
+        probs = fusion_probs.copy()
+        probs[grades.rows] = graded.numpy()
+        return rsna_score(solution, submission_from_probs(study_order, probs.reshape(len(study_order), NUM_TARGETS, -1)))
+
+    scores = {"fusion_score": rsna_score(solution, fusion), "grader_score": score(grades.log_probs.exp())}
+    scores["score"] = scores["grader_score"]
+    if grader.study_context is not None and len(grades.labels):
+        scores["score"] = score(cross_fitted(grades))
+        fit_study_context(grader.study_context, grades)
+        fitted = {name: value.detach() for name, value in grader.study_context.named_parameters()}
+        scores["study_context"] = {"log_temperature": float(fitted["log_temperature"]),
+                                   "weight": fitted["mix.weight"].tolist(), "bias": fitted["mix.bias"].tolist()}
+    return scores
 
 
 @torch.no_grad()

@@ -1,0 +1,105 @@
+"""Fit the grader's :class:`~spinemm.models.grader.StudyContext` on held-out studies.
+
+The grader reads each crop alone. Its study context then weighs every grade with the mean grade of
+the rest of the study and of the same disc level (ten parameters). It is fitted after the grader,
+on the validation studies graded at the fusion model's PREDICTED locations: the inputs it will see
+in ``predict``, from studies neither stage trained on. Fitted on training studies instead, it would
+learn from grades the grader has memorised.
+
+:func:`val_grades` collects those inputs, :func:`fit_study_context` fits the ten parameters, and
+:func:`cross_fitted` gives out-of-fold outputs, so the reported validation score is not scored on
+the studies the context was fitted on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from ..constants import LABEL_COLUMNS, LEVELS, SEVERITY_WEIGHTS
+from ..models.grader import StudyContext
+
+__all__ = ["ValGrades", "val_grades", "fit_study_context", "cross_fitted"]
+
+
+@dataclass
+class ValGrades:
+    """The grader's per-crop grades of some studies, one entry per graded (study, column)."""
+
+    log_probs: torch.Tensor  # [N, 3], without study context
+    targets: torch.Tensor  # [N] label column 0..24
+    studies: torch.Tensor  # [N] study_id
+    labels: torch.Tensor  # [N] recorded label, -1 where missing
+    rows: np.ndarray  # [N] row of the location frame (study order x LABEL_COLUMNS)
+
+    @property
+    def levels(self) -> torch.Tensor:
+        return self.targets % len(LEVELS)
+
+
+def val_grades(model: torch.nn.Module, root: str | Path, frame: pd.DataFrame, locations: pd.DataFrame, *,
+               progress: bool = False) -> ValGrades:
+    """Grade ``locations`` (the fusion model's, on training-split studies) without study context,
+    and attach each row's recorded label from ``frame`` (:func:`~spinemm.data.load_tables`)."""
+    from ..inference import grade_locations
+
+    probs, _, _ = grade_locations(model, root, "train", locations, context=False, progress=progress)
+    graded = np.flatnonzero(~np.isnan(probs[:, 0]))
+    column = {name: i for i, name in enumerate(LABEL_COLUMNS)}
+    located = locations.iloc[graded]
+    targets = np.array([column[f"{c}_{lv}"] for c, lv in zip(located["condition"], located["level"], strict=True)])
+    studies = located["study_id"].to_numpy(dtype=np.int64)
+    recorded = frame.set_index(["study_id", "target"])["label"]
+    keys = pd.MultiIndex.from_arrays([studies, targets])
+    labels = recorded.reindex(keys).fillna(-1).to_numpy(dtype=np.int64)
+    return ValGrades(torch.tensor(probs[graded], dtype=torch.float32).clamp_min(1e-7).log(), torch.tensor(targets),
+                     torch.tensor(studies), torch.tensor(labels), graded)
+
+
+def fit_study_context(context: StudyContext, grades: ValGrades, subset: torch.Tensor | None = None,
+                      l2: float = 1e-3) -> float:
+    """Fit ``context`` in place by L-BFGS on the weighted (1/2/4) cross-entropy of the labelled
+    rows, with a small L2 pull towards the identity; returns the final loss. ``subset``: a boolean
+    mask of the rows to fit on (whole studies, so each study's means are complete)."""
+    keep = torch.ones(len(grades.labels), dtype=torch.bool) if subset is None else subset
+    log_probs, levels, studies, labels = (t[keep] for t in (grades.log_probs, grades.levels, grades.studies,
+                                                             grades.labels))
+    known = labels >= 0
+    weights = torch.tensor(SEVERITY_WEIGHTS)[labels.clamp_min(0)] * known
+    if not known.any():
+        return float("nan")
+    params = list(context.parameters())
+    optimizer = torch.optim.LBFGS(params, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        logits = context(log_probs, levels, studies)
+        nll = F.cross_entropy(logits, labels.clamp_min(0), reduction="none")
+        loss = (nll * weights).sum() / weights.sum() + l2 * sum((p ** 2).sum() for p in params)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+        return float(closure().detach())
+
+
+def cross_fitted(grades: ValGrades, folds: int = 5, seed: int = 0) -> torch.Tensor:
+    """Out-of-fold study-context probabilities ``[N, 3]``: each fold of studies is scored by a
+    context fitted on the other folds."""
+    study_ids = torch.unique(grades.studies)
+    fold_of = torch.randperm(len(study_ids), generator=torch.Generator().manual_seed(seed)) % max(2, folds)
+    fold = fold_of[torch.searchsorted(study_ids, grades.studies)]
+    probs = torch.empty_like(grades.log_probs)
+    for k in fold.unique().tolist():
+        context = StudyContext(grades.log_probs.shape[-1])
+        fit_study_context(context, grades, subset=fold != k)
+        held = fold == k
+        with torch.no_grad():
+            probs[held] = context(grades.log_probs[held], grades.levels[held], grades.studies[held]).softmax(-1)
+    return probs
