@@ -24,9 +24,10 @@ from spinemm.training import config_from_argv, train_grader
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Parse ``--config`` + overrides and train; returns :func:`spinemm.training.train_grader`'s result."""
     result = train_grader(config_from_argv(argv))
-    if result.get("metrics"):
-        m = result["metrics"]
-        PartialState().print(f"val score {m['score']:.4f} (fusion model alone {m['fusion_score']:.4f})  "
+    m = result.get("metrics") or {}
+    if "score" in m:  # absent without validation studies
+        PartialState().print(f"val score {m['score']:.4f} (grader without study context "
+                             f"{m['grader_score']:.4f}, fusion model alone {m['fusion_score']:.4f})  "
                              f"model -> {result['model_dir']}")
     return result
 

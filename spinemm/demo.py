@@ -22,7 +22,7 @@ from .text import severity_prompts
 
 #: Settings of the full demo; ``quick`` shrinks them for smoke tests.
 DEMO = {"n_studies": 160, "n_test": 40, "phantom_size": 96, "image_size": 64, "num_slices": 8,
-        "pretrain_epochs": 6, "epochs": 12, "grader_epochs": 30, "batch_size": 4, "lr": 2e-3}
+        "pretrain_epochs": 6, "epochs": 12, "grader_epochs": 45, "batch_size": 4, "lr": 2e-3}
 QUICK = {"n_studies": 8, "n_test": 3, "phantom_size": 48, "image_size": 32, "num_slices": 4,
          "pretrain_epochs": 1, "epochs": 1, "grader_epochs": 1, "batch_size": 4, "lr": 2e-3}
 

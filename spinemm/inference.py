@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .constants import CONDITIONS, LABEL_COLUMNS, LEVELS, TARGET_PLANE_INDEX
+from .data.series import Series
 from .errors import SpineDataError, SpineModelError
 from .metrics import submission_frame
 
@@ -141,8 +142,9 @@ def grade_locations(model: torch.nn.Module, root: str | Path, split: str, locati
     return probs, xy, instances
 
 
-def _recentred_crops(model: torch.nn.Module, series, slices: np.ndarray, points: np.ndarray,
-                     targets: torch.Tensor, queries: torch.Tensor, device: torch.device):
+def _recentred_crops(model: torch.nn.Module, series: Series, slices: np.ndarray, points: np.ndarray,
+                     targets: torch.Tensor, queries: torch.Tensor,
+                     device: torch.device) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """Crops of one series at (slice, x, y), moved ``grader.refine`` times by the offset head;
     returns ``(crops [N, C, size, size], slices, points)`` at the final positions."""
     from .data.roi import crop_roi, normalized_volume

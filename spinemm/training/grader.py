@@ -68,8 +68,9 @@ def _weighted_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def train_grader(config: dict[str, Any] | str | Path | None = None, overrides: Any = ()) -> dict[str, Any]:
     """Train the ROI grader of the fusion model in ``init_from``; returns ``{"output_dir", "model_dir",
-    "history", "metrics"}`` where metrics holds the val official score of the fusion model alone
-    (``fusion_score``) and of both stages (``score``) at predicted locations."""
+    "history", "metrics"}`` where metrics holds the val official scores at predicted locations of
+    the fusion model alone (``fusion_score``), the grader without its study context
+    (``grader_score``) and both stages with it (``score``, cross-fitted)."""
     from ..data.roi import ROIWindows
     from ..data.tables import load_tables
     from ..models.factory import load_model
@@ -162,7 +163,7 @@ def _fit_and_score(model: torch.nn.Module, root: Path, frame: pd.DataFrame, val_
     from .study_context import cross_fitted, fit_study_context, val_grades
 
     if not val_ids:
-        return {}
+        return {}  # nothing to score or fit on: the study context stays the identity
     grader, model.grader = model.grader, None
     fusion, locations = predict(model, root, "train", study_ids=val_ids, cache_dir=cache_dir, progress=progress)
     model.grader = grader
