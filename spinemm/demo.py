@@ -1,8 +1,8 @@
 """`spinemm demo`: the whole product on the built-in phantom, end to end, on a CPU in minutes.
 
 phantom -> contrastive pretraining -> severity training (from the pretrained towers) -> the ROI
-grader (second stage, on crops of the original slices at the label points) -> held-out evaluation with the official score -> predictions with locations -> zero-shot check -> a report
-folder. The score is printed beside the phantom's prior-only score and oracle floor, so it says
+grader (second stage, on crops of the original slices at the label points) -> held-out evaluation
+with the official score -> predictions with locations -> zero-shot check -> a report folder. The score is printed beside the phantom's prior-only score and oracle floor, so it says
 where the model stands between "knows nothing" and "perfect".
 """
 

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .constants import CONDITIONS, LABEL_COLUMNS, LEVELS, TARGET_PLANE_INDEX
+from .constants import CONDITIONS, LABEL_COLUMNS, LEVELS, TARGET_PLANE_INDEX, target_index
 from .data.series import Series
 from .errors import SpineDataError, SpineModelError
 from .metrics import submission_frame
@@ -96,7 +96,6 @@ def grade_locations(model: torch.nn.Module, root: str | Path, split: str, locati
     from .data.tables import series_path
 
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    column = {name: i for i, name in enumerate(LABEL_COLUMNS)}
     probs, xy = np.full((len(locations), 3), np.nan), np.full((len(locations), 2), np.nan)
     instances = np.full(len(locations), -1, dtype=np.int64)
     located = locations.reset_index(drop=True)
@@ -122,7 +121,7 @@ def grade_locations(model: torch.nn.Module, root: str | Path, split: str, locati
                     continue
                 slices = np.array([i for i in index if i is not None], dtype=np.int64)
                 points = group[["x", "y"]].to_numpy(dtype=np.float64)[keep]
-                series_targets = torch.tensor([column[f"{c}_{lv}"] for c, lv in
+                series_targets = torch.tensor([target_index(c, lv) for c, lv in
                                                zip(group["condition"], group["level"], strict=True)])[keep]
                 series_crops, slices, points = _recentred_crops(model, series, slices, points, series_targets,
                                                                 queries, device)

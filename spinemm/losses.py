@@ -1,5 +1,8 @@
 """Training losses: severity (aligned with the official metric), location, and CLIP contrastive.
 
+``weighted_cross_entropy`` is the per-row part of it (one finding per row, weights 1 / 2 / 4),
+for the second stage's grader and its study context.
+
 ``severity_loss`` is the official score (DESIGN §2) written as a differentiable function of logits,
 so a batch's loss value is that batch's RSNA score (up to the metric's 1e-15 probability clip).
 """
@@ -38,6 +41,16 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
 def _zero(like: torch.Tensor) -> torch.Tensor:
     """A zero that still depends on ``like``, so backward() works on batches with nothing to learn."""
     return like.sum() * 0.0
+
+
+def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``sum(w * CE) / sum(w)`` over rows ``logits [N, K]``, ``labels [N]``, with ``w`` = 1 / 2 / 4 for
+    the true class, as the official score weights each row; ``-1`` labels are left out."""
+    logits, labels = _upcast(logits), labels.long()
+    valid = labels != MISSING_LABEL
+    safe = labels.clamp(min=0)
+    weights = torch.tensor(SEVERITY_WEIGHTS, dtype=logits.dtype, device=logits.device)[safe] * valid
+    return (F.cross_entropy(logits, safe, reduction="none") * weights).sum() / weights.sum()
 
 
 def severity_loss(logits: torch.Tensor, labels: torch.Tensor, any_severe_weight: float = 1.0) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from spinemm.errors import SpineModelError
-from spinemm.losses import clip_loss, location_loss, severity_loss
+from spinemm.losses import clip_loss, location_loss, severity_loss, weighted_cross_entropy
 from spinemm.metrics import rsna_score, solution_frame, submission_frame
 
 
@@ -181,3 +181,11 @@ def test_clip_loss_labels_make_same_class_columns_positives():
         -(soft * logits.log_softmax(1)).sum(1).mean() - (soft * logits.t().log_softmax(1)).sum(1).mean()
     )
     assert with_labels.item() == pytest.approx(by_hand.item(), abs=1e-5)
+
+
+def test_weighted_cross_entropy_weights_rows_by_class_and_skips_missing():
+    logits = torch.randn(6, 3, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1, 2, -1, 2, 0])
+    nll = -logits.log_softmax(-1)
+    expected = (nll[0, 0] + 2 * nll[1, 1] + 4 * nll[2, 2] + 4 * nll[4, 2] + nll[5, 0]) / (1 + 2 + 4 + 4 + 1)
+    torch.testing.assert_close(weighted_cross_entropy(logits, labels), expected)

@@ -29,11 +29,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..constants import NUM_TARGETS, SEVERITY_WEIGHTS
+from ..constants import NUM_TARGETS
 from ..errors import SpineModelError
+from ..losses import weighted_cross_entropy
 from .common import prepare_root, seed_everything, split_studies
 from .config import load_config, save_config
 from .engine import make_accelerator, make_scheduler
@@ -57,13 +57,6 @@ def val_solution(frame: pd.DataFrame, study_ids: list[int]) -> pd.DataFrame:
     rows = frame[frame["study_id"].isin(study_ids)]
     labels[rows["study_id"].map(position).to_numpy(), rows["target"].to_numpy()] = rows["label"].to_numpy()
     return solution_frame(study_ids, labels)
-
-
-def _weighted_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy weighted 1/2/4 by the true class and normalised by the weights, as the
-    official score weights each row."""
-    weights = torch.tensor(SEVERITY_WEIGHTS, dtype=logits.dtype, device=logits.device)[labels]
-    return (F.cross_entropy(logits, labels, reduction="none") * weights).sum() / weights.sum()
 
 
 def train_grader(config: dict[str, Any] | str | Path | None = None, overrides: Any = ()) -> dict[str, Any]:
@@ -128,7 +121,7 @@ def train_grader(config: dict[str, Any] | str | Path | None = None, overrides: A
             crops, offsets = (t.to(accelerator.device) for t in train_set.crops(index, generator))
             labels = train_set.labels[index].to(accelerator.device)
             out = wrapped(crops, queries[train_set.targets[index].to(queries.device)])
-            loss = _weighted_ce(out["logits"], labels) + _offset_loss(out["offset"], offsets)
+            loss = weighted_cross_entropy(out["logits"], labels) + _offset_loss(out["offset"], offsets)
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(wrapped.parameters(), float(config["optim"]["max_grad_norm"]))
             optimizer.step()
@@ -203,4 +196,4 @@ def _val_loss(model: torch.nn.Module, windows: Any, queries: torch.Tensor, batch
         crops, _ = windows.crops(index)
         logits.append(grader(crops.to(device), queries[windows.targets[index].to(device)])["logits"])
     grader.train(was_training)
-    return float(_weighted_ce(torch.cat(logits), windows.labels.to(device)))
+    return float(weighted_cross_entropy(torch.cat(logits), windows.labels.to(device)))

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
-from ..constants import LABEL_COLUMNS, LEVELS, SEVERITY_WEIGHTS
+from ..constants import LEVELS, target_index
+from ..losses import weighted_cross_entropy
 from ..models.grader import StudyContext
 
 __all__ = ["ValGrades", "val_grades", "fit_study_context", "cross_fitted"]
@@ -50,9 +50,8 @@ def val_grades(model: torch.nn.Module, root: str | Path, frame: pd.DataFrame, lo
 
     probs, _, _ = grade_locations(model, root, "train", locations, context=False, progress=progress)
     graded = np.flatnonzero(~np.isnan(probs[:, 0]))
-    column = {name: i for i, name in enumerate(LABEL_COLUMNS)}
     located = locations.iloc[graded]
-    targets = np.array([column[f"{c}_{lv}"] for c, lv in zip(located["condition"], located["level"], strict=True)])
+    targets = np.array([target_index(c, lv) for c, lv in zip(located["condition"], located["level"], strict=True)])
     studies = located["study_id"].to_numpy(dtype=np.int64)
     recorded = frame.set_index(["study_id", "target"])["label"]
     keys = pd.MultiIndex.from_arrays([studies, targets])
@@ -69,9 +68,7 @@ def fit_study_context(context: StudyContext, grades: ValGrades, subset: torch.Te
     keep = torch.ones(len(grades.labels), dtype=torch.bool) if subset is None else subset
     log_probs, levels, studies, labels = (t[keep] for t in (grades.log_probs, grades.levels, grades.studies,
                                                              grades.labels))
-    known = labels >= 0
-    weights = torch.tensor(SEVERITY_WEIGHTS)[labels.clamp_min(0)] * known
-    if not known.any():
+    if not (labels >= 0).any():
         return float("nan")
     params = list(context.parameters())
     optimizer = torch.optim.LBFGS(params, max_iter=200, line_search_fn="strong_wolfe")
@@ -79,8 +76,7 @@ def fit_study_context(context: StudyContext, grades: ValGrades, subset: torch.Te
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
         logits = context(log_probs, levels, studies)
-        nll = F.cross_entropy(logits, labels.clamp_min(0), reduction="none")
-        loss = (nll * weights).sum() / weights.sum() + l2 * sum((p ** 2).sum() for p in params)
+        loss = weighted_cross_entropy(logits, labels) + l2 * sum((p ** 2).sum() for p in params)
         loss.backward()
         return loss
 
