@@ -1,8 +1,9 @@
 """Kaggle-format predictions with locations for every study of an RSNA-layout folder.
 
 A model with an ROI grader (``SpineCLIP.add_grader``, trained by ``train_grader``) is run in two
-stages: the fusion model finds every (condition, level), then the grader grades a crop of the
-original slices at that point; rows it cannot grade keep the fusion model's probabilities.
+stages: the fusion model finds every (condition, level), the level locator (if the model has one,
+``spinemm.locate``) sharpens those points, then the grader grades a crop of the original slices at
+each; rows it cannot grade keep the fusion model's probabilities.
 
 Nothing is dropped: a study whose series is missing or unreadable still gets all 25 rows (the model
 sees that plane as missing, with a warning naming the series), and its location rows say NaN.
@@ -207,6 +208,10 @@ def predict(model: torch.nn.Module, root: str | Path, split: str = "test", *, ba
     order = _sample_submission_order(root, split) if study_ids is None else None
     predicted = [int(m["study_id"]) for m in result["meta"]]
     locations = locations_to_pixels(result["location"], result["confidence"], result["meta"])
+    if getattr(model, "locator", None) is not None:
+        from .locate import locate_levels
+
+        locations = locate_levels(model, root, split, locations, device=device, progress=progress)
     probs = result["probs"]
     if getattr(model, "grader", None) is not None:
         graded, xy, instances = grade_locations(model, root, split, locations, device=device, progress=progress)

@@ -1,4 +1,5 @@
-"""Training losses: severity (aligned with the official metric), location, and CLIP contrastive.
+"""Training losses: severity (aligned with the official metric), location, level heatmaps and CLIP
+contrastive.
 
 ``weighted_cross_entropy`` is the per-row part of it (one finding per row, weights 1 / 2 / 4),
 for the second stage's grader and its study context.
@@ -151,6 +152,46 @@ def location_loss(
     ey = (p.sum(dim=2) * ys).sum(dim=-1)  # expected y: marginal over rows
     l1 = ((ex - tgt[:, 1]).abs() + (ey - tgt[:, 2]).abs()).mean()
     return ce + coord_weight * l1
+
+
+def soft_cell_targets(points: torch.Tensor, grid: int) -> torch.Tensor:
+    """Points [M, 2] (x, y in [0, 1]) -> target distributions [M, grid * grid] over a square grid of
+    cells: each point's mass split bilinearly over the four cell centres around it, so the
+    target's expected position is the point itself (up to the border cells), not its cell's centre."""
+    u = (points.clamp(0, 1) * grid - 0.5).clamp(0, grid - 1)  # in cell-centre units
+    low = u.floor().clamp(max=grid - 2).long() if grid > 1 else torch.zeros_like(u, dtype=torch.long)
+    frac = (u - low).clamp(0, 1)
+    targets = points.new_zeros(points.shape[0], grid, grid)
+    rows = torch.arange(points.shape[0], device=points.device)
+    for dy in (0, 1):
+        for dx in (0, 1):
+            weight = (frac[:, 1] if dy else 1 - frac[:, 1]) * (frac[:, 0] if dx else 1 - frac[:, 0])
+            row, col = (low[:, 1] + dy).clamp(max=grid - 1), (low[:, 0] + dx).clamp(max=grid - 1)
+            targets.index_put_((rows, row, col), weight, accumulate=True)
+    return targets.flatten(1)
+
+
+def heatmap_loss(logits: torch.Tensor, points: torch.Tensor, mask: torch.Tensor, coord_weight: float = 1.0) -> torch.Tensor:
+    """Cross-entropy of heatmaps [N, K, g, g] against :func:`soft_cell_targets` of ``points [N, K, 2]``,
+    plus ``coord_weight`` x L1 between each map's soft-argmax and its point, over ``mask [N, K]``.
+
+    The level locator's loss. With one-hot cell targets (as :func:`location_loss`), a heatmap that
+    fits its training points sharpens onto one cell and decodes to the cell's centre, half a cell
+    off; split targets keep the position inside the cell.
+    """
+    if logits.ndim != 4 or logits.shape[-1] != logits.shape[-2] or points.shape != (*logits.shape[:2], 2):
+        raise SpineModelError(f"need logits [N, K, g, g] and points [N, K, 2], got {tuple(logits.shape)}, {tuple(points.shape)}")
+    mask = mask.bool()
+    if not bool(mask.any()):
+        return _zero(logits)
+    grid = logits.shape[-1]
+    log_probs = _upcast(logits[mask]).flatten(1).log_softmax(-1)  # [M, g * g]
+    target = _upcast(points[mask])
+    ce = -(soft_cell_targets(target, grid) * log_probs).sum(-1).mean()
+    probs = log_probs.exp().view(-1, grid, grid)
+    centres = (torch.arange(grid, device=probs.device, dtype=probs.dtype) + 0.5) / grid
+    expected = torch.stack([(probs.sum(1) * centres).sum(-1), (probs.sum(2) * centres).sum(-1)], dim=-1)
+    return ce + coord_weight * (expected - target).abs().sum(-1).mean()
 
 
 def clip_loss(

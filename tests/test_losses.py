@@ -1,4 +1,5 @@
-"""Severity loss equals the official score, location loss targets the right cell, CLIP loss behaves."""
+"""Severity loss equals the official score, location loss targets the right cell, heatmap loss keeps
+sub-cell positions, CLIP loss behaves."""
 
 from __future__ import annotations
 
@@ -9,7 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from spinemm.errors import SpineModelError
-from spinemm.losses import clip_loss, location_loss, severity_loss, weighted_cross_entropy
+from spinemm.losses import (
+    clip_loss,
+    heatmap_loss,
+    location_loss,
+    severity_loss,
+    soft_cell_targets,
+    weighted_cross_entropy,
+)
 from spinemm.metrics import rsna_score, solution_frame, submission_frame
 
 
@@ -189,3 +197,31 @@ def test_weighted_cross_entropy_weights_rows_by_class_and_skips_missing():
     nll = -logits.log_softmax(-1)
     expected = (nll[0, 0] + 2 * nll[1, 1] + 4 * nll[2, 2] + 4 * nll[4, 2] + nll[5, 0]) / (1 + 2 + 4 + 4 + 1)
     torch.testing.assert_close(weighted_cross_entropy(logits, labels), expected)
+
+
+def test_soft_cell_targets_keep_the_point_inside_its_cell():
+    points = torch.tensor([[0.31, 0.72], [0.5, 0.5], [0.9, 0.12]])
+    targets = soft_cell_targets(points, 8).view(-1, 8, 8)
+    centres = (torch.arange(8) + 0.5) / 8
+    torch.testing.assert_close(targets.sum((1, 2)), torch.ones(3))
+    torch.testing.assert_close((targets.sum(1) * centres).sum(-1), points[:, 0])  # expected x
+    torch.testing.assert_close((targets.sum(2) * centres).sum(-1), points[:, 1])  # expected y
+    assert int((targets[0] > 0).sum()) == 4  # split over the four surrounding cell centres
+
+
+def test_heatmap_loss_fits_a_sub_cell_position():
+    from spinemm.models.locator import decode_heatmaps
+
+    point = torch.tensor([[[0.37, 0.58]]])  # inside cell (2, 4) of 8, off its centre (0.3125, 0.5625)
+    logits = torch.zeros(1, 1, 8, 8, requires_grad=True)
+    optimizer = torch.optim.Adam([logits], lr=0.2)
+    for _ in range(300):
+        loss = heatmap_loss(logits, point, torch.ones(1, 1, dtype=torch.bool))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    xy, _ = decode_heatmaps(logits.detach())
+    torch.testing.assert_close(xy, point, atol=0.01, rtol=0)
+    with pytest.raises(SpineModelError, match="need logits"):
+        heatmap_loss(torch.zeros(1, 1, 8, 4), point, torch.ones(1, 1, dtype=torch.bool))
+    assert heatmap_loss(logits, point, torch.zeros(1, 1, dtype=torch.bool)).item() == 0.0

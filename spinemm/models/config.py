@@ -126,6 +126,22 @@ class GraderConfig:
 
 
 @dataclass
+class LocatorConfig:
+    """Second-stage localiser (``spinemm.models.locator``): a heatmap per disc level on whole
+    sagittal slices at ``size`` pixels, where the fusion model's coarse patch grid (about one cell
+    per disc on the tiny preset) confuses neighbouring levels. Off until
+    :meth:`SpineCLIP.add_locator` turns it on."""
+
+    enabled: bool = False
+    size: int = 96  # pixels each sagittal slice is resampled to; the heatmaps are size / 4 a side
+    context: int = 1  # neighbouring slices on each side (channels = 1 + 2 * context)
+    channels: tuple[int, ...] = (16, 32, 64, 96)  # conv stages, each halving the side
+
+    def __post_init__(self) -> None:
+        self.channels = tuple(int(c) for c in self.channels)  # JSON gives a list
+
+
+@dataclass
 class ModelConfig:
     """A whole :class:`~spinemm.models.spine_clip.SpineCLIP`: towers, fusion and preprocessing."""
 
@@ -138,11 +154,13 @@ class ModelConfig:
     text: TextConfig = field(default_factory=TextConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     grader: GraderConfig = field(default_factory=GraderConfig)
+    locator: LocatorConfig = field(default_factory=LocatorConfig)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
         """Strict parse: unknown keys raise :class:`SpineModelError` naming the key."""
-        sections = {"vision": VisionConfig, "text": TextConfig, "fusion": FusionConfig, "grader": GraderConfig}
+        sections = {"vision": VisionConfig, "text": TextConfig, "fusion": FusionConfig, "grader": GraderConfig,
+                    "locator": LocatorConfig}
         top = _check_keys(cls, data, "")
         for key, sub in sections.items():
             if key in top:

@@ -62,12 +62,16 @@ class LocationHead(nn.Module):
         return logits[:, torch.arange(q.shape[1], device=q.device), query_plane]
 
 
-def decode_location(loc_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_location(loc_logits: torch.Tensor, radius: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """loc_logits [B, Q, S, h, w] -> (location [B, Q, 3] = (slice, x, y), confidence [B, Q]).
 
     The slice is the argmax of the slice marginal (a float in [0, S)); x and y are the soft-argmax
     of the patch distribution within that slice, at patch centres, normalised to [0, 1].
     The confidence is the probability mass of the chosen slice.
+
+    ``radius``: take the soft-argmax only over the ``(2 radius + 1)`` square of cells around the
+    slice's peak, so a distribution split between two places (two neighbouring discs) gives one of
+    them rather than the midpoint; the confidence is then the mass of that square.
     """
     *lead, s, h, w = loc_logits.shape
     probs = loc_logits.flatten(-3).softmax(-1).view(*lead, s, h, w)
@@ -77,6 +81,14 @@ def decode_location(loc_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     within = (
         probs.gather(-3, index).squeeze(-3) / confidence.clamp_min(1e-12)[..., None, None]
     )  # [B, Q, h, w]
+    if radius is not None:
+        peak = within.flatten(-2).argmax(-1)
+        near_row = ((torch.arange(h, device=peak.device) - (peak // w)[..., None]).abs() <= radius)[..., :, None]
+        near_col = ((torch.arange(w, device=peak.device) - (peak % w)[..., None]).abs() <= radius)[..., None, :]
+        within = within * (near_row & near_col)
+        mass = within.sum(dim=(-1, -2))
+        within = within / mass.clamp_min(1e-12)[..., None, None]
+        confidence = confidence * mass
     xs = (torch.arange(w, device=loc_logits.device, dtype=probs.dtype) + 0.5) / w
     ys = (torch.arange(h, device=loc_logits.device, dtype=probs.dtype) + 0.5) / h
     x = (within.sum(-2) * xs).sum(-1)

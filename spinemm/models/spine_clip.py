@@ -30,10 +30,11 @@ from ..constants import NUM_CLASSES, PLANES, TARGET_PLANE_INDEX
 from ..errors import SpineModelError
 from ..text import QUERY_TEXTS
 from .base import SliceEncoder
-from .config import GraderConfig, ModelConfig
+from .config import ModelConfig
 from .fusion import QueryDecoder, SlicePlaneEmbedding
 from .grader import ROIGrader
 from .heads import LocationHead, SeverityHead, crop_at, decode_location, pool_at_location
+from .locator import LevelLocator
 from .towers import TextTower
 
 CONFIG_NAME = "config.json"
@@ -83,6 +84,8 @@ class SpineCLIP(nn.Module):
         self.location_head = LocationHead(dim, config.fusion.loc_dim)
         # Second stage, off until add_grader: grades crops of the original slices (predict() runs it).
         self.grader = ROIGrader(config.grader, dim, NUM_CLASSES) if config.grader.enabled else None
+        # Second-stage localiser, off until add_locator: disc levels on whole sagittal slices.
+        self.locator = LevelLocator(config.locator) if config.locator.enabled else None
 
     # ------------------------------------------------------------------------------- properties
     @property
@@ -227,14 +230,19 @@ class SpineCLIP(nn.Module):
         """Turn on the second stage: a fresh :class:`~spinemm.models.grader.ROIGrader` built from
         ``GraderConfig`` fields (``side_mm``, ``size``, ``context``, ``backbone``, ...), recorded in
         ``config.grader`` so :meth:`save_pretrained` / ``load_model`` keep it."""
-        try:
-            self.config.grader = dataclasses.replace(self.config.grader, **options, enabled=True)
-        except TypeError as err:
-            valid = sorted(f.name for f in dataclasses.fields(GraderConfig))
-            raise SpineModelError(f"add_grader: {err}; valid options: {valid}") from None
+        self._enable("grader", options)
         device = next(self.parameters()).device
         self.grader = ROIGrader(self.config.grader, self.config.fusion.dim, NUM_CLASSES).to(device)
         return self.grader
+
+    def _enable(self, section: str, options: dict[str, Any]) -> None:
+        """Set ``config.<section>`` to its current fields updated by ``options``, with enabled=True."""
+        current = getattr(self.config, section)
+        try:
+            setattr(self.config, section, dataclasses.replace(current, **options, enabled=True))
+        except TypeError as err:
+            valid = sorted(f.name for f in dataclasses.fields(current))
+            raise SpineModelError(f"add_{section}: {err}; valid options: {valid}") from None
 
     def grade(self, crops: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         """The grader on ROI crops [N, C, size, size] (``spinemm.data.roi``), each for label column
@@ -252,6 +260,14 @@ class SpineCLIP(nn.Module):
     def grade_with(self, crops: torch.Tensor, targets: torch.Tensor, queries: torch.Tensor) -> dict[str, torch.Tensor]:
         """:meth:`grade` with the query embeddings of :meth:`grader_queries` already computed."""
         return self.grader(crops, queries[targets.to(queries.device)])
+
+    def add_locator(self, **options: Any) -> LevelLocator:
+        """Turn on the level locator: a fresh :class:`~spinemm.models.locator.LevelLocator` built
+        from ``LocatorConfig`` fields (``size``, ``context``, ``channels``), recorded in
+        ``config.locator`` so :meth:`save_pretrained` / ``load_model`` keep it."""
+        self._enable("locator", options)
+        self.locator = LevelLocator(self.config.locator).to(next(self.parameters()).device)
+        return self.locator
 
     # -------------------------------------------------------------------------------- save/load
     def save_pretrained(self, directory: str | os.PathLike) -> Path:

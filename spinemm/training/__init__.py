@@ -19,6 +19,7 @@ _LAZY = {
     "pretrain_clip": "spinemm.training.pretrain",
     "train_grader": "spinemm.training.grader",
     "fit_study_context": "spinemm.training.study_context",
+    "fit_locator": "spinemm.training.locator",
     "compare_backbones": "spinemm.training.compare",
     "evaluate_model": "spinemm.training.evaluate",
     "severity_metrics": "spinemm.training.evaluate",

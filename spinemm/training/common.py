@@ -121,6 +121,14 @@ def make_datasets(root: Path, frame: Any, train_ids: list[int], val_ids: list[in
     return train, val
 
 
+def epoch_shard(n: int, accelerator: Any, generator: torch.Generator) -> torch.Tensor:
+    """This process's share of a random order of ``n`` items: every process gets the same count
+    (``n // num_processes``, so DDP steps stay in lockstep), the processes' shares are disjoint."""
+    world = accelerator.num_processes
+    order = torch.randperm(n, generator=generator)[: (n // world) * world]
+    return order[accelerator.process_index::world]
+
+
 def seed_everything(seed: int) -> None:
     """Same initial weights on every process (DDP would broadcast them anyway)."""
     from accelerate.utils import set_seed

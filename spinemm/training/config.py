@@ -25,7 +25,7 @@ import yaml
 from ..errors import SpineModelError
 
 #: Every key the recipes read, with its default. Sections: model, data, split, train, optim, lora,
-#: checkpoint, log, pretrain, grader, compare; plus top-level output_dir, init_from, resume.
+#: checkpoint, log, pretrain, grader, locator, compare; plus top-level output_dir, init_from, resume.
 DEFAULTS: dict[str, Any] = {
     "output_dir": "runs/severity",
     "init_from": None,  # a model dir (e.g. pretrain_clip's output/model) to start from
@@ -96,6 +96,14 @@ DEFAULTS: dict[str, Any] = {
         "shift": 0.2,  # largest crop shift, a fraction of the crop side (about the localiser's error)
         "slice_jitter": 1,  # largest shift in original slices
         "model": {},  # GraderConfig options: side_mm, size, context, backbone, channels, study_context
+    },
+    "locator": {  # the level locator on whole sagittal slices, trained first by train_grader
+        "epochs": 20,  # 0: no locator (the grader reads the fusion model's locations as they are)
+        "lr": 3.0e-3,
+        "weight_decay": 1.0e-4,
+        "batch_size": 32,
+        "shift": 0.1,  # largest random shift of a training slice, a fraction of its side
+        "model": {},  # LocatorConfig options: size, context, channels
     },
     "compare": {  # recipes/compare_backbones.py
         "output_dir": "runs/compare",

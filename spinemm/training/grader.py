@@ -1,7 +1,9 @@
 """Second stage: train the ROI grader on crops of the original slices at the label points.
 
 ``train_grader(config)`` is what ``recipes/train_grader.py`` runs. It loads the fusion model from
-``init_from`` (``train_severity``'s ``best/`` or ``model/``), freezes it, adds a grader
+``init_from`` (``train_severity``'s ``best/`` or ``model/``), freezes it, first trains a level
+locator on the labelled sagittal slices when ``locator.epochs`` > 0
+(:mod:`spinemm.training.locator`), then adds a grader
 (``SpineCLIP.add_grader`` with ``grader.model`` options) and trains only the grader on
 :class:`~spinemm.data.roi.ROIWindows` of the training studies. Every crop is shifted at random by
 up to ``grader.shift`` of its side and ``grader.slice_jitter`` slices, about the fusion model's own
@@ -14,8 +16,9 @@ Outputs under ``grader.output_dir``::
 
     config.yaml      the resolved config
     model/           save_pretrained of the fusion model + grader (spinemm.load_model reads it)
-    metrics.json     per-epoch history; val scores of the fusion model alone (fusion_score), the
-                     grader without (grader_score) and with its study context (score)
+    metrics.json     per-epoch history (and locator_history); val scores of the fusion model alone
+                     (fusion_score), the grader without (grader_score) and with its study context
+                     (score); the locator's val errors (locator_val_median_mm, locator_val_within_5mm)
 """
 
 from __future__ import annotations
@@ -34,9 +37,10 @@ from tqdm.auto import tqdm
 from ..constants import NUM_TARGETS
 from ..errors import SpineModelError
 from ..losses import weighted_cross_entropy
-from .common import prepare_root, seed_everything, split_studies
+from .common import epoch_shard, prepare_root, seed_everything, split_studies
 from .config import load_config, save_config
 from .engine import make_accelerator, make_scheduler
+from .locator import fit_locator
 
 # L1 weights of the offset (x, y in fractions of the crop side, ~0.1; slice in slices, ~1), which
 # put each on about the footing of the cross-entropy.
@@ -87,6 +91,11 @@ def train_grader(config: dict[str, Any] | str | Path | None = None, overrides: A
     model = load_model(config["init_from"])
     model.requires_grad_(False)
     model.eval()  # the frozen fusion model and text tower stay in eval mode (dropout off)
+    located: dict[str, Any] = {"history": [], "metrics": {}}
+    if int(config["locator"]["epochs"]) > 0:
+        located = fit_locator(model, root, frame, train_ids, val_ids, config["locator"], accelerator, seed, progress)
+        model.locator.requires_grad_(False)
+        model.locator.eval()
     grader = model.add_grader(**(options["model"] or {}))
     cfg = model.config.grader
     window_args = {"side_mm": cfg.side_mm, "size": cfg.size, "context": cfg.context, "progress": progress}
@@ -112,8 +121,7 @@ def train_grader(config: dict[str, Any] | str | Path | None = None, overrides: A
     generator = torch.Generator().manual_seed(seed)
     for epoch in range(1, epochs + 1):
         wrapped.train()
-        order = torch.randperm(len(train_set), generator=generator)[: per_process * world]
-        local = order[accelerator.process_index::world]
+        local = epoch_shard(len(train_set), accelerator, generator)
         total = 0.0
         bar = tqdm(range(0, len(local), batch_size), desc=f"grader epoch {epoch}/{epochs}", disable=not progress)
         for start in bar:
@@ -135,13 +143,16 @@ def train_grader(config: dict[str, Any] | str | Path | None = None, overrides: A
     if best_state is not None:
         grader.load_state_dict(best_state)
 
-    result: dict[str, Any] = {"output_dir": output_dir, "model_dir": output_dir / "model", "history": history}
+    result: dict[str, Any] = {"output_dir": output_dir, "model_dir": output_dir / "model", "history": history,
+                              "locator_history": located["history"]}
     if accelerator.is_main_process:
         result["metrics"] = {**_fit_and_score(model, root, frame, val_ids, config["data"]["cache_dir"], progress),
+                             **located["metrics"],
                              "best_val_loss": best_loss, "train_rows": len(train_set), "val_rows": len(val_set),
                              "skipped_rows": train_set.skipped + val_set.skipped}
         model.save_pretrained(output_dir / "model")
-        (output_dir / "metrics.json").write_text(json.dumps({**result["metrics"], "history": history}, indent=2))
+        (output_dir / "metrics.json").write_text(json.dumps({**result["metrics"], "history": history,
+                                                             "locator_history": located["history"]}, indent=2))
     accelerator.wait_for_everyone()
     return result
 

@@ -1,0 +1,86 @@
+"""Whole sagittal slices with the disc-level points labelled on them: the level locator's input.
+
+- :func:`locator_input`: one slice and its neighbours, resampled to a square (``LevelLocator``'s
+  input, the same at training and inference).
+- :class:`LevelSlices`: every labelled sagittal slice of some studies, with the (x, y) of each level
+  labelled on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..constants import CONDITION_PLANE, LEVELS, PLANES
+from ..errors import SpineDataError
+from .dicom import read_series
+from .roi import normalized_volume
+from .tables import series_path
+
+__all__ = ["locator_input", "LevelSlices"]
+
+#: Conditions read on a sagittal series, whose points the locator learns.
+SAGITTAL_CONDITIONS: tuple[str, ...] = tuple(c for c, plane in CONDITION_PLANE.items() if plane.startswith("Sagittal"))
+
+
+def locator_input(volume: torch.Tensor, index: int, context: int, size: int) -> torch.Tensor:
+    """Slice ``index`` of ``volume [S, H, W]`` (in [0, 1]) with ``context`` neighbours on each side
+    (clamped to the stack), resampled to ``[1 + 2 * context, size, size]``. The whole field of view
+    is kept, so normalised coordinates (x / W, y / H) are the same before and after."""
+    depth = volume.shape[0]
+    slices = np.clip(int(index) + np.arange(-context, context + 1), 0, depth - 1)
+    image = volume[torch.from_numpy(slices)].float()[None]
+    antialias = max(image.shape[-2:]) > size  # average, not skip, pixels when shrinking a 512 slice
+    return F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False, antialias=antialias)[0]
+
+
+class LevelSlices:
+    """Every labelled sagittal slice of ``study_ids``: one sample per (study, condition, series,
+    instance), holding the levels labelled on that slice.
+
+    Attributes: ``slices [N, 1 + 2 * context, size, size]`` float16, ``points [N, 5, 2]`` (x / W,
+    y / H of each level, 0 where unlabelled), ``mask [N, 5]`` (level labelled), ``planes [N]`` (the
+    series' index in ``PLANES``) and ``mm_per_unit [N, 2]`` (the field of view in mm across x and y,
+    to turn normalised errors into millimetres). Series paths come from validated integer ids.
+    """
+
+    def __init__(self, root: str | Path, frame: pd.DataFrame, study_ids: Sequence[int], *, size: int,
+                 context: int = 1, split: str = "train", progress: bool = True) -> None:
+        rows = frame[frame["study_id"].isin([int(s) for s in study_ids])
+                     & frame["condition"].isin(SAGITTAL_CONDITIONS) & frame["instance_number"].notna()]
+        slices, points, masks, planes, mm = [], [], [], [], []
+        groups = rows.groupby(["study_id", "series_id"], sort=True)
+        for (study_id, series_id), group in tqdm(groups, desc="locator slices", unit="series", disable=not progress):
+            path = series_path(root, split, int(study_id), int(series_id))
+            series = read_series(path)
+            volume = normalized_volume(series)
+            height, width = volume.shape[-2:]
+            for (condition, instance), labelled in group.groupby(["condition", "instance_number"], sort=True):
+                index = series.instance_to_index.get(int(instance))
+                if index is None:
+                    raise SpineDataError(f"{path}: no slice with InstanceNumber {int(instance)} "
+                                         f"(train_label_coordinates.csv, study {study_id}, {condition})")
+                point, mask = np.zeros((len(LEVELS), 2), np.float32), np.zeros(len(LEVELS), bool)
+                for row in labelled.itertuples(index=False):
+                    level = LEVELS.index(row.level)
+                    point[level], mask[level] = (row.x / width, row.y / height), True
+                slices.append(locator_input(volume, index, context, size).to(torch.float16))
+                points.append(point)
+                masks.append(mask)
+                planes.append(PLANES.index(CONDITION_PLANE[condition]))
+                mm.append((width * series.pixel_spacing[1], height * series.pixel_spacing[0]))
+        channels = 1 + 2 * int(context)
+        self.slices = torch.stack(slices) if slices else torch.zeros(0, channels, size, size, dtype=torch.float16)
+        self.points = torch.tensor(np.array(points, dtype=np.float32).reshape(-1, len(LEVELS), 2))
+        self.mask = torch.tensor(np.array(masks, dtype=bool).reshape(-1, len(LEVELS)))
+        self.planes = torch.tensor(planes, dtype=torch.long)
+        self.mm_per_unit = torch.tensor(np.array(mm, dtype=np.float32).reshape(-1, 2))
+
+    def __len__(self) -> int:
+        return int(self.planes.shape[0])

@@ -1,0 +1,153 @@
+"""The level locator: heatmap decoding, the net, its data, its training and locate_levels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import spinemm
+from spinemm.constants import LEVELS, PLANES
+from spinemm.data import load_tables, read_series, series_path
+from spinemm.data.level_slices import SAGITTAL_CONDITIONS, LevelSlices, locator_input
+from spinemm.errors import SpineModelError
+from spinemm.locate import axial_slices_from_canal, locate_levels
+from spinemm.models.heads import decode_location
+from spinemm.models.locator import LOCATOR_PLANES
+from spinemm.training.locator import augment, evaluate_locator, fit_locator
+
+T1, T2 = PLANES.index("Sagittal T1"), PLANES.index("Sagittal T2/STIR")
+
+
+def test_decode_with_radius_picks_one_mode_not_the_midpoint():
+    logits = torch.full((1, 1, 1, 8, 8), -30.0)
+    logits[0, 0, 0, 2, 4] = 0.0  # two equal-ish peaks two rows apart: rows 2 and 4, column 4
+    logits[0, 0, 0, 4, 4] = -0.1
+    (_, x, y), = decode_location(logits)[0][0]
+    assert y == pytest.approx((3 + 0.5) / 8, abs=0.02)  # the global soft-argmax lands between them
+    location, confidence = decode_location(logits, radius=1)
+    assert location[0, 0, 2] == pytest.approx((2 + 0.5) / 8, abs=1e-4)  # the local one on the higher peak
+    assert location[0, 0, 1] == pytest.approx((4 + 0.5) / 8, abs=1e-4)
+    assert confidence[0, 0] == pytest.approx(1 / (1 + np.exp(-0.1)), abs=1e-3)  # mass of that square
+
+
+def test_locator_is_off_until_added_and_survives_save_load(tmp_path):
+    torch.manual_seed(0)
+    model = spinemm.create_model("spine-tiny", num_slices=4).eval()
+    assert model.locator is None
+    with pytest.raises(SpineModelError, match="valid options"):
+        model.add_locator(pixels=64)
+    model.add_locator(size=32, channels=[8, 16, 16]).eval()
+    slices, planes = torch.rand(3, 3, 32, 32), torch.tensor([T1, T2, T1])
+    heatmaps = model.locator(slices, planes)
+    assert heatmaps.shape == (3, len(LEVELS), 8, 8)
+    # The plane picks its own maps: the same slice read as T1 and as T2 differs.
+    assert not torch.allclose(heatmaps[0], model.locator(slices[:1], torch.tensor([T2]))[0])
+    model.save_pretrained(tmp_path / "m")
+    loaded = spinemm.load_model(tmp_path / "m").eval()
+    assert loaded.config.locator.enabled and loaded.config.locator.channels == (8, 16, 16)
+    torch.testing.assert_close(loaded.locator(slices, planes), heatmaps, rtol=0, atol=0)
+    with pytest.raises(SpineModelError, match="locator slices must be"):
+        model.locator(torch.rand(2, 3, 48, 48), planes[:2])
+    with pytest.raises(SpineModelError, match="sagittal planes"):
+        model.locator(slices[:1], torch.tensor([PLANES.index("Axial T2")]))
+    with pytest.raises(SpineModelError, match="multiple of 4"):
+        spinemm.create_model("spine-tiny").add_locator(size=30)
+
+
+def test_locator_input_keeps_normalised_coordinates():
+    volume = torch.zeros(3, 60, 40)
+    volume[1, 45, 10] = 1.0  # y / H = 0.758, x / W = 0.262 at pixel centres
+    image = locator_input(volume, 1, context=1, size=20)
+    assert image.shape == (3, 20, 20) and image[0].sum() == 0 and image[2].sum() == 0
+    row, col = np.unravel_index(int(image[1].argmax()), (20, 20))
+    assert (row + 0.5) / 20 == pytest.approx((45 + 0.5) / 60, abs=1 / 20)
+    assert (col + 0.5) / 20 == pytest.approx((10 + 0.5) / 40, abs=1 / 20)
+
+
+def test_level_slices_hold_every_labelled_sagittal_point(phantom_root):
+    frame = load_tables(phantom_root, "train")
+    studies = sorted(frame.study_id.unique())[:2]
+    data = LevelSlices(phantom_root, frame, studies, size=32, progress=False)
+    rows = frame[frame.study_id.isin(studies) & frame.condition.isin(SAGITTAL_CONDITIONS) & frame.instance_number.notna()]
+    assert len(data) == rows.groupby(["study_id", "condition", "instance_number"]).ngroups
+    assert int(data.mask.sum()) == len(rows)
+    assert set(data.planes.tolist()) <= set(LOCATOR_PLANES) and data.slices.shape[1:] == (3, 32, 32)
+    # Points are the label coordinates over the image size.
+    row = rows.iloc[0]
+    shape = read_series(series_path(phantom_root, "train", row.study_id, row.series_id)).volume.shape[-2:]
+    expected = (row.x / shape[1], row.y / shape[0])
+    assert any(np.allclose(p, expected, atol=1e-6) for p in data.points[data.mask].numpy())
+
+
+def test_augment_moves_points_with_the_image():
+    slices = torch.zeros(2, 1, 40, 40)
+    slices[0, 0, 10, 20] = slices[1, 0, 30, 5] = 1.0
+    points = torch.tensor([[[20.5 / 40, 10.5 / 40]] * 5, [[5.5 / 40, 30.5 / 40]] * 5])
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    moved, new_points, new_mask = augment(slices, points, mask, shift=0.2, generator=torch.Generator().manual_seed(1))
+    for i in range(2):
+        if new_mask[i, 0]:
+            row, col = np.unravel_index(int(moved[i, 0].argmax()), (40, 40))
+            assert (col + 0.5) / 40 == pytest.approx(float(new_points[i, 0, 0]), abs=1.5 / 40)
+            assert (row + 0.5) / 40 == pytest.approx(float(new_points[i, 0, 1]), abs=1.5 / 40)
+        else:  # pushed out of view
+            assert not ((new_points[i, 0] >= 0) & (new_points[i, 0] < 1)).all()
+
+
+@pytest.fixture(scope="module")
+def trained_locator(phantom_root):
+    """A tiny model whose locator has learned the phantom's training slices (memorised)."""
+    from accelerate import Accelerator
+
+    torch.manual_seed(0)
+    model = spinemm.create_model("spine-tiny", num_slices=4, **{"vision.image_size": 32})
+    frame = load_tables(phantom_root, "train")
+    studies = sorted(frame.study_id.unique().tolist())
+    options = {"epochs": 40, "lr": 3e-3, "weight_decay": 1e-4, "batch_size": 8, "shift": 0.0,
+               "model": {"size": 48, "channels": [16, 32, 32]}}
+    result = fit_locator(model, phantom_root, frame, studies, studies, options, Accelerator(cpu=True), seed=0,
+                         progress=False)
+    return model.eval(), frame, result
+
+
+def test_fit_locator_learns_the_level_points(trained_locator, phantom_root):
+    model, frame, result = trained_locator
+    history = result["history"]
+    assert len(history) == 40 and history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]
+    metrics = result["metrics"]
+    assert metrics["locator_val_within_5mm"] > 0.8, metrics  # on the slices it trained on
+    untrained = spinemm.create_model("spine-tiny", num_slices=4)
+    untrained.add_locator(size=48, channels=[16, 32, 32])
+    data = LevelSlices(phantom_root, frame, sorted(frame.study_id.unique()), size=48, progress=False)
+    assert evaluate_locator(untrained.locator, data)["val_within_5mm"] < 0.3
+
+
+def test_locate_levels_moves_sagittal_rows_to_the_labels(trained_locator, phantom_root):
+    model, frame, _ = trained_locator
+    truth = frame[frame.instance_number.notna()]
+    # Fusion-like locations: the labelled series and slices, but every point at the image centre.
+    locations = truth[["study_id", "condition", "level", "series_id", "instance_number"]].assign(
+        x=32.0, y=32.0, confidence=0.5)
+    locations["instance_number"] = locations["instance_number"].astype("Int64")
+    located = locate_levels(model, phantom_root, "train", locations, progress=False)
+    assert len(located) == len(locations) and (located.index == locations.index).all()
+    sagittal = located.condition.isin(SAGITTAL_CONDITIONS)
+    error = np.hypot(located.x - truth.x, located.y - truth.y)[sagittal]  # pixels of 64 (~4.7 mm)
+    assert (error < 2).mean() > 0.8
+    assert (located.confidence[sagittal] != 0.5).all()
+
+
+def test_axial_slices_follow_the_canal_point(phantom_root):
+    frame = load_tables(phantom_root, "train")
+    truth = frame[frame.instance_number.notna()]
+    locations = truth[["study_id", "condition", "level", "series_id", "instance_number", "x", "y"]].copy()
+    locations["instance_number"] = locations["instance_number"].astype("Int64")
+    axial = locations.condition.str.contains("subarticular")
+    wrong = locations.copy()
+    wrong.loc[axial, "instance_number"] = 1  # every axial row on the first slice
+    moved = axial_slices_from_canal(phantom_root, "train", wrong)
+    off = (moved.instance_number[axial].astype(int) - truth.instance_number[axial].astype(int)).abs()
+    assert (off <= 1).mean() > 0.9 and (off == 0).mean() > 0.6
+    pd.testing.assert_frame_equal(moved[~axial], wrong[~axial])  # sagittal rows untouched
