@@ -1,9 +1,11 @@
 """`spinemm demo`: the whole product on the built-in phantom, end to end, on a CPU in minutes.
 
-phantom -> contrastive pretraining -> severity training (from the pretrained towers) -> the ROI
-grader (second stage, on crops of the original slices at the label points) -> held-out evaluation
-with the official score -> predictions with locations -> zero-shot check -> a report folder. The score is printed beside the phantom's prior-only score and oracle floor, so it says
-where the model stands between "knows nothing" and "perfect".
+phantom -> contrastive pretraining -> severity training (from the pretrained towers) -> the second
+stage (the level locator on sagittal slices, then the ROI grader on crops of the original slices
+at the label points) -> held-out evaluation with the official score -> predictions with
+locations -> zero-shot check -> a report folder. The score is printed beside the phantom's
+prior-only score and oracle floor, so it says where the model stands between "knows nothing" and
+"perfect".
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from .text import severity_prompts
 
 #: Settings of the full demo; ``quick`` shrinks them for smoke tests.
 DEMO = {"n_studies": 160, "n_test": 40, "phantom_size": 96, "image_size": 64, "num_slices": 8,
-        "pretrain_epochs": 6, "epochs": 12, "grader_epochs": 45, "batch_size": 4, "lr": 2e-3}
+        "pretrain_epochs": 6, "epochs": 12, "locator_epochs": 15, "grader_epochs": 45, "batch_size": 4,
+        "lr": 2e-3}
 QUICK = {"n_studies": 8, "n_test": 3, "phantom_size": 48, "image_size": 32, "num_slices": 4,
-         "pretrain_epochs": 1, "epochs": 1, "grader_epochs": 1, "batch_size": 4, "lr": 2e-3}
+         "pretrain_epochs": 1, "epochs": 1, "locator_epochs": 1, "grader_epochs": 1, "batch_size": 4,
+         "lr": 2e-3}
 
 
 def demo_config(out: Path, settings: dict[str, Any], seed: int) -> dict[str, Any]:
@@ -44,6 +48,7 @@ def demo_config(out: Path, settings: dict[str, Any], seed: int) -> dict[str, Any
         "pretrain": {"output_dir": str(out / "pretrain"), "epochs": settings["pretrain_epochs"],
                      "crops_per_study": 12},
         "grader": {"output_dir": str(out / "grader"), "epochs": settings["grader_epochs"]},
+        "locator": {"epochs": settings["locator_epochs"]},
     }
 
 
@@ -109,7 +114,7 @@ def run_demo(out: str | Path = "demo_out", n_studies: int | None = None, seed: i
     trained = train_severity(config)
     fusion_dir = trained["best_dir"] or trained["model_dir"]
 
-    print("[4/6] ROI grader on crops of the original slices (second stage)")
+    print("[4/6] second stage: level locator on sagittal slices, ROI grader on crops of the original slices")
     graded = train_grader({**config, "init_from": str(fusion_dir)})
     model_dir = graded["model_dir"]
     model = load_model(model_dir)
@@ -148,6 +153,7 @@ def run_demo(out: str | Path = "demo_out", n_studies: int | None = None, seed: i
         f"| {score:.4f} | {fusion_score:.4f} | {prior:.4f} | {oracle:.4f} | {gap_closed:.0%} |", "",
         f"Zero-shot severity prompts on {zero_shot['n_crops']} held-out ROI crops: balanced accuracy "
         f"{zero_shot['balanced_accuracy']:.3f} (chance {zero_shot['chance']:.3f}).", "",
+        *_locator_lines(graded.get("metrics") or {}),
         "```", format_metrics(metrics), "```", "",
         "![confusion matrix](confusion_matrix.png)", "![training curves](training_curves.png)",
         *[f"![locations]({p.name})" for p in overlays],
@@ -157,5 +163,16 @@ def run_demo(out: str | Path = "demo_out", n_studies: int | None = None, seed: i
     print(f"\nofficial score {score:.4f}   prior-only {prior:.4f}   oracle floor {oracle:.4f}   "
           f"gap closed {gap_closed:.0%}   (fusion model alone {fusion_score:.4f})")
     print(f"zero-shot balanced accuracy {zero_shot['balanced_accuracy']:.3f} (chance {zero_shot['chance']:.3f})")
+    for line in filter(None, _locator_lines(graded.get("metrics") or {})):
+        print(line)
     print(f"report: {report}   ({summary['seconds']:.0f} s)")
     return summary
+
+
+def _locator_lines(metrics: dict[str, Any]) -> list[str]:
+    """The level locator's validation error, when it was trained and there were val slices."""
+    median, within = metrics.get("locator_val_median_mm"), metrics.get("locator_val_within_5mm")
+    if median is None or not np.isfinite(median):
+        return []
+    return [f"Level locator on the validation studies' labelled sagittal levels: median error {median:.1f} mm, "
+            f"{within:.0%} within 5 mm.", ""]

@@ -79,9 +79,11 @@ def test_pretrain_then_lora_finetune(phantom_root, tmp_path):
     graded = _recipe("train_grader").main(["--config", str(RECIPES / "configs" / "tiny.yaml"), *SMALL,
                                           f"data.root={phantom_root}", f"init_from={sev_out / 'model'}",
                                           f"grader.output_dir={tmp_path / 'grader'}", "grader.epochs=1",
-                                          "grader.model.size=16"])
+                                          "grader.model.size=16", "locator.epochs=2", "locator.model.size=32"])
     assert graded["metrics"]["score"] > 0 and graded["metrics"]["fusion_score"] > 0
-    assert spinemm.load_model(tmp_path / "grader" / "model").config.grader.size == 16
+    assert len(graded["locator_history"]) == 2 and graded["metrics"]["locator_val_median_mm"] > 0
+    two_stage = spinemm.load_model(tmp_path / "grader" / "model")
+    assert two_stage.config.grader.size == 16 and two_stage.config.locator.size == 32
     assert (tmp_path / "grader" / "config.yaml").is_file()
     with pytest.raises(spinemm.SpineModelError, match="init_from"):
         _recipe("train_severity").main([*SMALL, f"data.root={phantom_root}", f"output_dir={tmp_path / 'x'}",
