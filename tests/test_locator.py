@@ -151,3 +151,26 @@ def test_axial_slices_follow_the_canal_point(phantom_root):
     off = (moved.instance_number[axial].astype(int) - truth.instance_number[axial].astype(int)).abs()
     assert (off <= 1).mean() > 0.9 and (off == 0).mean() > 0.6
     pd.testing.assert_frame_equal(moved[~axial], wrong[~axial])  # sagittal rows untouched
+
+
+def test_height_prior_centres_each_level_on_its_canal_point(phantom_root):
+    from spinemm.locate import _height_prior, _StudySeries
+
+    frame = load_tables(phantom_root, "train")
+    truth = frame[frame.instance_number.notna()]
+    study = truth.study_id.iloc[0]
+    canal = truth[(truth.study_id == study) & (truth.condition == "spinal_canal_stenosis")]
+    foramen = truth[(truth.study_id == study) & (truth.condition == "left_neural_foraminal_narrowing")]
+    series = _StudySeries(phantom_root, "train", study)
+    t1 = series(foramen.series_id.iloc[0])
+    grid, height = 16, t1.volume.shape[-2]
+    prior = _height_prior(canal, series, t1, grid, sd_mm=12.0)
+    assert prior.shape == (len(LEVELS), grid, grid)
+    assert torch.equal(prior[..., 0], prior[..., -1])  # a height prior: the same along each row
+    peak_rows = (prior[..., 0].argmax(-1).float() + 0.5) / grid * height  # pixels of the T1 slice
+    anchored = set(canal.level)
+    for row in foramen[foramen.level.isin(anchored)].itertuples():
+        # the foramen sits beside its disc: within one cell (4 px, ~19 mm here) of its canal's height
+        assert abs(float(peak_rows[LEVELS.index(row.level)]) - row.y) < height / grid, row.level
+    for level in set(LEVELS) - anchored:  # no canal point: no prior
+        assert torch.equal(prior[LEVELS.index(level)], torch.zeros(grid, grid))
