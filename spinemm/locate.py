@@ -10,7 +10,7 @@
   whose point falls outside the axial stack (a stack that does not cover that level) keep the
   fusion model's slice, as do rows without a located canal point.
 
-The slice choice and the in-plane axial point stay the fusion model's; the grader's offset head
+The sagittal slice and the in-plane axial point stay the fusion model's; the grader's offset head
 re-centres them afterwards.
 """
 

@@ -50,7 +50,7 @@ def fit_locator(model: torch.nn.Module, root: Path, frame: pd.DataFrame, train_i
     batch_size, world, epochs = int(options["batch_size"]), accelerator.num_processes, int(options["epochs"])
     per_process = len(train_set) // world
     steps_per_epoch = max(1, math.ceil(per_process / batch_size))
-    scheduler = make_scheduler(optimizer, epochs * steps_per_epoch, 0.1)
+    scheduler = make_scheduler(optimizer, epochs * steps_per_epoch, 0.1)  # 10% warmup, then cosine
     wrapped, optimizer, scheduler = accelerator.prepare(locator, optimizer, scheduler)
 
     history, best_loss, best_state, kept = [], math.inf, None, {}
