@@ -174,3 +174,20 @@ def test_height_prior_centres_each_level_on_its_canal_point(phantom_root):
         assert abs(float(peak_rows[LEVELS.index(row.level)]) - row.y) < height / grid, row.level
     for level in set(LEVELS) - anchored:  # no canal point: no prior
         assert torch.equal(prior[LEVELS.index(level)], torch.zeros(grid, grid))
+
+
+def test_locate_levels_leaves_an_unreadable_series_as_it_was(trained_locator, phantom_root):
+    model, frame, _ = trained_locator
+    truth = frame[frame.instance_number.notna()]
+    locations = truth[["study_id", "condition", "level", "series_id", "instance_number", "x", "y"]].assign(confidence=0.5)
+    locations["instance_number"] = locations["instance_number"].astype("Int64")
+    study = int(locations.study_id.iloc[0])
+    broken = (locations.study_id == study) & (locations.condition == "spinal_canal_stenosis")
+    locations.loc[broken, "series_id"] = 999_999_999  # no such folder
+    with pytest.warns(UserWarning, match=f"study {study} series 999999999: not located"):
+        located = locate_levels(model, phantom_root, "train", locations, progress=False)
+    pd.testing.assert_frame_equal(located[broken], locations[broken])
+    assert len(located) == len(locations)  # nothing dropped
+    # Without a canal point its axial rows keep their slices.
+    axial = (locations.study_id == study) & locations.condition.str.contains("subarticular")
+    assert (located.instance_number[axial] == locations.instance_number[axial]).all()
