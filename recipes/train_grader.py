@@ -7,9 +7,9 @@
 The fusion model in ``init_from`` stays frozen. First the level locator trains on the labelled
 sagittal slices (``locator.*`` keys; ``locator.epochs=0`` skips it), then the grader on crops of
 the original slices at the label points (``grader.*`` keys; ``grader.model.*`` sets its
-architecture, e.g. ``grader.model.side_mm=50``). Outputs under ``grader.output_dir``: ``config.yaml``, ``model/`` (the
-two-stage model, for ``spinemm predict``) and ``metrics.json`` with the validation score of the
-fusion model alone and of both stages, at predicted locations.
+architecture, e.g. ``grader.model.side_mm=50``). Outputs under ``grader.output_dir``:
+``config.yaml``, ``model/`` (the two-stage model, for ``spinemm predict``) and ``metrics.json``
+with the validation score of the fusion model alone and of both stages, at predicted locations.
 """
 
 from __future__ import annotations

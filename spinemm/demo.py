@@ -125,9 +125,10 @@ def run_demo(out: str | Path = "demo_out", n_studies: int | None = None, seed: i
     locations.to_csv(report / "locations.csv", index=False)
     solution = pd.read_csv(root / "solution.csv")
     metrics = evaluate_frames(solution, submission)
-    grader, model.grader = model.grader, None  # the first stage alone, to show what the grader adds
+    # the first stage alone, to show what the second adds
+    second_stage, (model.locator, model.grader) = (model.locator, model.grader), (None, None)
     fusion_submission, _ = predict(model, root, split="test", cache_dir=out / "cache", progress=False)
-    model.grader = grader
+    model.locator, model.grader = second_stage
     fusion_score = rsna_score(solution, fusion_submission)
 
     print("[6/6] report")

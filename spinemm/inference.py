@@ -11,7 +11,6 @@ sees that plane as missing, with a warning naming the series), and its location 
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -93,8 +92,7 @@ def grade_locations(model: torch.nn.Module, root: str | Path, split: str, locati
     slice's InstanceNumber; NaN (-1) for rows without a location or whose series cannot be read
     (with a warning naming the series).
     """
-    from .data.dicom import read_series
-    from .data.tables import series_path
+    from .data.roi import StudySeries
 
     device = torch.device(device) if device is not None else next(model.parameters()).device
     probs, xy = np.full((len(locations), 3), np.nan), np.full((len(locations), 2), np.nan)
@@ -110,11 +108,10 @@ def grade_locations(model: torch.nn.Module, root: str | Path, split: str, locati
             # Re-centre series by series, then grade the whole study at once (a study-context
             # grader reads each finding beside the rest of its study).
             crops, targets, rows = [], [], []
+            study_series = StudySeries(root, split, study_id, "graded")
             for series_id, group in study.groupby("series_id", sort=False):
-                try:
-                    series = read_series(series_path(root, split, int(study_id), int(series_id)))
-                except (SpineDataError, OSError) as err:
-                    warnings.warn(f"study {study_id} series {series_id}: not graded ({err})", stacklevel=2)
+                series = study_series(series_id)
+                if series is None:
                     continue
                 index = [series.instance_to_index.get(int(i)) for i in group["instance_number"]]
                 keep = np.array([i is not None for i in index])
@@ -124,8 +121,8 @@ def grade_locations(model: torch.nn.Module, root: str | Path, split: str, locati
                 points = group[["x", "y"]].to_numpy(dtype=np.float64)[keep]
                 series_targets = torch.tensor([target_index(c, lv) for c, lv in
                                                zip(group["condition"], group["level"], strict=True)])[keep]
-                series_crops, slices, points = _recentred_crops(model, series, slices, points, series_targets,
-                                                                queries, device)
+                series_crops, slices, points = _recentred_crops(model, series, study_series.volume(series_id), slices,
+                                                                points, series_targets, queries, device)
                 rows.append(group.index.to_numpy()[keep])
                 crops.append(series_crops)
                 targets.append(series_targets)
@@ -142,15 +139,15 @@ def grade_locations(model: torch.nn.Module, root: str | Path, split: str, locati
     return probs, xy, instances
 
 
-def _recentred_crops(model: torch.nn.Module, series: Series, slices: np.ndarray, points: np.ndarray,
-                     targets: torch.Tensor, queries: torch.Tensor,
+def _recentred_crops(model: torch.nn.Module, series: Series, volume: torch.Tensor, slices: np.ndarray,
+                     points: np.ndarray, targets: torch.Tensor, queries: torch.Tensor,
                      device: torch.device) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """Crops of one series at (slice, x, y), moved ``grader.refine`` times by the offset head;
-    returns ``(crops [N, C, size, size], slices, points)`` at the final positions."""
-    from .data.roi import crop_roi, normalized_volume
+    """Crops of one series (``volume``: its normalized volume) at (slice, x, y), moved
+    ``grader.refine`` times by the offset head; returns ``(crops [N, C, size, size], slices,
+    points)`` at the final positions."""
+    from .data.roi import crop_roi
 
     cfg = model.config.grader
-    volume = normalized_volume(series)
     offsets = range(-cfg.context, cfg.context + 1)
     side_px = np.array([cfg.side_mm / series.pixel_spacing[1], cfg.side_mm / series.pixel_spacing[0]])
 

@@ -16,7 +16,6 @@ re-centres them afterwards.
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,35 +24,15 @@ import torch
 from tqdm.auto import tqdm
 
 from .constants import CONDITION_PLANE, LEVELS, PLANES
-from .data.dicom import read_series
 from .data.level_slices import locator_input
-from .data.roi import normalized_volume
+from .data.roi import StudySeries
 from .data.series import Series, map_point
-from .data.tables import series_path
-from .errors import SpineDataError, SpineModelError
+from .errors import SpineModelError
 from .models.locator import decode_heatmaps
 
 __all__ = ["locate_levels", "axial_slices_from_canal"]
 
 CANAL = "spinal_canal_stenosis"
-
-
-class _StudySeries:
-    """The series of one study, read once each; ``None`` (with a warning) for one that cannot be read."""
-
-    def __init__(self, root: str | Path, split: str, study_id: int) -> None:
-        self.root, self.split, self.study_id = root, split, int(study_id)
-        self.cache: dict[int, Series | None] = {}
-
-    def __call__(self, series_id: int) -> Series | None:
-        series_id = int(series_id)
-        if series_id not in self.cache:
-            try:
-                self.cache[series_id] = read_series(series_path(self.root, self.split, self.study_id, series_id))
-            except (SpineDataError, OSError) as err:
-                warnings.warn(f"study {self.study_id} series {series_id}: not located ({err})", stacklevel=4)
-                self.cache[series_id] = None
-        return self.cache[series_id]
 
 
 @torch.no_grad()
@@ -82,7 +61,7 @@ def locate_levels(model: torch.nn.Module, root: str | Path, split: str, location
     try:
         for study_id, study in tqdm(located.groupby("study_id", sort=False), desc="level locator", unit="study",
                                     disable=not progress):
-            series = _StudySeries(root, split, study_id)
+            series = StudySeries(root, split, study_id, "located")
             canal = study[study["condition"] == CANAL]
             _locate_sagittal(locator, canal, series, out, device)
             anchors = out.loc[canal.index] if prior_mm else None
@@ -94,7 +73,7 @@ def locate_levels(model: torch.nn.Module, root: str | Path, split: str, location
     return out
 
 
-def _locate_sagittal(locator: torch.nn.Module, rows: pd.DataFrame, series: _StudySeries, out: pd.DataFrame,
+def _locate_sagittal(locator: torch.nn.Module, rows: pd.DataFrame, series: StudySeries, out: pd.DataFrame,
                      device: torch.device, anchors: pd.DataFrame | None = None, prior_mm: float | None = None) -> None:
     """Run the locator once per (series, instance) of ``rows``; write each row's level point.
     With ``anchors`` (located canal rows), weigh each level's heatmap by :func:`_height_prior`."""
@@ -105,7 +84,7 @@ def _locate_sagittal(locator: torch.nn.Module, rows: pd.DataFrame, series: _Stud
         index = None if found is None else found.instance_to_index.get(int(instance))
         if index is None:
             continue
-        inputs.append(locator_input(normalized_volume(found), index, cfg.context, cfg.size))
+        inputs.append(locator_input(series.volume(series_id), index, cfg.context, cfg.size))
         groups.append(group)
         planes.append(PLANES.index(CONDITION_PLANE[group["condition"].iloc[0]]))
         found_series.append(found)
@@ -124,7 +103,7 @@ def _locate_sagittal(locator: torch.nn.Module, rows: pd.DataFrame, series: _Stud
         out.loc[group.index, "confidence"] = conf[level]
 
 
-def _height_prior(anchors: pd.DataFrame, series: _StudySeries, target: Series, grid: int,
+def _height_prior(anchors: pd.DataFrame, series: StudySeries, target: Series, grid: int,
                   sd_mm: float) -> torch.Tensor:
     """Log-weights [5, grid, grid] over ``target``'s heatmap cells: a Gaussian in the row direction
     around where each level's canal point lies in ``target`` (0 for a level without one)."""
@@ -150,11 +129,11 @@ def axial_slices_from_canal(root: str | Path, split: str, locations: pd.DataFram
     located = out[(out["series_id"] >= 0) & out["instance_number"].notna()]
     for study_id, study in tqdm(located.groupby("study_id", sort=False), desc="axial slices", unit="study",
                                 disable=not progress):
-        _axial_from_canal(study, _StudySeries(root, split, study_id), out)
+        _axial_from_canal(study, StudySeries(root, split, study_id, "located"), out)
     return out
 
 
-def _axial_from_canal(study: pd.DataFrame, series: _StudySeries, out: pd.DataFrame) -> None:
+def _axial_from_canal(study: pd.DataFrame, series: StudySeries, out: pd.DataFrame) -> None:
     """Set each axial row's instance to the axial slice through its level's (located) canal point."""
     canal = study[study["condition"] == CANAL].set_index("level")
     axial = study[study["condition"].map(CONDITION_PLANE) == "Axial T2"]

@@ -154,14 +154,15 @@ def test_axial_slices_follow_the_canal_point(phantom_root):
 
 
 def test_height_prior_centres_each_level_on_its_canal_point(phantom_root):
-    from spinemm.locate import _height_prior, _StudySeries
+    from spinemm.data.roi import StudySeries
+    from spinemm.locate import _height_prior
 
     frame = load_tables(phantom_root, "train")
     truth = frame[frame.instance_number.notna()]
     study = truth.study_id.iloc[0]
     canal = truth[(truth.study_id == study) & (truth.condition == "spinal_canal_stenosis")]
     foramen = truth[(truth.study_id == study) & (truth.condition == "left_neural_foraminal_narrowing")]
-    series = _StudySeries(phantom_root, "train", study)
+    series = StudySeries(phantom_root, "train", study, "located")
     t1 = series(foramen.series_id.iloc[0])
     grid, height = 16, t1.volume.shape[-2]
     prior = _height_prior(canal, series, t1, grid, sd_mm=12.0)

@@ -15,13 +15,9 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..constants import CONDITION_PLANE, LEVELS, PLANES
-from ..errors import SpineDataError
-from .dicom import read_series
-from .roi import normalized_volume
-from .tables import series_path
+from .roi import label_slice, labelled_volumes
 
 __all__ = ["locator_input", "LevelSlices"]
 
@@ -55,17 +51,10 @@ class LevelSlices:
         rows = frame[frame["study_id"].isin([int(s) for s in study_ids])
                      & frame["condition"].isin(SAGITTAL_CONDITIONS) & frame["instance_number"].notna()]
         slices, points, masks, planes, mm = [], [], [], [], []
-        groups = rows.groupby(["study_id", "series_id"], sort=True)
-        for (study_id, series_id), group in tqdm(groups, desc="locator slices", unit="series", disable=not progress):
-            path = series_path(root, split, int(study_id), int(series_id))
-            series = read_series(path)
-            volume = normalized_volume(series)
+        for study_id, path, series, volume, group in labelled_volumes(root, split, rows, "locator slices", progress):
             height, width = volume.shape[-2:]
             for (condition, instance), labelled in group.groupby(["condition", "instance_number"], sort=True):
-                index = series.instance_to_index.get(int(instance))
-                if index is None:
-                    raise SpineDataError(f"{path}: no slice with InstanceNumber {int(instance)} "
-                                         f"(train_label_coordinates.csv, study {study_id}, {condition})")
+                index = label_slice(series, path, instance, study_id, condition)
                 point, mask = np.zeros((len(LEVELS), 2), np.float32), np.zeros(len(LEVELS), bool)
                 for row in labelled.itertuples(index=False):
                     level = LEVELS.index(row.level)

@@ -11,11 +11,17 @@ on the finding, with a side fixed in millimetres so every scanner's crop covers 
 - :class:`ROIWindows`: every labelled point of some studies, cut once with a margin in space and
   slices, so training draws shifted crops (the jitter that makes the grader tolerate the first
   stage's location errors) without decoding a DICOM again.
+- :func:`labelled_volumes` / :func:`label_slice`: the labelled series of some studies, each read
+  and windowed once, and a label's slice in one (for ``ROIWindows`` and the locator's
+  ``LevelSlices``).
+- :class:`StudySeries`: one study's series at inference, each read and windowed once; an
+  unreadable one is skipped with a warning naming it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +36,7 @@ from .series import Series
 from .tables import series_path
 from .transforms import intensity_window, to_unit_range
 
-__all__ = ["normalized_volume", "crop_roi", "ROIWindows"]
+__all__ = ["normalized_volume", "crop_roi", "ROIWindows", "labelled_volumes", "label_slice", "StudySeries"]
 
 
 def normalized_volume(series: Series) -> torch.Tensor:
@@ -88,16 +94,9 @@ class ROIWindows:
         offsets = range(-reach, reach + 1)
         outer = self.size + 2 * self.pad
         windows, targets, labels, studies = [], [], [], []
-        groups = rows.groupby(["study_id", "series_id"], sort=False)
-        for (study_id, series_id), group in tqdm(groups, desc="ROI windows", unit="series", disable=not progress):
-            path = series_path(root, split, int(study_id), int(series_id))
-            series = read_series(path)
-            volume = normalized_volume(series)
+        for study_id, path, series, volume, group in labelled_volumes(root, split, rows, "ROI windows", progress):
             for row in group.itertuples(index=False):
-                index = series.instance_to_index.get(int(row.instance_number))
-                if index is None:
-                    raise SpineDataError(f"{path}: no slice with InstanceNumber {int(row.instance_number)} "
-                                         f"(train_label_coordinates.csv, study {study_id}, {row.column})")
+                index = label_slice(series, path, row.instance_number, study_id, row.column)
                 window = crop_roi(volume, series.pixel_spacing, index, row.x, row.y,
                                   side_mm * outer / self.size, outer, offsets)
                 windows.append(window.to(torch.float16))
@@ -129,3 +128,51 @@ class ROIWindows:
                              (dy[:, None] + side)[:, None, :, None], (dx[:, None] + side)[:, None, None, :]].float()
         xy = torch.stack([self.pad - dx, self.pad - dy], dim=-1).float() / self.size
         return crops, torch.cat([xy, (self.slice_jitter - dk).float()[:, None]], dim=-1)
+
+
+def labelled_volumes(root: str | Path, split: str, rows: pd.DataFrame, desc: str,
+                     progress: bool = True) -> Iterator[tuple[int, Path, Series, torch.Tensor, pd.DataFrame]]:
+    """``(study_id, path, series, normalized volume, rows of that series)`` for each (study, series)
+    of the label ``rows``, in sorted order; each series is read once, from validated integer ids."""
+    groups = rows.groupby(["study_id", "series_id"], sort=True)
+    for (study_id, series_id), group in tqdm(groups, desc=desc, unit="series", disable=not progress):
+        path = series_path(root, split, int(study_id), int(series_id))
+        series = read_series(path)
+        yield int(study_id), path, series, normalized_volume(series), group
+
+
+def label_slice(series: Series, path: Path, instance: float, study_id: int, what: str) -> int:
+    """The slice index of a label's InstanceNumber, or a :class:`SpineDataError` naming the series."""
+    index = series.instance_to_index.get(int(instance))
+    if index is None:
+        raise SpineDataError(f"{path}: no slice with InstanceNumber {int(instance)} "
+                             f"(train_label_coordinates.csv, study {study_id}, {what})")
+    return index
+
+
+class StudySeries:
+    """The series of one study at inference, each read and windowed (:func:`normalized_volume`)
+    once. A series that cannot be read is ``None``, with a warning that names it and says what was
+    not done (``action``: "graded", "located")."""
+
+    def __init__(self, root: str | Path, split: str, study_id: int, action: str) -> None:
+        self.root, self.split, self.study_id, self.action = root, split, int(study_id), action
+        self._series: dict[int, Series | None] = {}
+        self._volumes: dict[int, torch.Tensor] = {}
+
+    def __call__(self, series_id: int) -> Series | None:
+        series_id = int(series_id)
+        if series_id not in self._series:
+            try:
+                self._series[series_id] = read_series(series_path(self.root, self.split, self.study_id, series_id))
+            except (SpineDataError, OSError) as err:
+                warnings.warn(f"study {self.study_id} series {series_id}: not {self.action} ({err})", stacklevel=3)
+                self._series[series_id] = None
+        return self._series[series_id]
+
+    def volume(self, series_id: int) -> torch.Tensor:
+        """The normalized volume of a series that :meth:`__call__` read."""
+        series_id = int(series_id)
+        if series_id not in self._volumes:
+            self._volumes[series_id] = normalized_volume(self._series[series_id])
+        return self._volumes[series_id]

@@ -55,10 +55,6 @@ class LevelLocator(nn.Module):
         self.head = nn.Sequential(nn.Conv2d(channels[1], channels[1], 3, padding=1), nn.ReLU(inplace=True),
                                   nn.Conv2d(channels[1], len(LOCATOR_PLANES) * len(LEVELS), 1))
 
-    @property
-    def grid(self) -> int:
-        return self.config.size // 4
-
     def forward(self, slices: torch.Tensor, plane: torch.Tensor) -> torch.Tensor:
         expected = 1 + 2 * int(self.config.context)
         size = self.config.size
