@@ -155,21 +155,21 @@ class Run:
     accelerator: Any
     output_dir: Path
     root: Path
+    frame: Any  # load_tables(root, "train")
     train_ids: list[int]
     val_ids: list[int]
     model: torch.nn.Module
-    train_loader: Any
-    sampler: Any
-    val_loader: Any
+    train_loader: Any = None
+    sampler: Any = None
+    val_loader: Any = None
 
 
-def setup_run(config: dict[str, Any]) -> Run:
+def start_run(config: dict[str, Any]) -> Run:
     """Accelerator, resolved config saved beside the outputs, seeded RNGs, the data root (a phantom
-    written first when asked), the study split, the model and the train/val loaders."""
-    from ..data.dataset import collate
+    written first when asked), the label tables, the study split and the model; no loaders yet."""
     from ..data.tables import load_tables
     from .config import save_config
-    from .engine import make_accelerator, make_loader
+    from .engine import make_accelerator
 
     output_dir = Path(config["output_dir"])
     accelerator = make_accelerator(config, output_dir)
@@ -179,14 +179,22 @@ def setup_run(config: dict[str, Any]) -> Run:
     root = prepare_root(config, accelerator)
     frame = load_tables(root, "train")
     train_ids, val_ids = split_studies(frame, config)
-    model = build_model(config)
-    train_set, val_set = make_datasets(root, frame, train_ids, val_ids, model, config)
+    return Run(config, accelerator, output_dir, root, frame, train_ids, val_ids, build_model(config))
+
+
+def setup_run(config: dict[str, Any]) -> Run:
+    """:func:`start_run` plus the train/val loaders of whole studies (:class:`~spinemm.data.SpineDataset`)."""
+    from ..data.dataset import collate
+    from .engine import make_loader
+
+    run = start_run(config)
+    train_set, val_set = make_datasets(run.root, run.frame, run.train_ids, run.val_ids, run.model, config)
     data, seed = config["data"], int(config["train"]["seed"])
-    train_loader, sampler = make_loader(train_set, int(data["batch_size"]), collate, seed, shuffle=True,
-                                        num_workers=int(data["num_workers"]))
-    val_loader, _ = make_loader(val_set, int(data["eval_batch_size"] or data["batch_size"]), collate, seed,
-                                shuffle=False, num_workers=int(data["num_workers"]))
-    return Run(config, accelerator, output_dir, root, train_ids, val_ids, model, train_loader, sampler, val_loader)
+    run.train_loader, run.sampler = make_loader(train_set, int(data["batch_size"]), collate, seed, shuffle=True,
+                                                num_workers=int(data["num_workers"]))
+    run.val_loader, _ = make_loader(val_set, int(data["eval_batch_size"] or data["batch_size"]), collate, seed,
+                                    shuffle=False, num_workers=int(data["num_workers"]))
+    return run
 
 
 def prepare_training(run: Run, module: torch.nn.Module) -> tuple[torch.nn.Module, Any, Any]:
@@ -197,8 +205,9 @@ def prepare_training(run: Run, module: torch.nn.Module) -> tuple[torch.nn.Module
 
     accelerator, optim = run.accelerator, run.config["optim"]
     optimizer = make_optimizer(module, optim)
-    module, optimizer, run.train_loader, run.val_loader = accelerator.prepare(
-        module, optimizer, run.train_loader, run.val_loader)
+    module, optimizer, run.train_loader = accelerator.prepare(module, optimizer, run.train_loader)
+    if run.val_loader is not None:
+        run.val_loader = accelerator.prepare(run.val_loader)
     _, total = budget(run.config, len(run.train_loader), accelerator.gradient_accumulation_steps)
     scheduler = accelerator.prepare(make_scheduler(optimizer, total, float(optim["warmup_ratio"])))
     return module, optimizer, scheduler

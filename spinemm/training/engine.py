@@ -44,10 +44,17 @@ EvalFn = Callable[[torch.nn.Module], dict[str, Any]]
 
 class EpochSampler(Sampler[int]):
     """Indices of one epoch: a permutation seeded by ``(seed, epoch)`` (or in order), so the order of
-    any epoch can be rebuilt on resume and is the same on every process."""
+    any epoch can be rebuilt on resume and is the same on every process. With ``weights`` an epoch
+    is ``len(data)`` draws with replacement, each index drawn in proportion to its weight (e.g. the
+    inverse frequency of its class, for class-balanced batches)."""
 
-    def __init__(self, data: Sized, seed: int = 0, shuffle: bool = True) -> None:
+    def __init__(self, data: Sized, seed: int = 0, shuffle: bool = True,
+                 weights: torch.Tensor | None = None) -> None:
         self.n, self.seed, self.shuffle, self.epoch = len(data), int(seed), shuffle, 0
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        if self.weights is not None and (self.weights.shape != (self.n,) or not bool((self.weights >= 0).all())
+                                         or float(self.weights.sum()) <= 0):
+            raise SpineModelError(f"sampler weights must be {self.n} non-negative numbers, not all zero")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -56,6 +63,8 @@ class EpochSampler(Sampler[int]):
         if not self.shuffle:
             return iter(range(self.n))
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        if self.weights is not None:
+            return iter(torch.multinomial(self.weights, self.n, replacement=True, generator=gen).tolist())
         return iter(torch.randperm(self.n, generator=gen).tolist())
 
     def __len__(self) -> int:
@@ -63,9 +72,9 @@ class EpochSampler(Sampler[int]):
 
 
 def make_loader(dataset: Any, batch_size: int, collate_fn: Callable, seed: int, shuffle: bool,
-                num_workers: int = 0) -> tuple[DataLoader, EpochSampler]:
+                num_workers: int = 0, weights: torch.Tensor | None = None) -> tuple[DataLoader, EpochSampler]:
     """A DataLoader over :class:`EpochSampler` with its own generator (see the module docstring)."""
-    sampler = EpochSampler(dataset, seed=seed, shuffle=shuffle)
+    sampler = EpochSampler(dataset, seed=seed, shuffle=shuffle, weights=weights)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn,
                         num_workers=num_workers, generator=torch.Generator().manual_seed(seed),
                         pin_memory=torch.cuda.is_available())
