@@ -1,9 +1,11 @@
 """Contrastive pretraining of the dual encoder on ROI crops paired with severity prompts.
 
-Each labelled (study, condition, level) gives a crop of the condition's plane slice around the label
-coordinate and one severity prompt (``spinemm.text.severity_prompts``); a class-aware CLIP loss
-keeps same-severity pairs from being negatives. The result is a model dir to pass on as
-``init_from`` to ``train_severity.py``, or to use for zero-shot scoring.
+Each labelled (study, condition, level) gives a crop of the original slice around the label point,
+``model.config.roi_side_mm`` wide (``pretrain.side_mm`` overrides it), and one severity prompt
+(``spinemm.text.severity_prompts``); a class-aware CLIP loss keeps same-severity pairs from being
+negatives, and batches are class balanced. The result is a model dir to pass on as ``init_from``
+to ``train_severity.py``, or to use for zero-shot scoring of crops cut the same way
+(``spinemm.zero_shot.crop_finding``).
 
     python recipes/pretrain_clip.py --config recipes/configs/tiny.yaml pretrain.epochs=2
     accelerate launch --config_file recipes/accelerate/single_gpu.yaml \\
@@ -28,8 +30,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     result = pretrain_clip(config_from_argv(argv))
     if result["metrics"]:
         m = result["metrics"]
-        PartialState().print(f"val contrastive loss {m['score']:.4f}  zero-shot accuracy {m['zero_shot_accuracy']:.3f}  "
-              f"model -> {result['model_dir']}")
+        PartialState().print(f"val contrastive loss {m['score']:.4f}  zero-shot balanced accuracy "
+                             f"{m['zero_shot_balanced_accuracy']:.3f} (chance 0.333)  model -> {result['model_dir']}")
     return result
 
 

@@ -19,8 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .constants import CONDITIONS, LEVELS, SEVERITIES
-from .text import severity_prompts
+from .constants import SEVERITIES
 
 #: Settings of the full demo; ``quick`` shrinks them for smoke tests.
 DEMO = {"n_studies": 160, "n_test": 40, "phantom_size": 96, "image_size": 64, "num_slices": 8,
@@ -45,38 +44,35 @@ def demo_config(out: Path, settings: dict[str, Any], seed: int) -> dict[str, Any
         "optim": {"lr": settings["lr"], "warmup_ratio": 0.1},
         "checkpoint": {"every_steps": 10_000, "keep_last": 1},
         "log": {"tensorboard": False, "progress": True},
-        "pretrain": {"output_dir": str(out / "pretrain"), "epochs": settings["pretrain_epochs"],
-                     "crops_per_study": 12},
+        "pretrain": {"output_dir": str(out / "pretrain"), "epochs": settings["pretrain_epochs"]},
         "grader": {"output_dir": str(out / "grader"), "epochs": settings["grader_epochs"]},
         "locator": {"epochs": settings["locator_epochs"]},
     }
 
 
 def zero_shot_check(model: torch.nn.Module, config: dict[str, Any]) -> dict[str, Any]:
-    """Severity prompts vs ROI crops of the held-out (val) studies, scored with zero_shot_classify."""
-    from .data.dataset import collate
+    """Severity prompts vs finding crops of the held-out (val) studies, scored with zero_shot_classify.
+
+    The crops are cut as pretraining cut them (``training.pretrain.finding_windows``: the original
+    slice, ``model.config.roi_side_mm`` wide, centred on the label point)."""
     from .data.tables import load_tables
     from .metrics import classification_report
-    from .training.common import make_datasets, split_studies
-    from .training.pretrain import roi_pairs
+    from .training.common import split_studies
+    from .training.pretrain import finding_windows, target_prompts
     from .zero_shot import zero_shot_classify
 
     root = Path(config["data"]["root"])
     frame = load_tables(root, "train")
-    train_ids, val_ids = split_studies(frame, config)
-    _, val_set = make_datasets(root, frame, train_ids, val_ids, model, {**config, "data": {**config["data"], "augment": False}})
-    crop_size = max(4, round(0.25 * model.preprocess_cfg["image_size"]))
-    labels, probs = [], []
-    for i in range(len(val_set)):
-        pairs = roi_pairs(collate([val_set[i]]), crop_size, per_study=None, random_template=False)
-        for t in pairs["target"].unique().tolist():
-            rows = pairs["target"] == t
-            prompts = severity_prompts(CONDITIONS[t // len(LEVELS)], LEVELS[t % len(LEVELS)])
-            probs.append(zero_shot_classify(model, pairs["crops"][rows], prompts))
-            labels.append(pairs["severity"][rows].numpy())
-    report = classification_report(np.concatenate(labels), np.concatenate(probs))
+    _, val_ids = split_studies(frame, config)
+    windows = finding_windows(root, frame, val_ids, model, config["pretrain"], train=False, progress=False)
+    crops, _ = windows.crops(torch.arange(len(windows)))
+    probs = torch.zeros(len(windows), len(SEVERITIES))
+    for t in windows.targets.unique().tolist():
+        rows = windows.targets == t
+        probs[rows] = zero_shot_classify(model, crops[rows], target_prompts(t))
+    report = classification_report(windows.labels.numpy(), probs.numpy())
     return {"balanced_accuracy": report["balanced_accuracy"], "accuracy": report["accuracy"],
-            "chance": 1 / len(SEVERITIES), "n_crops": int(sum(len(x) for x in labels))}
+            "chance": 1 / len(SEVERITIES), "n_crops": len(windows)}
 
 
 def run_demo(out: str | Path = "demo_out", n_studies: int | None = None, seed: int = 0,
@@ -106,7 +102,7 @@ def run_demo(out: str | Path = "demo_out", n_studies: int | None = None, seed: i
                         image_size=settings["phantom_size"])
     info = json.loads((root / "phantom_info.json").read_text())
 
-    print("[2/6] contrastive pretraining of the dual encoder on (ROI crop, severity prompt) pairs")
+    print("[2/6] contrastive pretraining of the dual encoder on (finding crop, severity prompt) pairs")
     pretrained = pretrain_clip({**config, "init_from": None})
     zero_shot = zero_shot_check(load_model(pretrained["model_dir"]), config)
 

@@ -150,6 +150,9 @@ class ModelConfig:
     num_slices: int = 16
     channels: str = "2.5d"
     logit_scale_init: float = math.log(1 / 0.07)
+    # Side, in patient mm, of the finding crops the dual encoder is contrastively pretrained on
+    # (recipes/pretrain_clip.py); zero-shot crops should be cut the same way (spinemm.zero_shot).
+    roi_side_mm: float = 60.0
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)

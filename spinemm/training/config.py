@@ -83,8 +83,11 @@ DEFAULTS: dict[str, Any] = {
         "output_dir": "runs/pretrain",
         "epochs": None,  # null -> train.epochs
         "lr": None,  # null -> optim.lr
-        "crop_fraction": 0.25,  # ROI side as a fraction of the plane image side
-        "crops_per_study": 8,  # labelled (condition, level) ROIs drawn per study and step
+        "side_mm": None,  # finding crop side in patient mm; null = the model's roi_side_mm (saved with it)
+        "crop_size": None,  # pixels the crop is cut at; null = the vision tower's input size
+        "shift": 0.1,  # largest random shift of a training crop, a fraction of its side
+        "batch_size": 64,  # (crop, prompt) pairs per process and step
+        "balanced": True,  # draw pairs in inverse proportion to their severity's frequency
         "positives": "severity",  # severity: same-severity pairs are positives | text: same prompt | pair
     },
     "grader": {  # recipes/train_grader.py: the ROI grader on crops of the original slices

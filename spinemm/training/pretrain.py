@@ -1,15 +1,22 @@
-"""Contrastive pretraining of the dual encoder on (ROI crop, severity prompt) pairs.
+"""Contrastive pretraining of the dual encoder on (finding crop, severity prompt) pairs.
 
-Every labelled (study, condition, level) with a coordinate gives one pair: a crop of the condition's
-plane at the labelled slice, centred on the label coordinate (:func:`spinemm.zero_shot.crop_roi`),
-and one template of :func:`spinemm.text.severity_prompts` for its condition, level and severity.
+Every labelled (study, condition, level) with a coordinate gives one pair: a crop of the ORIGINAL
+slice around the label point, with a side of ``model.config.roi_side_mm`` millimetres, and a random
+template of :func:`spinemm.text.severity_prompts` for its condition, level and severity. Crops come
+from :class:`~spinemm.data.roi.ROIWindows` (each series read once), shifted at random by up to
+``pretrain.shift`` of the side. Why the original slices: a canal that narrows by a few millimetres
+is a pixel or two in the fusion model's resampled stacks. On the demo phantom, crops of the 64 px
+stacks left zero-shot at chance (balanced accuracy 0.36, chance 0.33) and the contrastive loss flat;
+crops of the original slices learn (see ``benchmarks/RESULTS.md``).
+
 The loss is :func:`spinemm.losses.clip_loss`, class-aware by default (``pretrain.positives``):
-pairs of the same severity are positives of each other, not negatives. Negatives are the pairs
-of the same process's batch (no cross-process gather; plenty at 8+ crops per study).
+pairs of the same severity are positives of each other, not negatives. With ``pretrain.balanced``
+the pairs are drawn in inverse proportion to their severity's frequency, so a batch is not three
+quarters "Normal/Mild". Negatives are the pairs of the same process's batch.
 
-Validation: the contrastive loss over all val pairs (first template; the ``score``, lower is
-better) and zero-shot accuracy / precision / recall of the 3 severity prompts of each pair's
-(condition, level), scored the way :func:`spinemm.zero_shot_classify` scores.
+Validation, on every process over all val pairs (centred crops, first template): the contrastive
+loss (the ``score``, lower is better) and zero-shot accuracy / precision / recall of the 3 severity
+prompts of each pair's (condition, level), scored as :func:`spinemm.zero_shot_classify` scores.
 """
 
 from __future__ import annotations
@@ -20,75 +27,84 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import Dataset, default_collate
 
-from ..constants import CONDITIONS, LEVELS, SEVERITIES, TARGET_PLANE_INDEX
+from ..constants import CONDITIONS, LEVELS, SEVERITIES
 from ..errors import SpineModelError
 from ..inference import preprocess_settings
 from ..losses import clip_loss
 from ..metrics import classification_report
 from ..text import severity_prompts
-from ..zero_shot import build_zero_shot_classifier, crop_roi
-from .common import prepare_training, save_model, setup_run
+from ..zero_shot import build_zero_shot_classifier
+from .common import prepare_training, save_model, start_run
 from .config import load_config
-from .engine import fit
+from .engine import fit, make_loader
 
 POSITIVES = ("severity", "text", "pair")
 
 
 @cache
-def _prompts(target: int) -> dict[str, list[str]]:
+def target_prompts(target: int) -> dict[str, list[str]]:
+    """Severity prompt templates of target ``target`` (an index into ``LABEL_COLUMNS``)."""
     return severity_prompts(CONDITIONS[target // len(LEVELS)], LEVELS[target % len(LEVELS)])
 
 
-def roi_pairs(batch: dict[str, Any], crop_size: int, per_study: int | None = None,
-              random_template: bool = True) -> dict[str, Any]:
-    """(crop, prompt) pairs of a collated batch.
+def finding_windows(root: Path, frame: Any, study_ids: list[int], model: nn.Module, pretrain: dict[str, Any],
+                    train: bool, progress: bool = True) -> Any:
+    """The finding crops of ``study_ids`` as :class:`~spinemm.data.roi.ROIWindows`: one original
+    slice, ``model.config.roi_side_mm`` wide, cut at ``pretrain.crop_size`` pixels (default: the
+    vision tower's input size), with room for ``pretrain.shift`` when ``train``."""
+    from ..data.roi import ROIWindows
 
-    Takes up to ``per_study`` labelled targets with a known location per study (a random subset
-    drawn from the global torch RNG; None = all, in target order) and returns ``crops
-    [N, C, crop_size, crop_size]``, ``texts`` (N prompts: a random template, or the first),
-    ``severity [N]``, ``target [N]`` (index into LABEL_COLUMNS) and ``study [N]`` (batch row).
-    """
-    image = batch["image"]  # [B, P, S, C, H, W]
-    labels, location = batch["label"].cpu(), batch["location"].cpu()
-    usable = (batch["location_mask"].cpu() & (labels >= 0))  # [B, 25]
-    n_slices = image.shape[2]
-    crops, texts, severity, targets, studies = [], [], [], [], []
-    for b in range(image.shape[0]):
-        chosen = torch.nonzero(usable[b]).flatten()
-        if per_study is not None and len(chosen) > per_study:
-            chosen = chosen[torch.randperm(len(chosen))[:per_study]].sort().values
-        for t in chosen.tolist():
-            slice_index = int(location[b, t, 0].round().clamp(0, n_slices - 1))
-            plane_image = image[b, TARGET_PLANE_INDEX[t], slice_index]  # [C, H, W]
-            crops.append(crop_roi(plane_image, float(location[b, t, 1]), float(location[b, t, 2]), crop_size,
-                                  normalized=True))
-            cls = int(labels[b, t])
-            templates = _prompts(t)[SEVERITIES[cls]]
-            pick = int(torch.randint(len(templates), ())) if random_template else 0
-            texts.append(templates[pick])
-            severity.append(cls)
-            targets.append(t)
-            studies.append(b)
-    size = (0, image.shape[3], crop_size, crop_size)
-    return {
-        "crops": torch.stack(crops) if crops else image.new_zeros(size),
-        "texts": texts,
-        "severity": torch.tensor(severity, dtype=torch.long),
-        "target": torch.tensor(targets, dtype=torch.long),
-        "study": torch.tensor(studies, dtype=torch.long),
-    }
+    size = int(pretrain.get("crop_size") or preprocess_settings(model)["image_size"])
+    return ROIWindows(root, frame, study_ids, side_mm=float(model.config.roi_side_mm), size=size, context=0,
+                      shift=float(pretrain["shift"]) if train else 0.0, slice_jitter=0, progress=progress)
 
 
-def pair_labels(pairs: dict[str, Any], positives: str) -> torch.Tensor | None:
+class FindingPairs(Dataset):
+    """(crop, prompt) pairs of :class:`~spinemm.data.roi.ROIWindows`: item ``i`` is ``{"crop":
+    [3, S, S] (the slice in every channel, as zero_shot_classify feeds a 2-D image), "text",
+    "severity", "target"}``. Training pairs get a random shift and template from a generator seeded
+    by ``(seed, epoch, i)`` (never the global RNG, so a resumed run repeats); others are centred,
+    with the first template."""
+
+    def __init__(self, windows: Any, seed: int = 0, train: bool = True) -> None:
+        self.windows, self.seed, self.train, self.epoch = windows, int(seed), bool(train), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        target, label = int(self.windows.targets[index]), int(self.windows.labels[index])
+        templates = target_prompts(target)[SEVERITIES[label]]
+        generator, pick = None, 0
+        if self.train:
+            state = np.random.SeedSequence([self.seed, self.epoch, int(index)]).generate_state(2, dtype=np.uint32)
+            generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+            pick = int(torch.randint(len(templates), (), generator=generator))
+        crop, _ = self.windows.crops(torch.tensor([int(index)]), generator)
+        return {"crop": crop[0].expand(3, -1, -1), "text": templates[pick], "severity": label, "target": target}
+
+
+def balance_weights(labels: torch.Tensor) -> torch.Tensor:
+    """Sampling weight of each item: the inverse frequency of its label."""
+    counts = torch.bincount(labels).double()
+    return counts.reciprocal()[labels]
+
+
+def pair_labels(severity: torch.Tensor, texts: list[str], positives: str) -> torch.Tensor | None:
     """clip_loss labels: severity class, prompt identity, or None (only the pair itself)."""
     if positives == "severity":
-        return pairs["severity"]
+        return severity
     if positives == "text":
-        index = {t: i for i, t in enumerate(dict.fromkeys(pairs["texts"]))}
-        return torch.tensor([index[t] for t in pairs["texts"]], dtype=torch.long)
+        index = {t: i for i, t in enumerate(dict.fromkeys(texts))}
+        return torch.tensor([index[t] for t in texts], dtype=torch.long)
     return None
 
 
@@ -100,8 +116,6 @@ class ContrastiveObjective(nn.Module):
         self.model = model
 
     def forward(self, crops: torch.Tensor, texts: list[str], labels: torch.Tensor | None) -> torch.Tensor:
-        if len(texts) == 0:  # a batch without a labelled coordinate: nothing to pull together
-            return self.model.logit_scale * 0.0
         image = self.model.encode_image(crops)
         text = self.model.encode_text(texts)
         if labels is not None:
@@ -110,50 +124,35 @@ class ContrastiveObjective(nn.Module):
 
 
 @torch.no_grad()
-def evaluate_contrastive(model: nn.Module, loader: Any, crop_size: int, positives: str,
-                         accelerator: Any = None) -> dict[str, Any]:
-    """Val contrastive loss (``score``) and zero-shot severity metrics over all val pairs."""
+def evaluate_pairs(model: nn.Module, pairs: FindingPairs, positives: str, batch_size: int = 256) -> dict[str, Any]:
+    """Val contrastive loss (``score``) and zero-shot severity metrics over all ``pairs``."""
     was_training = model.training
     model.eval()
-    records: list[dict[str, Any]] = []
+    device = model.logit_scale.device
+    images, texts = [], []
     try:
-        for batch in loader:
-            pairs = roi_pairs(batch, crop_size, per_study=None, random_template=False)
-            image = model.encode_image(pairs["crops"], normalize=True).float().cpu() if pairs["texts"] else None
-            text = model.encode_text(pairs["texts"], normalize=True).float().cpu() if pairs["texts"] else None
-            per_study = []  # one record per study so gather_for_metrics can drop padded duplicates
-            for b in range(len(batch["meta"])):
-                rows = (pairs["study"] == b).nonzero().flatten()
-                per_study.append({
-                    "image": image[rows] if image is not None else torch.zeros(0, 0),
-                    "text": text[rows] if text is not None else torch.zeros(0, 0),
-                    "texts": [pairs["texts"][i] for i in rows.tolist()],
-                    "severity": pairs["severity"][rows], "target": pairs["target"][rows]})
-            if accelerator is not None:
-                per_study = accelerator.gather_for_metrics(per_study, use_gather_object=True)
-            records.extend(r for r in per_study if len(r["texts"]))
-        if not records:
-            raise SpineModelError("no val study has a labelled coordinate: nothing to evaluate contrastively")
-        image = torch.cat([r["image"] for r in records])
-        text = torch.cat([r["text"] for r in records])
-        severity = torch.cat([r["severity"] for r in records])
-        target = torch.cat([r["target"] for r in records])
-        all_texts = [t for r in records for t in r["texts"]]
+        for start in range(0, len(pairs), batch_size):
+            batch = default_collate([pairs[i] for i in range(start, min(start + batch_size, len(pairs)))])
+            images.append(model.encode_image(batch["crop"].to(device), normalize=True).float().cpu())
+            texts.extend(batch["text"])
+        image = torch.cat(images)
+        text = torch.cat([model.encode_text(texts[i:i + batch_size], normalize=True).float().cpu()
+                          for i in range(0, len(texts), batch_size)])
+        severity, target = pairs.windows.labels, pairs.windows.targets
         scale = model.logit_scale.detach().float().cpu()
-        labels = pair_labels({"severity": severity, "texts": all_texts}, positives)
-        loss = float(clip_loss(image, text, scale, labels=labels))
+        loss = float(clip_loss(image, text, scale, labels=pair_labels(severity, texts, positives)))
         probs = torch.zeros(len(severity), len(SEVERITIES))
         for t in target.unique().tolist():
             rows = target == t
-            classifier = build_zero_shot_classifier(model, _prompts(t))
-            probs[rows] = classifier(image[rows], scale.exp().clamp(max=100.0)).cpu().float()
+            classifier = build_zero_shot_classifier(model, target_prompts(t))
+            probs[rows] = classifier(image[rows].to(device), scale.exp().clamp(max=100.0)).float().cpu()
     finally:
         model.train(was_training)
     report = classification_report(severity.numpy(), probs.numpy())
     return {"score": loss, "zero_shot_accuracy": report["accuracy"],
             "zero_shot_balanced_accuracy": report["balanced_accuracy"],
             "zero_shot_macro_precision": report["macro_precision"],
-            "zero_shot_macro_recall": report["macro_recall"], "n_pairs": int(len(severity))}
+            "zero_shot_macro_recall": report["macro_recall"], "n_pairs": len(pairs)}
 
 
 def pretrain_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -177,29 +176,41 @@ def pretrain_clip(config: dict[str, Any] | str | Path | None = None, overrides: 
     Every process must call it under ``accelerate launch``.
     """
     config = pretrain_config(load_config(config, overrides))
-    run = setup_run(config)
-    accelerator, output_dir, model = run.accelerator, run.output_dir, run.model
-    crop_size = max(4, int(round(float(config["pretrain"]["crop_fraction"]) * preprocess_settings(model)["image_size"])))
+    run = start_run(config)
+    accelerator, output_dir, model, pre = run.accelerator, run.output_dir, run.model, config["pretrain"]
+    if pre["side_mm"] is not None:
+        model.config.roi_side_mm = float(pre["side_mm"])  # saved with the model, for zero-shot crops
+    progress = bool(config["log"]["progress"]) and accelerator.is_main_process
+    seed = int(config["train"]["seed"])
+    train_windows, val_windows = (finding_windows(run.root, run.frame, ids, model, pre, train, progress)
+                                  for ids, train in ((run.train_ids, True), (run.val_ids, False)))
+    for name, windows, ids in (("training", train_windows, run.train_ids), ("val", val_windows, run.val_ids)):
+        if len(windows) == 0:
+            raise SpineModelError(f"none of the {len(ids)} {name} studies under {run.root} has a labelled "
+                                  "coordinate (train_label_coordinates.csv): no (crop, prompt) pairs to pretrain on")
+    train_pairs, val_pairs = FindingPairs(train_windows, seed, train=True), FindingPairs(val_windows, train=False)
+    weights = balance_weights(train_windows.labels) if pre["balanced"] else None
+    run.train_loader, run.sampler = make_loader(train_pairs, int(pre["batch_size"]), default_collate, seed,
+                                                shuffle=True, num_workers=int(config["data"]["num_workers"]),
+                                                weights=weights)
     objective, optimizer, scheduler = prepare_training(run, ContrastiveObjective(model))
-    train_loader, val_loader = run.train_loader, run.val_loader
-    positives, per_study = config["pretrain"]["positives"], int(config["pretrain"]["crops_per_study"])
+    positives = pre["positives"]
 
     def step(obj: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        pairs = roi_pairs(batch, crop_size, per_study)
-        return obj(pairs["crops"], pairs["texts"], pair_labels(pairs, positives)), {}
+        return obj(batch["crop"], list(batch["text"]), pair_labels(batch["severity"], list(batch["text"]), positives)), {}
 
     def inner() -> nn.Module:
         return accelerator.unwrap_model(objective).model
 
     def eval_fn(_: nn.Module) -> dict[str, Any]:
-        return evaluate_contrastive(inner(), val_loader, crop_size, positives, accelerator)
+        return evaluate_pairs(inner(), val_pairs, positives)
 
     def on_best(_: dict[str, Any]) -> None:
         if accelerator.is_main_process:
             save_model(inner(), output_dir / "best")
         accelerator.wait_for_everyone()
 
-    state, metrics = fit(accelerator, objective, optimizer, scheduler, train_loader, run.sampler, step, eval_fn,
+    state, metrics = fit(accelerator, objective, optimizer, scheduler, run.train_loader, run.sampler, step, eval_fn,
                          config, output_dir, on_best=on_best)
     result = {"output_dir": output_dir, "model_dir": None, "best_dir": output_dir / "best",
               "metrics": metrics, "history": state.history, "state": state, "stopped": state.stopped}
@@ -211,7 +222,9 @@ def pretrain_clip(config: dict[str, Any] | str | Path | None = None, overrides: 
         save_model(inner(), output_dir / "model")
         summary = {"metrics": metrics, "best": {"score": state.best_score, "epoch": state.best_epoch,
                                                 "step": state.best_step},
-                   "history": state.history, "steps": state.step, "crop_size": crop_size,
+                   "history": state.history, "steps": state.step, "roi_side_mm": model.config.roi_side_mm,
+                   "crop_size": train_windows.size, "train_pairs": len(train_pairs), "val_pairs": len(val_pairs),
+                   "skipped_rows": train_windows.skipped + val_windows.skipped,
                    "num_processes": accelerator.num_processes}
         (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
     accelerator.wait_for_everyone()
