@@ -71,7 +71,13 @@ def _cmd_zero_shot(args: argparse.Namespace) -> None:
 
     model = load_model(args.model)
     prompts = args.prompt or severity_prompts(args.condition, args.level)
-    probs = zero_shot_classify(model, [str(p) for p in args.images], prompts)
+    images = [str(p) for p in args.images]
+    if args.at is not None:  # the crops the dual encoder was pretrained on, around one point
+        from .zero_shot import crop_finding
+
+        x, y = args.at
+        images = [crop_finding(p, x, y, side_mm=model.config.roi_side_mm, size=model.image_size) for p in images]
+    probs = zero_shot_classify(model, images, prompts)
     names = list(prompts) if isinstance(prompts, dict) else prompts
     for image, row in zip(args.images, probs.tolist(), strict=True):
         best = max(range(len(row)), key=row.__getitem__)
@@ -129,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", help="a prompt (repeat); default: severity prompts")
     p.add_argument("--condition", default="spinal_canal_stenosis")
     p.add_argument("--level", default=None)
+    p.add_argument("--at", nargs=2, type=float, metavar=("X", "Y"), default=None,
+                   help="score a crop around this pixel (column, row), model.config.roi_side_mm wide, as "
+                        "pretraining cut them; default: the whole image")
     p.set_defaults(func=_cmd_zero_shot)
 
     p = sub.add_parser("demo", help="phantom -> pretrain -> train -> evaluate -> predict -> report")

@@ -6,7 +6,10 @@
   normalised template embeddings, renormalised (as open_clip's zero-shot classifier builder does).
 * ``negative_prompts`` (CheXzero style): one negative text (or templates) per class; each class gets
   a softmax over (positive, negative), and those probabilities are renormalised over classes.
-* ``images``: a tensor or array [N, C, H, W] / [N, H, W], a list of 2-D arrays, or DICOM paths.
+* ``images``: a tensor or array [N, C, H, W] / [N, H, W], a list of [H, W] / [C, H, W] arrays, or
+  DICOM paths.
+  A pretrained dual encoder has seen crops around findings (:func:`crop_finding`, with the
+  model's ``config.roi_side_mm``), so score crops like those, not whole slices.
 
 Class embeddings are cached per (model, prompts) and rebuilt when any text-side parameter changes
 (the key holds the parameters' in-place version counters, which every optimizer step bumps).
@@ -193,11 +196,10 @@ def load_images(images: Any, image_size: int, normalize: str = "auto") -> torch.
         items = list(batch)
     else:
         items = [
-            _read_dicom(Path(x))[None]
-            if isinstance(x, (str, os.PathLike))
-            else torch.as_tensor(np.asarray(x), dtype=torch.float32)[None]
+            _read_dicom(Path(x)) if isinstance(x, (str, os.PathLike)) else torch.as_tensor(np.asarray(x), dtype=torch.float32)
             for x in images
         ]
+        items = [x[None] if x.ndim == 2 else x for x in items]  # [H, W] -> [1, H, W]
     if not items:
         raise SpineDataError("no images given")
     return torch.stack([_prepare(img, image_size, normalize) for img in items])
@@ -242,22 +244,50 @@ def _read_dicom(path: Path) -> torch.Tensor:
     return torch.from_numpy(pixels)
 
 
-def crop_roi(
-    image: torch.Tensor | np.ndarray, x: float, y: float, size: int, *, normalized: bool = False
+def crop_finding(
+    image: str | os.PathLike | torch.Tensor | np.ndarray,
+    x: float,
+    y: float,
+    *,
+    side_mm: float,
+    size: int,
+    pixel_spacing: Sequence[float] | None = None,
 ) -> torch.Tensor:
-    """A ``size`` x ``size`` crop of ``image [..., H, W]`` centred on column ``x``, row ``y``.
+    """A crop ``[1, size, size]`` in [0, 1] of a slice around column ``x``, row ``y`` (pixels), with
+    a side of ``side_mm`` patient millimetres: the crops the dual encoder is pretrained on (pass
+    ``side_mm=model.config.roi_side_mm``, ``size=model.image_size``).
 
-    ``x, y`` are pixels, or fractions of the width/height with ``normalized=True`` (the dataset's
-    location convention). Parts outside the image are zero, so every crop has the same shape.
+    ``image`` is a DICOM path (its PixelSpacing is read unless ``pixel_spacing`` is given) or an
+    ``[H, W]`` array of intensities with ``pixel_spacing = (row mm, column mm)``. The slice is
+    windowed to its own 0.5/99.5 percentiles; pretraining windows a whole series, which on a typical
+    series differs little. Parts outside the image are zero.
     """
-    image = torch.as_tensor(image)
-    height, width = image.shape[-2:]
-    if normalized:
-        x, y = x * width, y * height
-    top, left = int(round(y - size / 2)), int(round(x - size / 2))
-    out = image.new_zeros(*image.shape[:-2], size, size)
-    r0, r1 = max(top, 0), min(top + size, height)
-    c0, c1 = max(left, 0), min(left + size, width)
-    if r0 < r1 and c0 < c1:
-        out[..., r0 - top : r1 - top, c0 - left : c1 - left] = image[..., r0:r1, c0:c1]
-    return out
+    from .data.roi import crop_roi
+
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        pixels = _read_dicom(path)
+        if pixel_spacing is None:
+            pixel_spacing = _dicom_pixel_spacing(path)
+    else:
+        pixels = torch.as_tensor(np.asarray(image, dtype=np.float32))
+    if pixel_spacing is None:
+        raise SpineDataError("crop_finding needs pixel_spacing=(row mm, column mm) for an array image")
+    if pixels.ndim != 2:
+        raise SpineDataError(f"crop_finding needs one [H, W] slice, got shape {tuple(pixels.shape)}")
+    low, high = np.percentile(pixels.numpy(), INTENSITY_PERCENTILES)
+    unit = ((pixels - low) / max(float(high - low), 1e-6)).clamp(0, 1)
+    return crop_roi(unit[None], pixel_spacing, 0, x, y, side_mm, size, slice_offsets=(0,))
+
+
+def _dicom_pixel_spacing(path: Path) -> tuple[float, float]:
+    import pydicom
+
+    try:
+        spacing = pydicom.dcmread(path, stop_before_pixels=True).get("PixelSpacing")
+        values = tuple(float(v) for v in spacing) if spacing is not None else ()
+    except Exception as exc:  # pydicom raises many kinds for unreadable files
+        raise SpineDataError(f"{path}: cannot read PixelSpacing ({type(exc).__name__}: {exc})") from exc
+    if len(values) != 2 or not all(np.isfinite(v) and v > 0 for v in values):
+        raise SpineDataError(f"{path}: no usable PixelSpacing (0028,0030); pass pixel_spacing=(row mm, column mm)")
+    return values

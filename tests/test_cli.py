@@ -72,6 +72,26 @@ def test_zero_shot_command_scores_dicom_files(phantom_root, tmp_path, capsys):
         assert len(probs) == 3 and abs(sum(probs) - 1) < 2e-3  # printed to 3 decimals
 
 
+def test_zero_shot_command_scores_a_crop_around_a_point(phantom_root, tmp_path, capsys):
+    import torch
+
+    import spinemm
+    from spinemm.zero_shot import crop_finding
+
+    torch.manual_seed(0)
+    model = spinemm.create_model("spine-tiny")
+    with torch.no_grad():
+        model.logit_scale.fill_(4.6)  # a sharp softmax, so a different crop prints different numbers
+    model.save_pretrained(tmp_path / "model")
+    model = spinemm.load_model(tmp_path / "model")
+    dcm = sorted((phantom_root / "train_images").glob("*/*/*.dcm"))[0]
+    assert main(["zero-shot", "--model", str(tmp_path / "model"), str(dcm), "--at", "20", "24"]) == 0
+    printed = capsys.readouterr().out.split("(")[1].rstrip(")\n").split("  ")
+    crop = crop_finding(dcm, 20, 24, side_mm=model.config.roi_side_mm, size=model.image_size)  # reads PixelSpacing
+    expect = spinemm.zero_shot_classify(model, crop[None], spinemm.text.severity_prompts("spinal_canal_stenosis"))
+    assert [float(part.split(": ")[1]) for part in printed] == pytest.approx(expect[0].tolist(), abs=1e-3)
+
+
 def test_demo_quick_end_to_end(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out

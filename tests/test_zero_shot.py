@@ -14,7 +14,7 @@ from spinemm.models.factory import create_model
 from spinemm.zero_shot import (
     _read_dicom,
     build_zero_shot_classifier,
-    crop_roi,
+    crop_finding,
     load_images,
     zero_shot_classify,
 )
@@ -169,15 +169,24 @@ def test_dicom_paths(model, tmp_path):
         zero_shot_classify(model, [tmp_path / "bad.dcm"], PROMPTS)
 
 
-def test_crop_roi():
-    image = torch.arange(100.0).view(10, 10)
-    crop = crop_roi(image, x=5, y=4, size=4)  # rows 2..5, columns 3..6
-    torch.testing.assert_close(crop, image[2:6, 3:7])
-    corner = crop_roi(image, x=0, y=0, size=4)  # half outside: zero padded, same shape
-    assert corner.shape == (4, 4)
-    torch.testing.assert_close(corner[2:, 2:], image[:2, :2])
-    assert corner[:2].abs().sum() == 0 and corner[:, :2].abs().sum() == 0
-    torch.testing.assert_close(crop_roi(image, x=0.5, y=0.4, size=4, normalized=True), crop)
-    stack = torch.stack([image, -image])  # leading dims are kept
-    torch.testing.assert_close(crop_roi(stack, 5, 4, 4)[1], -crop)
-    assert crop_roi(np.ones((8, 8), np.float32), 100, 100, 3).abs().sum() == 0  # far outside: all zeros
+def test_crop_finding_is_a_millimetre_window_around_the_point(tmp_path):
+    image = torch.zeros(40, 40)
+    image[18:23, 20:25] = 1.0  # a bright 5 x 5 block centred on column 22, row 20
+    image[0, 0] = -1.0  # sets the low end of the percentile window
+    block = crop_finding(image.numpy(), x=22, y=20, side_mm=10, size=10, pixel_spacing=(1.0, 1.0))
+    assert block.shape == (1, 10, 10) and block.min() >= 0 and block.max() <= 1
+    # 1 mm pixels, 10 mm side: the block fills the middle 5 x 5 pixels
+    assert block[0, 3:7, 3:7].min() > 0.9 and block[0, 0].max() < 0.1 and block[0, :, 0].max() < 0.1
+    # 0.5 mm pixels: the same 10 mm now spans 20 pixels, so the block fills only the middle quarter
+    finer = crop_finding(image.numpy(), x=22, y=20, side_mm=10, size=10, pixel_spacing=(0.5, 0.5))
+    assert finer[0, 4:6, 4:6].min() > 0.9 and finer[0, 2].max() < 0.1
+    moved = crop_finding(image.numpy(), x=27, y=20, side_mm=10, size=10, pixel_spacing=(1.0, 1.0))
+    torch.testing.assert_close(moved[0, :, :5], block[0, :, 5:])  # 5 mm right: the block shifts left
+    far = crop_finding(image.numpy(), x=500, y=500, side_mm=10, size=10, pixel_spacing=(1.0, 1.0))
+    assert far.abs().sum() == 0  # outside the image: zeros
+    with pytest.raises(SpineDataError, match="pixel_spacing"):
+        crop_finding(image.numpy(), 5, 5, side_mm=10, size=10)
+    _write_dicom(tmp_path / "a.dcm", np.full((24, 20), 7, dtype=np.uint16))  # has no PixelSpacing
+    with pytest.raises(SpineDataError, match="a.dcm.*PixelSpacing"):
+        crop_finding(tmp_path / "a.dcm", 5, 5, side_mm=10, size=10)
+    assert crop_finding(tmp_path / "a.dcm", 5, 5, side_mm=10, size=10, pixel_spacing=(1, 1)).shape == (1, 10, 10)
