@@ -72,7 +72,7 @@ def zero_shot_check(model: torch.nn.Module, config: dict[str, Any]) -> dict[str,
         probs[rows] = zero_shot_classify(model, crops[rows], target_prompts(t))
     report = classification_report(windows.labels.numpy(), probs.numpy())
     return {"balanced_accuracy": report["balanced_accuracy"], "accuracy": report["accuracy"],
-            "chance": 1 / len(SEVERITIES), "n_crops": len(windows)}
+            "chance": 1 / len(SEVERITIES), "n_crops": len(windows), "side_mm": float(model.config.roi_side_mm)}
 
 
 def run_demo(out: str | Path = "demo_out", n_studies: int | None = None, seed: int = 0,
@@ -148,7 +148,8 @@ def run_demo(out: str | Path = "demo_out", n_studies: int | None = None, seed: i
         "| fusion + ROI grader | fusion model alone | prior only | oracle floor | gap closed |",
         "| --- | --- | --- | --- | --- |",
         f"| {score:.4f} | {fusion_score:.4f} | {prior:.4f} | {oracle:.4f} | {gap_closed:.0%} |", "",
-        f"Zero-shot severity prompts on {zero_shot['n_crops']} held-out ROI crops: balanced accuracy "
+        f"Zero-shot severity prompts on {zero_shot['n_crops']} held-out finding crops "
+        f"({zero_shot['side_mm']:g} mm around each label point): balanced accuracy "
         f"{zero_shot['balanced_accuracy']:.3f} (chance {zero_shot['chance']:.3f}).", "",
         *_locator_lines(graded.get("metrics") or {}),
         "```", format_metrics(metrics), "```", "",
