@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data.transforms import INTENSITY_PERCENTILES
+from .data.transforms import INTENSITY_PERCENTILES, intensity_window, to_unit_range
 from .errors import SpineDataError, SpineModelError
 
 Prompts = Sequence[str] | Mapping[str, Sequence[str] | str]
@@ -229,6 +229,11 @@ def _prepare(image: torch.Tensor, image_size: int, normalize: str) -> torch.Tens
 def _read_dicom(path: Path) -> torch.Tensor:
     """One greyscale DICOM slice -> [H, W] float32 physical intensities (modality LUT applied,
     MONOCHROME1 inverted)."""
+    return _read_dicom_dataset(path)[0]
+
+
+def _read_dicom_dataset(path: Path) -> tuple[torch.Tensor, Any]:
+    """:func:`_read_dicom`'s pixels and the pydicom dataset they came from (for its other tags)."""
     import pydicom
     from pydicom.pixels import apply_modality_lut
 
@@ -241,7 +246,7 @@ def _read_dicom(path: Path) -> torch.Tensor:
         raise SpineDataError(f"{path}: expected one greyscale slice, got pixel array of shape {pixels.shape}")
     if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1":
         pixels = pixels.max() + pixels.min() - pixels  # bright means dense, as in MONOCHROME2
-    return torch.from_numpy(pixels)
+    return torch.from_numpy(pixels), ds
 
 
 def crop_finding(
@@ -265,29 +270,25 @@ def crop_finding(
     from .data.roi import crop_roi
 
     if isinstance(image, (str, os.PathLike)):
-        path = Path(image)
-        pixels = _read_dicom(path)
+        pixels, ds = _read_dicom_dataset(Path(image))
         if pixel_spacing is None:
-            pixel_spacing = _dicom_pixel_spacing(path)
+            pixel_spacing = _pixel_spacing(ds, Path(image))
     else:
         pixels = torch.as_tensor(np.asarray(image, dtype=np.float32))
     if pixel_spacing is None:
         raise SpineDataError("crop_finding needs pixel_spacing=(row mm, column mm) for an array image")
     if pixels.ndim != 2:
         raise SpineDataError(f"crop_finding needs one [H, W] slice, got shape {tuple(pixels.shape)}")
-    low, high = np.percentile(pixels.numpy(), INTENSITY_PERCENTILES)
-    unit = ((pixels - low) / max(float(high - low), 1e-6)).clamp(0, 1)
+    unit = to_unit_range(pixels.numpy(), intensity_window(pixels.numpy()))
     return crop_roi(unit[None], pixel_spacing, 0, x, y, side_mm, size, slice_offsets=(0,))
 
 
-def _dicom_pixel_spacing(path: Path) -> tuple[float, float]:
-    import pydicom
-
+def _pixel_spacing(ds: Any, path: Path) -> tuple[float, float]:
+    spacing = ds.get("PixelSpacing")
     try:
-        spacing = pydicom.dcmread(path, stop_before_pixels=True).get("PixelSpacing")
         values = tuple(float(v) for v in spacing) if spacing is not None else ()
-    except Exception as exc:  # pydicom raises many kinds for unreadable files
-        raise SpineDataError(f"{path}: cannot read PixelSpacing ({type(exc).__name__}: {exc})") from exc
+    except (TypeError, ValueError):
+        values = ()
     if len(values) != 2 or not all(np.isfinite(v) and v > 0 for v in values):
         raise SpineDataError(f"{path}: no usable PixelSpacing (0028,0030); pass pixel_spacing=(row mm, column mm)")
     return values

@@ -136,8 +136,11 @@ def evaluate_pairs(model: nn.Module, pairs: FindingPairs, positives: str, batch_
             images.append(model.encode_image(batch["crop"].to(device), normalize=True).float().cpu())
             texts.extend(batch["text"])
         image = torch.cat(images)
-        text = torch.cat([model.encode_text(texts[i:i + batch_size], normalize=True).float().cpu()
-                          for i in range(0, len(texts), batch_size)])
+        distinct = list(dict.fromkeys(texts))  # 3 prompts per target, however many pairs
+        encoded = torch.cat([model.encode_text(distinct[i:i + batch_size], normalize=True).float().cpu()
+                             for i in range(0, len(distinct), batch_size)])
+        position = {t: i for i, t in enumerate(distinct)}
+        text = encoded[[position[t] for t in texts]]
         severity, target = pairs.windows.labels, pairs.windows.targets
         scale = model.logit_scale.detach().float().cpu()
         loss = float(clip_loss(image, text, scale, labels=pair_labels(severity, texts, positives)))
@@ -172,7 +175,8 @@ def pretrain_config(config: dict[str, Any]) -> dict[str, Any]:
 def pretrain_clip(config: dict[str, Any] | str | Path | None = None, overrides: Any = ()) -> dict[str, Any]:
     """Contrastively pretrain the dual encoder; saves ``pretrain.output_dir/model`` (save_pretrained).
 
-    Returns ``{"output_dir", "model_dir", "best_dir", "metrics", "history", "state", "stopped"}``.
+    Returns ``{"output_dir", "model_dir", "best_dir", "metrics", "history", "state", "stopped",
+    "roi_side_mm"}`` (the crop side the saved model was pretrained on).
     Every process must call it under ``accelerate launch``.
     """
     config = pretrain_config(load_config(config, overrides))
@@ -212,8 +216,9 @@ def pretrain_clip(config: dict[str, Any] | str | Path | None = None, overrides: 
 
     state, metrics = fit(accelerator, objective, optimizer, scheduler, run.train_loader, run.sampler, step, eval_fn,
                          config, output_dir, on_best=on_best)
-    result = {"output_dir": output_dir, "model_dir": None, "best_dir": output_dir / "best",
-              "metrics": metrics, "history": state.history, "state": state, "stopped": state.stopped}
+    result = {"output_dir": output_dir, "model_dir": None, "best_dir": output_dir / "best", "metrics": metrics,
+              "history": state.history, "state": state, "stopped": state.stopped,
+              "roi_side_mm": model.config.roi_side_mm}
     if state.stopped:
         return result
     if metrics is None:  # resumed after the run had finished
