@@ -11,7 +11,7 @@ from typing import Any
 from ._lazy import lazy_getattr
 from .errors import SpineDataError, SpineError, SpineModelError  # noqa: F401 (public re-exports)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # public name -> module that defines it
 _LAZY = {
@@ -21,8 +21,10 @@ _LAZY = {
     "load_model": "spinemm.models.factory",
     "zero_shot_classify": "spinemm.zero_shot",
     "predict": "spinemm.inference",
+    "load_pipeline": "spinemm.pipeline.pipeline",
+    "SpinePipeline": "spinemm.pipeline.pipeline",
 }
-_SUBMODULES = {"data", "models", "training", "metrics", "losses", "text", "constants", "viz", "cli", "inference"}
+_SUBMODULES = {"data", "models", "training", "metrics", "losses", "text", "constants", "viz", "cli", "inference", "pipeline"}
 
 __all__ = sorted([*_LAZY, *_SUBMODULES, "SpineError", "SpineDataError", "SpineModelError"])
 _lazy_names = lazy_getattr(__name__, _LAZY)

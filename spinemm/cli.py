@@ -22,7 +22,7 @@ def _cmd_phantom(args: argparse.Namespace) -> None:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> None:
-    from .summary import summarize
+    from .data.summary import summarize
 
     print(summarize(args.root, split=args.split))
     if args.png:
@@ -34,29 +34,31 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
+    from .data.store import SeriesStore
     from .inference import predict
-    from .models.factory import load_model
+    from .pipeline import load_pipeline
 
-    model = load_model(args.model)
+    model = load_pipeline(args.model)
+    store = SeriesStore(args.data, args.split)  # the overlays read the series the prediction read
     submission, locations = predict(model, args.data, split=args.split, batch_size=args.batch_size,
-                                    device=args.device)
+                                    device=args.device, store=store)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     submission.to_csv(out / "submission.csv", index=False)
     locations.to_csv(out / "locations.csv", index=False)
     print(f"wrote {out / 'submission.csv'} ({len(submission)} rows) and {out / 'locations.csv'}")
     if args.png:
-        from .report import location_overlays
+        from .viz import location_overlays
 
-        for path in location_overlays(args.data, locations, out / "overlays", split=args.split, max_studies=args.png):
+        for path in location_overlays(args.data, locations, out / "overlays", split=args.split, max_studies=args.png,
+                                      store=store):
             print(f"  overlay {path}")
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     import pandas as pd
 
-    from .metrics import evaluate_frames
-    from .report import format_metrics
+    from .metrics import evaluate_frames, format_metrics
 
     result = evaluate_frames(pd.read_csv(args.solution), pd.read_csv(args.submission))
     print(format_metrics(result))

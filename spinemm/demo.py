@@ -1,11 +1,12 @@
 """`spinemm demo`: the whole product on the built-in phantom, end to end, on a CPU in minutes.
 
-phantom -> contrastive pretraining (its last evaluation is the zero-shot check) -> severity
-training (from the pretrained towers) -> the second stage (the level locator on sagittal slices,
-then the ROI grader on crops of the original slices at the label points) -> held-out evaluation
-with the official score -> predictions with locations -> a report folder. The score is printed beside the phantom's
-prior-only score and oracle floor, so it says where the model stands between "knows nothing" and
-"perfect".
+phantom -> contrastive pretraining (its last evaluation is the zero-shot check) -> the detect
+stage (severity + location training from the pretrained towers) -> the later stages (the level
+locator on sagittal slices, then the ROI grader on crops of the original slices) -> held-out
+predictions of the whole pipeline, every stage's output kept -> the official score -> a report
+folder. The score is printed beside the phantom's prior-only score and oracle floor, so it says
+where the model stands between "knows nothing" and "perfect". Every recipe reads its series from
+the same cache folder, so each DICOM file is decoded once per demo.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def demo_config(out: Path, settings: dict[str, Any], seed: int) -> dict[str, Any
         "checkpoint": {"every_steps": 10_000, "keep_last": 1},
         "log": {"tensorboard": False, "progress": True},
         "pretrain": {"output_dir": str(out / "pretrain"), "epochs": settings["pretrain_epochs"]},
-        "grader": {"output_dir": str(out / "grader"), "epochs": settings["grader_epochs"]},
+        "pipeline": {"output_dir": str(out / "stages")},
+        "grader": {"epochs": settings["grader_epochs"]},
         "locator": {"epochs": settings["locator_epochs"]},
     }
 
@@ -53,14 +55,13 @@ def run_demo(out: str | Path = "demo_out", n_studies: int | None = None, seed: i
              quick: bool = False) -> dict[str, Any]:
     """Run the demo into ``out``; returns the metrics dict also written to ``out/report/metrics.json``."""
     from .data.phantom import make_phantom
+    from .data.store import SeriesStore
     from .data.tables import load_tables
     from .inference import predict
-    from .metrics import evaluate_frames, rsna_score
-    from .models.factory import load_model
-    from .report import format_metrics, location_overlays
-    from .training import pretrain_clip, train_grader, train_severity
+    from .metrics import evaluate_frames, format_metrics, rsna_score
+    from .training import pretrain_clip, train_severity, train_stages
     from .training.config import load_config
-    from .viz import confusion_matrix_png, training_curves_png
+    from .viz import confusion_matrix_png, location_overlays, training_curves_png
 
     start = time.perf_counter()
     out = Path(out)
@@ -90,22 +91,22 @@ def run_demo(out: str | Path = "demo_out", n_studies: int | None = None, seed: i
     trained = train_severity(config)
     fusion_dir = trained["best_dir"] or trained["model_dir"]
 
-    print("[4/6] second stage: level locator on sagittal slices, ROI grader on crops of the original slices")
-    graded = train_grader({**config, "init_from": str(fusion_dir)})
-    model_dir = graded["model_dir"]
-    model = load_model(model_dir)
+    print("[4/6] later stages: level locator on sagittal slices, ROI grader on crops of the original slices")
+    staged = train_stages({**config, "init_from": str(fusion_dir)})
+    model_dir = staged["pipeline_dir"]
+    graded = {"history": staged["stages"]["grade"]["history"], "metrics": {
+        **staged["stages"]["grade"]["metrics"],
+        **{f"locator_{k}": v for k, v in staged["stages"]["locate"]["metrics"].items()}}}
 
-    print("[5/6] held-out evaluation and predictions")
-    submission, locations = predict(model, root, split="test", cache_dir=out / "cache")
+    print("[5/6] held-out predictions of the whole pipeline, and evaluation")
+    store = SeriesStore(root, "test", cache_dir=out / "cache")  # predictions and overlays read each series once
+    result = predict(model_dir, root, split="test", store=store)
+    submission, locations = result.submission(), result.locations()
     submission.to_csv(report / "submission.csv", index=False)
     locations.to_csv(report / "locations.csv", index=False)
     solution = pd.read_csv(root / "solution.csv")
     metrics = evaluate_frames(solution, submission)
-    # the first stage alone, to show what the second adds
-    second_stage, (model.locator, model.grader) = (model.locator, model.grader), (None, None)
-    fusion_submission, _ = predict(model, root, split="test", cache_dir=out / "cache", progress=False)
-    model.locator, model.grader = second_stage
-    fusion_score = rsna_score(solution, fusion_submission)
+    fusion_score = rsna_score(solution, result.submission("detect"))  # the first stage alone, read from the run
 
     print("[6/6] report")
     score, prior, oracle = metrics["score"], info["prior_score"], info["oracle_score"]
@@ -121,7 +122,7 @@ def run_demo(out: str | Path = "demo_out", n_studies: int | None = None, seed: i
     curves = [{"epoch": h["epoch"], **{k: h[k] for k in ("train_loss", "score") if k in h}} for h in trained["history"]]
     training_curves_png(curves, report / "training_curves.png")
     truth = load_tables(root, "test")
-    overlays = location_overlays(root, locations, report, split="test", max_studies=1, truth=truth)
+    overlays = location_overlays(root, locations, report, split="test", max_studies=1, truth=truth, store=store)
     lines = [
         "# spinemm demo report", "",
         f"Held-out phantom studies: {settings['n_test']}. Official score (lower is better):", "",

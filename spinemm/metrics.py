@@ -11,7 +11,7 @@ Everything here is numpy + pandas; no sklearn.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -375,3 +375,23 @@ def evaluate_frames(
         "n_rows": int(len(a["y"])),
         "n_studies": int(len(np.unique(a["study"]))),
     }
+
+
+def format_metrics(result: Mapping[str, Any]) -> str:
+    """Pretty-print the dict of :func:`spinemm.metrics.evaluate_frames`."""
+    official = result["official"]
+    lines = [f"official score {official['score']:.4f}  (lower is better)"]
+    lines += [f"  {k:<18} {official[k]:.4f}" for k in ("spinal", "foraminal", "subarticular", "any_severe_spinal")]
+    report = result["classification"]
+    lines.append(
+        f"accuracy {report['accuracy']:.3f}  balanced accuracy {report['balanced_accuracy']:.3f}  "
+        f"macro precision {report['macro_precision']:.3f}  recall {report['macro_recall']:.3f}  "
+        f"F1 {report['macro_f1']:.3f}"
+    )
+    per_class = report["per_class"]
+    lines.append("  class          precision  recall  f1     support")
+    for name in SEVERITIES:
+        c = per_class[name]
+        lines.append(f"  {name:<14} {c['precision']:.3f}      {c['recall']:.3f}   {c['f1']:.3f}  {c['support']}")
+    lines.append("confusion matrix (rows true, columns predicted): " + str(report["confusion_matrix"]))
+    return "\n".join(lines)

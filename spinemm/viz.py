@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
-from .constants import LEVEL_NAMES, LEVELS, PLANES, SEVERITIES
+from .constants import LEVEL_NAMES, LEVELS, PLANES, SEVERITIES, TARGET_PLANE_INDEX, target_index
 
 # The paper's colour code: spinal canal red, foraminal pink, subarticular yellow.
 CONDITION_COLORS = {
@@ -172,3 +173,40 @@ __all__ = [
     "study_montage",
     "training_curves_png",
 ]
+
+
+def location_overlays(root: str | Path, locations: pd.DataFrame, out_dir: str | Path, split: str = "test",
+                      max_studies: int = 3, truth: pd.DataFrame | None = None, store: Any = None) -> list[Path]:
+    """One PNG per study: each plane's most-predicted slice with predicted points (and true ones if given).
+
+    ``locations`` is the frame of :func:`spinemm.predict`; ``truth`` the long frame of
+    :func:`spinemm.data.load_tables`, whose label points are drawn as small white crosses;
+    ``store``: the :class:`~spinemm.data.store.SeriesStore` to read from (default: a new one).
+    """
+    from .data.store import SeriesStore
+
+    store = store if store is not None else SeriesStore(root, split)
+    out_dir = Path(out_dir)
+    paths = []
+    for study_id in list(dict.fromkeys(locations.study_id))[:max_studies]:
+        rows = locations[(locations.study_id == study_id) & (locations.series_id >= 0)]
+        panels = []
+        for plane_index, plane in enumerate(PLANES):
+            plane_rows = rows[[TARGET_PLANE_INDEX[target_index(r.condition, r.level)] == plane_index
+                               for r in rows.itertuples()]]
+            if plane_rows.empty:
+                continue
+            series_id = int(plane_rows.series_id.iloc[0])
+            series = store.get(int(study_id), series_id)
+            instance = int(plane_rows.instance_number.mode().iloc[0])
+            on_slice = plane_rows[plane_rows.instance_number == instance]
+            points = [(r.x, r.y, _short(r.condition, r.level), CONDITION_COLORS[r.condition]) for r in on_slice.itertuples()]
+            if truth is not None:
+                t = truth[(truth.study_id == study_id) & (truth.series_id == series_id) & (truth.instance_number == instance)]
+                points += [(r.x, r.y, "", "white") for r in t.itertuples()]
+            panels.append({"image": series.volume[series.instance_to_index[instance]], "points": points,
+                           "title": f"{plane} · instance {instance}"})
+        if panels:
+            paths.append(plot_slices_with_points(panels, out_dir / f"study_{int(study_id)}.png",
+                                                 title=f"study {int(study_id)}: predicted locations"))
+    return paths

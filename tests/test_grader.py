@@ -1,4 +1,4 @@
-"""The second stage: ROI crops of the original slices, the grader, train_grader and two-stage predict."""
+"""The grade stage: ROI crops of the original slices, the grader, train_stages and staged predict."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from spinemm.constants import NUM_TARGETS
 from spinemm.data import load_tables, read_series, series_path
 from spinemm.data.roi import ROIWindows, crop_roi
 from spinemm.errors import SpineModelError
+from spinemm.models.config import GraderConfig
+from spinemm.pipeline import GradeStage, SpinePipeline, load_pipeline
 
 
 def _dot_volume(depth=5, size=40, at=(3, 17, 23)):
@@ -57,24 +59,28 @@ def test_roi_windows_offsets_point_at_the_label(phantom_root):
         assert torch.equal(shifted[i], full[windows.slice_jitter - dk:windows.slice_jitter - dk + 3, y0:y0 + 16, x0:x0 + 16])
 
 
-def test_grader_is_off_until_added_and_survives_save_load(tmp_path):
+def test_grade_stage_survives_save_load_in_a_pipeline(tmp_path):
     torch.manual_seed(0)
-    model = spinemm.create_model("spine-tiny", num_slices=4).eval()
-    assert model.grader is None
-    with pytest.raises(SpineModelError, match="add_grader"):
-        model.grade(torch.zeros(1, 3, 16, 16), torch.zeros(1, dtype=torch.long))
-    with pytest.raises(SpineModelError, match="valid options"):
-        model.add_grader(side_millimetres=50)
-    model.add_grader(size=16, channels=[8, 16]).eval()
+    with pytest.raises(TypeError):
+        GraderConfig(side_millimetres=50)
+    detect = spinemm.create_model("spine-tiny", num_slices=4).eval()
+    stage = GradeStage(GraderConfig(size=16, channels=(8, 16)), query_dim=detect.config.fusion.dim).eval()
+    with torch.no_grad():
+        stage.queries.copy_(torch.randn_like(stage.queries))
     crops, targets = torch.rand(4, 3, 16, 16), torch.tensor([0, 5, 10, 24])
-    out = model.grade(crops, targets)
+    out = stage(crops, targets)
     assert out["logits"].shape == (4, 3) and out["offset"].shape == (4, 3)
-    model.save_pretrained(tmp_path / "m")
-    loaded = spinemm.load_model(tmp_path / "m").eval()
-    assert loaded.config.grader.enabled and loaded.config.grader.channels == (8, 16)
-    torch.testing.assert_close(loaded.grade(crops, targets)["logits"], out["logits"], rtol=0, atol=0)
+    SpinePipeline(detect, grade=stage).save_pretrained(tmp_path / "p")
+    loaded = load_pipeline(tmp_path / "p")
+    assert loaded.stages == ["detect", "grade"] and loaded.grade.config.channels == (8, 16)
+    torch.testing.assert_close(loaded.grade.eval()(crops, targets)["logits"], out["logits"], rtol=0, atol=0)
+    torch.testing.assert_close(loaded.grade.queries, stage.queries, rtol=0, atol=0)
     with pytest.raises(SpineModelError, match="crops must be"):
-        model.grade(torch.rand(2, 5, 16, 16), targets[:2])
+        stage(torch.rand(2, 5, 16, 16), targets[:2])
+    # A pickle (or any other file) offered as a stage's weights is refused with the file named.
+    (tmp_path / "p" / "grade.safetensors").write_bytes(b"\x80\x04 not safetensors")
+    with pytest.raises(SpineModelError, match="grade.safetensors"):
+        load_pipeline(tmp_path / "p")
 
 
 def test_learned_queries_tell_left_from_right():
@@ -89,48 +95,57 @@ def test_learned_queries_tell_left_from_right():
     assert plain.query_embed is None
 
 
-def test_train_grader_then_two_stage_predict(phantom_root, tmp_path):
+def _stage_config(phantom_root, tmp_path, **sections):
+    return {"init_from": str(tmp_path / "fusion"), "data": {"root": str(phantom_root)},
+            "split": {"val_fraction": 0.25}, "train": {"cpu": True, "mixed_precision": "no"},
+            "log": {"tensorboard": False, "progress": False},
+            "pipeline": {"output_dir": str(tmp_path / "stages")},
+            "locator": {"epochs": 1, "batch_size": 8, "model": {"size": 32, "channels": [8, 16, 16]}},
+            "grader": {"epochs": 2, "batch_size": 16, "model": {"size": 16, "channels": [8, 16]}}, **sections}
+
+
+def test_train_stages_then_staged_predict(phantom_root, tmp_path):
     torch.manual_seed(0)
     fusion = spinemm.create_model("spine-tiny", num_slices=4, **{"vision.image_size": 32})
     fusion.save_pretrained(tmp_path / "fusion")
-    config = {
-        "init_from": str(tmp_path / "fusion"),
-        "data": {"root": str(phantom_root)},
-        "split": {"val_fraction": 0.25},
-        "train": {"cpu": True, "mixed_precision": "no"},
-        "log": {"tensorboard": False, "progress": False},
-        "grader": {"output_dir": str(tmp_path / "grader"), "epochs": 2, "batch_size": 16,
-                   "model": {"size": 16, "channels": [8, 16]}},
-    }
-    result = spinemm.training.train_grader(config)
-    assert len(result["history"]) == 2 and all(np.isfinite(h["train_loss"]) for h in result["history"])
-    metrics = result["metrics"]
-    assert np.isfinite(metrics["score"]) and np.isfinite(metrics["fusion_score"]) and metrics["train_rows"] > 0
-    assert np.isfinite(metrics["grader_score"]) and "study_context" in metrics  # on by default in the recipe
-    # Only the grader trained: the fusion weights are those it was loaded from.
-    model = spinemm.load_model(result["model_dir"]).eval()
-    context = model.grader.study_context
-    assert context is not None and context.log_temperature.item() == pytest.approx(metrics["study_context"]["log_temperature"])
+    result = spinemm.training.train_stages(_stage_config(phantom_root, tmp_path))
+    grade = result["stages"]["grade"]
+    assert len(grade["history"]) == 2 and all(np.isfinite(h["train_loss"]) for h in grade["history"])
+    metrics = grade["metrics"]
+    for key in ("score", "before_score", "detect_score", "grader_score"):
+        assert np.isfinite(metrics[key]), key
+    assert metrics["train_rows"] > 0 and "study_context" in metrics  # on by default in the recipe
+    # Every epoch was scored as the pipeline ships: its val score is the history's "score".
+    assert all(np.isfinite(h["score"]) for h in grade["history"])
+    pipeline = spinemm.load_pipeline(result["pipeline_dir"])
+    assert pipeline.stages == ["detect", "locate", "grade"]
+    context = pipeline.grade.study_context
+    assert context.log_temperature.item() == pytest.approx(metrics["study_context"]["log_temperature"])
+    # Only the later stages trained: the detect weights are those it was loaded from.
     for name, value in spinemm.load_model(tmp_path / "fusion").state_dict().items():
-        torch.testing.assert_close(model.state_dict()[name], value, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(pipeline.detect.model.state_dict()[name], value, rtol=0, atol=0, msg=name)
 
-    submission, locations = spinemm.predict(model, phantom_root, split="test", progress=False)
+    result = spinemm.predict(pipeline, phantom_root, split="test", progress=False)
+    submission, locations = result
     assert len(submission) == len(locations) == 25 * 3
     np.testing.assert_allclose(submission[["normal_mild", "moderate", "severe"]].sum(axis=1), 1.0, atol=1e-6)
-    # The grader's probabilities replace the fusion model's, and its re-centred points are real slices.
-    grader, model.grader = model.grader, None
-    fusion_submission, fusion_locations = spinemm.predict(model, phantom_root, split="test", progress=False)
-    model.grader = grader
-    assert not np.allclose(submission.iloc[:, 1:].to_numpy(float), fusion_submission.iloc[:, 1:].to_numpy(float))
+    # Every stage's output is in the result: the grades replace the detect stage's probabilities,
+    # and the detect stage alone is read from the same run.
+    detect = result.submission("detect")
+    assert not np.allclose(submission.iloc[:, 1:].to_numpy(float), detect.iloc[:, 1:].to_numpy(float))
+    alone = spinemm.predict(pipeline.detect.model, phantom_root, split="test", progress=False).submission()
+    pd.testing.assert_frame_equal(alone, detect)
+    assert result.graded is not None and result.located is not None and result.grade_probs.shape == (75, 3)
     for (study, series_id), rows in locations[locations.series_id >= 0].groupby(["study_id", "series_id"]):
         series = read_series(series_path(phantom_root, "test", study, series_id))
         assert set(rows.instance_number.astype(int)) <= set(series.instance_to_index)
 
 
-def test_train_grader_needs_a_fusion_model(phantom_root, tmp_path):
+def test_train_stages_needs_a_detect_model(phantom_root, tmp_path):
     with pytest.raises(SpineModelError, match="init_from"):
-        spinemm.training.train_grader({"data": {"root": str(phantom_root)},
-                                       "grader": {"output_dir": str(tmp_path / "g")}})
+        spinemm.training.train_stages({"data": {"root": str(phantom_root)}})
+    with pytest.raises(SpineModelError, match="pipeline.stages"):
+        spinemm.training.train_stages(_stage_config(phantom_root, tmp_path, pipeline={"stages": ["grade", "polish"]}))
 
 
 def test_val_solution_matches_the_frame(phantom_root):

@@ -1,6 +1,8 @@
-"""The level locator: heatmap decoding, the net, its data, its training and locate_levels."""
+"""The locate stage: heatmap decoding, the net, its data, its training through the engine, and its run."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -11,11 +13,14 @@ import spinemm
 from spinemm.constants import LEVELS, PLANES
 from spinemm.data import load_tables, read_series, series_path
 from spinemm.data.level_slices import SAGITTAL_CONDITIONS, LevelSlices, locator_input
+from spinemm.data.store import SeriesStore
 from spinemm.errors import SpineModelError
-from spinemm.locate import axial_slices_from_canal, locate_levels
+from spinemm.models.config import LocatorConfig
 from spinemm.models.heads import decode_location
 from spinemm.models.locator import LOCATOR_PLANES
-from spinemm.training.locator import augment, evaluate_locator, fit_locator
+from spinemm.pipeline import Findings, LocateStage, SpinePipeline, axial_slices_from_canal, load_pipeline
+from spinemm.training.config import load_config
+from spinemm.training.locator import augment, evaluate_locator, train_locate
 
 T1, T2 = PLANES.index("Sagittal T1"), PLANES.index("Sagittal T2/STIR")
 
@@ -32,28 +37,27 @@ def test_decode_with_radius_picks_one_mode_not_the_midpoint():
     assert confidence[0, 0] == pytest.approx(1 / (1 + np.exp(-0.1)), abs=1e-3)  # mass of that square
 
 
-def test_locator_is_off_until_added_and_survives_save_load(tmp_path):
+def test_locate_stage_survives_save_load_in_a_pipeline(tmp_path):
     torch.manual_seed(0)
-    model = spinemm.create_model("spine-tiny", num_slices=4).eval()
-    assert model.locator is None
-    with pytest.raises(SpineModelError, match="valid options"):
-        model.add_locator(pixels=64)
-    model.add_locator(size=32, channels=[8, 16, 16]).eval()
+    with pytest.raises(TypeError):
+        LocatorConfig(pixels=64)
+    stage = LocateStage(LocatorConfig(size=32, channels=(8, 16, 16))).eval()
     slices, planes = torch.rand(3, 3, 32, 32), torch.tensor([T1, T2, T1])
-    heatmaps = model.locator(slices, planes)
+    heatmaps = stage(slices, planes)
     assert heatmaps.shape == (3, len(LEVELS), 8, 8)
     # The plane picks its own maps: the same slice read as T1 and as T2 differs.
-    assert not torch.allclose(heatmaps[0], model.locator(slices[:1], torch.tensor([T2]))[0])
-    model.save_pretrained(tmp_path / "m")
-    loaded = spinemm.load_model(tmp_path / "m").eval()
-    assert loaded.config.locator.enabled and loaded.config.locator.channels == (8, 16, 16)
-    torch.testing.assert_close(loaded.locator(slices, planes), heatmaps, rtol=0, atol=0)
+    assert not torch.allclose(heatmaps[0], stage(slices[:1], torch.tensor([T2]))[0])
+    detect = spinemm.create_model("spine-tiny", num_slices=4)
+    SpinePipeline(detect, locate=stage).save_pretrained(tmp_path / "p")
+    loaded = load_pipeline(tmp_path / "p")
+    assert loaded.stages == ["detect", "locate"] and loaded.locate.config.channels == (8, 16, 16)
+    torch.testing.assert_close(loaded.locate.eval()(slices, planes), heatmaps, rtol=0, atol=0)
     with pytest.raises(SpineModelError, match="locator slices must be"):
-        model.locator(torch.rand(2, 3, 48, 48), planes[:2])
+        stage(torch.rand(2, 3, 48, 48), planes[:2])
     with pytest.raises(SpineModelError, match="sagittal planes"):
-        model.locator(slices[:1], torch.tensor([PLANES.index("Axial T2")]))
+        stage(slices[:1], torch.tensor([PLANES.index("Axial T2")]))
     with pytest.raises(SpineModelError, match="multiple of 4"):
-        spinemm.create_model("spine-tiny").add_locator(size=30)
+        LocateStage(LocatorConfig(size=30))
 
 
 def test_locator_input_keeps_normalised_coordinates():
@@ -96,80 +100,82 @@ def test_augment_moves_points_with_the_image():
             assert not ((new_points[i, 0] >= 0) & (new_points[i, 0] < 1)).all()
 
 
-@pytest.fixture(scope="module")
-def trained_locator(phantom_root):
-    """A tiny model whose locator has learned the phantom's training slices (memorised)."""
-    from accelerate import Accelerator
+def _findings(frame, x=None, y=None):
+    """Findings at the label points of ``frame``'s labelled rows (optionally every point moved)."""
+    truth = frame[frame.instance_number.notna()]
+    locations = truth[["study_id", "condition", "level", "series_id", "instance_number", "x", "y"]].assign(confidence=0.5)
+    if x is not None:
+        locations = locations.assign(x=x, y=y)
+    return truth, Findings.from_frame(locations)
 
+
+@pytest.fixture(scope="module")
+def trained_locator(phantom_root, tmp_path_factory):
+    """A locate stage that has learned the phantom's training slices (memorised), trained by the engine."""
     torch.manual_seed(0)
-    model = spinemm.create_model("spine-tiny", num_slices=4, **{"vision.image_size": 32})
+    out = tmp_path_factory.mktemp("locate")
+    config = load_config({"data": {"root": str(phantom_root)}, "train": {"cpu": True, "mixed_precision": "no"},
+                          "log": {"tensorboard": False, "progress": False},
+                          "locator": {"epochs": 40, "batch_size": 8, "shift": 0.0,
+                                      "model": {"size": 48, "channels": [16, 32, 32]}}})
     frame = load_tables(phantom_root, "train")
     studies = sorted(frame.study_id.unique().tolist())
-    options = {"epochs": 40, "lr": 3e-3, "weight_decay": 1e-4, "batch_size": 8, "shift": 0.0,
-               "model": {"size": 48, "channels": [16, 32, 32]}}
-    result = fit_locator(model, phantom_root, frame, studies, studies, options, Accelerator(cpu=True), seed=0,
-                         progress=False)
-    return model.eval(), frame, result
+    run = SimpleNamespace(root=phantom_root, frame=frame, train_ids=studies, val_ids=studies,
+                          store=SeriesStore(phantom_root, "train"))
+    result = train_locate(config, run, out, progress=False)
+    return result["stage"].eval(), frame, result, run
 
 
-def test_fit_locator_learns_the_level_points(trained_locator, phantom_root):
-    model, frame, result = trained_locator
+def test_train_locate_learns_the_level_points(trained_locator, phantom_root):
+    stage, frame, result, run = trained_locator
     history = result["history"]
     assert len(history) == 40 and history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]
-    metrics = result["metrics"]
-    assert metrics["locator_val_within_5mm"] > 0.8, metrics  # on the slices it trained on
-    untrained = spinemm.create_model("spine-tiny", num_slices=4)
-    untrained.add_locator(size=48, channels=[16, 32, 32])
-    data = LevelSlices(phantom_root, frame, sorted(frame.study_id.unique()), size=48, progress=False)
-    assert evaluate_locator(untrained.locator, data)["val_within_5mm"] < 0.3
+    assert result["metrics"]["val_within_5mm"] > 0.8, result["metrics"]  # on the slices it trained on
+    untrained = LocateStage(LocatorConfig(size=48, channels=(16, 32, 32)))
+    data = LevelSlices(phantom_root, frame, sorted(frame.study_id.unique()), size=48, progress=False, store=run.store)
+    assert evaluate_locator(untrained, data)["val_within_5mm"] < 0.3
 
 
-def test_locate_levels_moves_sagittal_rows_to_the_labels(trained_locator, phantom_root):
-    model, frame, _ = trained_locator
-    truth = frame[frame.instance_number.notna()]
-    # Fusion-like locations: the labelled series and slices, but every point at the image centre.
-    locations = truth[["study_id", "condition", "level", "series_id", "instance_number"]].assign(
-        x=32.0, y=32.0, confidence=0.5)
-    locations["instance_number"] = locations["instance_number"].astype("Int64")
-    located = locate_levels(model, phantom_root, "train", locations, progress=False)
-    assert len(located) == len(locations) and (located.index == locations.index).all()
-    sagittal = located.condition.isin(SAGITTAL_CONDITIONS)
-    error = np.hypot(located.x - truth.x, located.y - truth.y)[sagittal]  # pixels of 64 (~4.7 mm)
+def test_locate_stage_moves_sagittal_findings_to_the_labels(trained_locator):
+    stage, frame, _, run = trained_locator
+    truth, findings = _findings(frame, x=32.0, y=32.0)  # the labelled slices, every point at the centre
+    located = stage.run(findings, run.store)
+    assert len(located) == len(findings)
+    np.testing.assert_array_equal(findings.x, 32.0)  # a new record: the input is untouched
+    sagittal = truth.condition.isin(SAGITTAL_CONDITIONS).to_numpy()
+    error = np.hypot(located.x - truth.x.to_numpy(), located.y - truth.y.to_numpy())[sagittal]  # pixels of 64
     assert (error < 2).mean() > 0.8
     assert (located.confidence[sagittal] != 0.5).all()
 
 
 def test_axial_slices_follow_the_canal_point(phantom_root):
     frame = load_tables(phantom_root, "train")
-    truth = frame[frame.instance_number.notna()]
-    locations = truth[["study_id", "condition", "level", "series_id", "instance_number", "x", "y"]].copy()
-    locations["instance_number"] = locations["instance_number"].astype("Int64")
-    axial = locations.condition.str.contains("subarticular")
-    wrong = locations.copy()
-    wrong.loc[axial, "instance_number"] = 1  # every axial row on the first slice
-    moved = axial_slices_from_canal(phantom_root, "train", wrong)
-    off = (moved.instance_number[axial].astype(int) - truth.instance_number[axial].astype(int)).abs()
+    truth, findings = _findings(frame)
+    axial = truth.condition.str.contains("subarticular").to_numpy()
+    wrong = findings.replace(axial, instance_number=1)  # every axial row on the first slice
+    moved = axial_slices_from_canal(wrong, SeriesStore(phantom_root, "train"))
+    off = np.abs(moved.instance_number[axial] - truth.instance_number[axial].astype(int).to_numpy())
     assert (off <= 1).mean() > 0.9 and (off == 0).mean() > 0.6
-    pd.testing.assert_frame_equal(moved[~axial], wrong[~axial])  # sagittal rows untouched
+    pd.testing.assert_frame_equal(moved.to_frame()[~axial], wrong.to_frame()[~axial])  # sagittal rows untouched
 
 
 def test_height_prior_centres_each_level_on_its_canal_point(phantom_root):
-    from spinemm.data.roi import StudySeries
-    from spinemm.locate import _height_prior
+    from spinemm.pipeline.locate import _height_prior
 
     frame = load_tables(phantom_root, "train")
-    truth = frame[frame.instance_number.notna()]
-    study = truth.study_id.iloc[0]
-    canal = truth[(truth.study_id == study) & (truth.condition == "spinal_canal_stenosis")]
-    foramen = truth[(truth.study_id == study) & (truth.condition == "left_neural_foraminal_narrowing")]
-    series = StudySeries(phantom_root, "train", study, "located")
-    t1 = series(foramen.series_id.iloc[0])
+    truth, findings = _findings(frame)
+    study = int(truth.study_id.iloc[0])
+    in_study = (truth.study_id == study).to_numpy()
+    canal = np.flatnonzero(in_study & (truth.condition == "spinal_canal_stenosis").to_numpy())
+    foramen = truth[in_study & (truth.condition == "left_neural_foraminal_narrowing").to_numpy()]
+    store = SeriesStore(phantom_root, "train")
+    t1 = store.get(study, foramen.series_id.iloc[0])
     grid, height = 16, t1.volume.shape[-2]
-    prior = _height_prior(canal, series, t1, grid, sd_mm=12.0)
+    prior = _height_prior(findings, canal, store, study, t1, grid, sd_mm=12.0)
     assert prior.shape == (len(LEVELS), grid, grid)
     assert torch.equal(prior[..., 0], prior[..., -1])  # a height prior: the same along each row
     peak_rows = (prior[..., 0].argmax(-1).float() + 0.5) / grid * height  # pixels of the T1 slice
-    anchored = set(canal.level)
+    anchored = set(truth.level.to_numpy()[canal])
     for row in foramen[foramen.level.isin(anchored)].itertuples():
         # the foramen sits beside its disc: within one cell (4 px, ~19 mm here) of its canal's height
         assert abs(float(peak_rows[LEVELS.index(row.level)]) - row.y) < height / grid, row.level
@@ -177,18 +183,16 @@ def test_height_prior_centres_each_level_on_its_canal_point(phantom_root):
         assert torch.equal(prior[LEVELS.index(level)], torch.zeros(grid, grid))
 
 
-def test_locate_levels_leaves_an_unreadable_series_as_it_was(trained_locator, phantom_root):
-    model, frame, _ = trained_locator
-    truth = frame[frame.instance_number.notna()]
-    locations = truth[["study_id", "condition", "level", "series_id", "instance_number", "x", "y"]].assign(confidence=0.5)
-    locations["instance_number"] = locations["instance_number"].astype("Int64")
-    study = int(locations.study_id.iloc[0])
-    broken = (locations.study_id == study) & (locations.condition == "spinal_canal_stenosis")
-    locations.loc[broken, "series_id"] = 999_999_999  # no such folder
+def test_locate_stage_leaves_an_unreadable_series_as_it_was(trained_locator):
+    stage, frame, _, run = trained_locator
+    truth, findings = _findings(frame)
+    study = int(truth.study_id.iloc[0])
+    broken = ((truth.study_id == study) & (truth.condition == "spinal_canal_stenosis")).to_numpy()
+    findings = findings.replace(broken, series_id=999_999_999)  # no such folder
     with pytest.warns(UserWarning, match=f"study {study} series 999999999: not located"):
-        located = locate_levels(model, phantom_root, "train", locations, progress=False)
-    pd.testing.assert_frame_equal(located[broken], locations[broken])
-    assert len(located) == len(locations)  # nothing dropped
+        located = stage.run(findings, run.store)
+    pd.testing.assert_frame_equal(located.to_frame()[broken], findings.to_frame()[broken])
+    assert len(located) == len(findings)  # nothing dropped
     # Without a canal point its axial rows keep their slices.
-    axial = (locations.study_id == study) & locations.condition.str.contains("subarticular")
-    assert (located.instance_number[axial] == locations.instance_number[axial]).all()
+    axial = ((truth.study_id == study) & truth.condition.str.contains("subarticular")).to_numpy()
+    np.testing.assert_array_equal(located.instance_number[axial], findings.instance_number[axial])

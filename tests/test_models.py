@@ -194,10 +194,10 @@ def test_save_load_identical(model, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
     x = torch.rand(2, C, H, H)
     torch.testing.assert_close(model.encode_image(x), loaded.encode_image(x), rtol=0, atol=0)
-    # same weights through create_model(name, pretrained=folder) and SpineCLIP.from_pretrained
+    # same weights through create_model(name, pretrained=folder) and load_model
     for other in (
         create_model("spine-tiny", pretrained=tmp_path / "m"),
-        SpineCLIP.from_pretrained(tmp_path / "m"),
+        load_model(tmp_path / "m"),
     ):
         torch.testing.assert_close(other.eval()(batch)["logits"], a["logits"], rtol=0, atol=0)
 

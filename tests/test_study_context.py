@@ -79,9 +79,13 @@ def test_unlabelled_rows_count_in_the_means_but_not_the_loss():
     assert np.isnan(fit_study_context(StudyContext(), grades))
 
 
-def test_configs_saved_before_the_study_context_load_without_it():
-    from spinemm.models.config import ModelConfig
+def test_configs_with_stages_attached_to_the_model_are_refused_by_name():
+    from spinemm.errors import SpineModelError
+    from spinemm.models.config import GraderConfig, ModelConfig
 
-    assert ModelConfig.from_dict({"grader": {"enabled": True, "size": 16}}).grader.study_context is False
-    assert ModelConfig.from_dict({"grader": {"study_context": True}}).grader.study_context is True
-    assert ModelConfig().grader.study_context is True  # new graders have it
+    # Saved before the staged pipeline: a grader that was off is simply dropped ...
+    assert ModelConfig.from_dict({"grader": {"enabled": False, "size": 16}}).name == "custom"
+    # ... one that was on cannot be loaded as the detect model alone, and says what to do.
+    with pytest.raises(SpineModelError, match="grader attached.*train_stages"):
+        ModelConfig.from_dict({"grader": {"enabled": True, "size": 16}})
+    assert GraderConfig().study_context is True  # new graders have it

@@ -28,6 +28,7 @@ import os
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +39,11 @@ from safetensors.torch import save as save_tensors
 
 from spinemm.errors import SpineDataError
 
+from .series import Series
 from .transforms import INTENSITY_PERCENTILES, PreprocessedSeries, preprocess_series
 
 #: Bump when the preprocessing or the entry layout changes: old entries are then never read.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: stacks are made from the float16 windowed series of SeriesStore
 _RACY_NS = 2_000_000_000
 _ARRAYS = ("image", "indices", "instance_numbers", "source_instance_numbers")
 
@@ -89,7 +91,7 @@ def entry_key(content: str, num_slices: int, image_size: int, channels: str) -> 
     return hashlib.blake2b(blob.encode(), digest_size=20).hexdigest()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
     """Write to a temp file next to ``path``, then rename over it (atomic on POSIX and Windows)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -128,12 +130,14 @@ class SeriesCache:
         return f"SeriesCache({str(self.cache_dir)!r}, {counts})"
 
     def load(
-        self, series_dir: str | os.PathLike, num_slices: int, image_size: int, channels: str = "2.5d"
+        self, series_dir: str | os.PathLike, num_slices: int, image_size: int, channels: str = "2.5d",
+        source: Callable[[], Series] | None = None,
     ) -> PreprocessedSeries:
         """The preprocessed series, from the cache when its files and parameters match.
 
-        On a miss the series is decoded with ``read_series`` (which raises SpineDataError for bad
-        DICOM), preprocessed and stored.
+        On a miss the series comes from ``source()`` (a :class:`~spinemm.data.store.SeriesStore`
+        passes its own copy, so the series is decoded once for every stage) or else
+        ``read_series`` (which raises SpineDataError for bad DICOM); it is preprocessed and stored.
         """
         from .dicom import read_series  # deferred: dicom.py pulls in pydicom
 
@@ -146,7 +150,7 @@ class SeriesCache:
                 self.hits += 1
                 return entry
         self.misses += 1
-        series = read_series(series_dir)
+        series = read_series(series_dir) if source is None else source()
         self.decodes += 1
         entry = preprocess_series(series, num_slices, image_size, channels)
         self._write(path, entry, series_dir)
@@ -176,7 +180,7 @@ class SeriesCache:
             "content": content,
             "trusted": all(now - mtime > _RACY_NS for _, _, mtime in signature),
         }
-        _write_atomic(index, json.dumps(record).encode())
+        write_atomic(index, json.dumps(record).encode())
         return content
 
     def _write(self, path: Path, entry: PreprocessedSeries, series_dir: Path) -> None:
@@ -197,7 +201,7 @@ class SeriesCache:
             "pixel_spacing": list(entry.pixel_spacing),
             "slice_spacing": entry.slice_spacing,
         }
-        _write_atomic(path, save_tensors(tensors, metadata={"spinemm": json.dumps(meta)}))
+        write_atomic(path, save_tensors(tensors, metadata={"spinemm": json.dumps(meta)}))
 
     def _read(self, path: Path, image_shape: tuple[int, int, int, int]) -> PreprocessedSeries | None:
         """The entry at ``path``, or None (with a warning) when it is truncated or malformed."""

@@ -25,6 +25,7 @@ from spinemm.errors import SpineDataError
 from spinemm.text import QUERY_TEXTS
 
 from .cache import SeriesCache
+from .store import SeriesStore
 from .tables import load_tables, series_path
 from .transforms import (
     CHANNEL_MODES,
@@ -32,7 +33,6 @@ from .transforms import (
     PreprocessedSeries,
     augment_plane,
     nearest_slice,
-    preprocess_series,
 )
 
 _FRAME_COLUMNS = ("study_id", "target", "label", "series_id", "candidate_series", "instance_number", "x", "y")
@@ -102,7 +102,9 @@ class SpineDataset(torch.utils.data.Dataset):
         channels: ``"2.5d"`` (neighbours s-1, s, s+1 of the original stack) or ``"single"``.
         augment: False, True (default :class:`AugmentConfig`) or an :class:`AugmentConfig`.
         cache_dir: a directory (or a :class:`SeriesCache`) for preprocessed series; None decodes
-            DICOM on every access.
+            DICOM on every access (unless ``store`` keeps the series in memory).
+        store: the :class:`~spinemm.data.store.SeriesStore` to take series from, shared with the
+            other stages of a run (its cache folder is then used, and ``cache_dir`` must be None).
         frame: a :func:`load_tables` frame to use instead of reading ``root``'s tables.
         seed: base seed of the augmentations; sample ``i`` of epoch ``e`` draws from a generator
             seeded with ``(seed, e, i)``, so runs repeat exactly (see :meth:`set_epoch`).
@@ -124,6 +126,7 @@ class SpineDataset(torch.utils.data.Dataset):
         frame: pd.DataFrame | None = None,
         seed: int = 0,
         on_bad_series: str | None = None,
+        store: SeriesStore | None = None,
     ) -> None:
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -138,9 +141,12 @@ class SpineDataset(torch.utils.data.Dataset):
         self.split = split
         self.num_slices, self.image_size, self.channels = int(num_slices), int(image_size), channels
         self.augment = AugmentConfig() if augment is True else (augment or None)
-        self.cache = (
-            cache_dir if isinstance(cache_dir, SeriesCache) or cache_dir is None else SeriesCache(cache_dir)
-        )
+        if store is not None and cache_dir is not None:
+            raise ValueError("pass cache_dir or store, not both (the store has its own cache folder)")
+        if store is not None and (store.root != self.root or store.split != split):
+            raise ValueError(f"the store reads {store.split} of {store.root}, not {split} of {self.root}")
+        self.store = store if store is not None else SeriesStore(self.root, split, cache_dir=cache_dir)
+        self.cache = self.store.cache
         self.seed, self.epoch = int(seed), 0
         self.on_bad_series = on_bad_series
         self.frame = load_tables(self.root, split) if frame is None else frame
@@ -192,11 +198,7 @@ class SpineDataset(torch.utils.data.Dataset):
         if path in self._bad:
             return None
         try:
-            if self.cache is not None:
-                return self.cache.load(path, self.num_slices, self.image_size, self.channels)
-            from .dicom import read_series  # deferred: pydicom is only needed when decoding
-
-            return preprocess_series(read_series(path), self.num_slices, self.image_size, self.channels)
+            return self.store.stack(study_id, series_id, self.num_slices, self.image_size, self.channels)
         except SpineDataError as err:
             if self.on_bad_series == "raise":
                 raise

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ..constants import CONDITION_PLANE, LEVELS, PLANES
 from .roi import label_slice, labelled_volumes
+from .store import SeriesStore
 
 __all__ = ["locator_input", "LevelSlices"]
 
@@ -47,11 +48,13 @@ class LevelSlices:
     """
 
     def __init__(self, root: str | Path, frame: pd.DataFrame, study_ids: Sequence[int], *, size: int,
-                 context: int = 1, split: str = "train", progress: bool = True) -> None:
+                 context: int = 1, split: str = "train", progress: bool = True,
+                 store: SeriesStore | None = None) -> None:
         rows = frame[frame["study_id"].isin([int(s) for s in study_ids])
                      & frame["condition"].isin(SAGITTAL_CONDITIONS) & frame["instance_number"].notna()]
         slices, points, masks, planes, mm = [], [], [], [], []
-        for study_id, path, series, volume, group in labelled_volumes(root, split, rows, "locator slices", progress):
+        store = store if store is not None else SeriesStore(root, split)
+        for study_id, path, series, volume, group in labelled_volumes(store, rows, "locator slices", progress):
             height, width = volume.shape[-2:]
             for (condition, instance), labelled in group.groupby(["condition", "instance_number"], sort=True):
                 index = label_slice(series, path, instance, study_id, condition)

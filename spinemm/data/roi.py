@@ -11,16 +11,13 @@ on the finding, with a side fixed in millimetres so every scanner's crop covers 
 - :class:`ROIWindows`: every labelled point of some studies, cut once with a margin in space and
   slices, so training draws shifted crops (the jitter that makes the grader tolerate the first
   stage's location errors) without decoding a DICOM again.
-- :func:`labelled_volumes` / :func:`label_slice`: the labelled series of some studies, each read
-  and windowed once, and a label's slice in one (for ``ROIWindows`` and the locator's
-  ``LevelSlices``).
-- :class:`StudySeries`: one study's series at inference, each read and windowed once; an
-  unreadable one is skipped with a warning naming it.
+- :func:`labelled_volumes` / :func:`label_slice`: the labelled series of some studies, taken from
+  a :class:`~spinemm.data.store.SeriesStore`, and a label's slice in one (for ``ROIWindows`` and
+  the locator's ``LevelSlices``).
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -31,18 +28,16 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import SpineDataError
-from .dicom import read_series
 from .series import Series
-from .tables import series_path
-from .transforms import intensity_window, to_unit_range
+from .store import SeriesStore, windowed
 
-__all__ = ["normalized_volume", "crop_roi", "ROIWindows", "labelled_volumes", "label_slice", "StudySeries"]
+__all__ = ["normalized_volume", "crop_roi", "ROIWindows", "labelled_volumes", "label_slice"]
 
 
 def normalized_volume(series: Series) -> torch.Tensor:
-    """float32 ``[S, H, W]`` in [0, 1]: the series' 0.5/99.5 percentile window, as the fusion model sees."""
-    volume = np.asarray(series.volume, dtype=np.float32)
-    return to_unit_range(volume, intensity_window(volume))
+    """float16 ``[S, H, W]`` in [0, 1]: the series' 0.5/99.5 percentile window, as every stage sees
+    it (a :class:`~spinemm.data.store.SeriesStore` series is already windowed: no copy)."""
+    return torch.from_numpy(windowed(series).volume)
 
 
 def crop_roi(volume: torch.Tensor, pixel_spacing: Sequence[float], index: int, x: float, y: float,
@@ -83,7 +78,7 @@ class ROIWindows:
 
     def __init__(self, root: str | Path, frame: pd.DataFrame, study_ids: Sequence[int], *, side_mm: float,
                  size: int, context: int = 1, shift: float = 0.1, slice_jitter: int = 1, split: str = "train",
-                 progress: bool = True) -> None:
+                 progress: bool = True, store: SeriesStore | None = None) -> None:
         self.size, self.context, self.slice_jitter = int(size), int(context), int(slice_jitter)
         self.pad = int(round(shift * self.size))
         rows = frame[frame["study_id"].isin([int(s) for s in study_ids])]
@@ -94,7 +89,8 @@ class ROIWindows:
         offsets = range(-reach, reach + 1)
         outer = self.size + 2 * self.pad
         windows, targets, labels, studies = [], [], [], []
-        for study_id, path, series, volume, group in labelled_volumes(root, split, rows, "ROI windows", progress):
+        store = store if store is not None else SeriesStore(root, split)
+        for study_id, path, series, volume, group in labelled_volumes(store, rows, "ROI windows", progress):
             for row in group.itertuples(index=False):
                 index = label_slice(series, path, row.instance_number, study_id, row.column)
                 window = crop_roi(volume, series.pixel_spacing, index, row.x, row.y,
@@ -130,15 +126,14 @@ class ROIWindows:
         return crops, torch.cat([xy, (self.slice_jitter - dk).float()[:, None]], dim=-1)
 
 
-def labelled_volumes(root: str | Path, split: str, rows: pd.DataFrame, desc: str,
+def labelled_volumes(store: SeriesStore, rows: pd.DataFrame, desc: str,
                      progress: bool = True) -> Iterator[tuple[int, Path, Series, torch.Tensor, pd.DataFrame]]:
     """``(study_id, path, series, normalized volume, rows of that series)`` for each (study, series)
-    of the label ``rows``, in sorted order; each series is read once, from validated integer ids."""
+    of the label ``rows``, in sorted order, taken from ``store`` (each series decoded once per run)."""
     groups = rows.groupby(["study_id", "series_id"], sort=True)
     for (study_id, series_id), group in tqdm(groups, desc=desc, unit="series", disable=not progress):
-        path = series_path(root, split, int(study_id), int(series_id))
-        series = read_series(path)
-        yield int(study_id), path, series, normalized_volume(series), group
+        series = store.get(int(study_id), int(series_id))
+        yield int(study_id), store.path(study_id, series_id), series, normalized_volume(series), group
 
 
 def label_slice(series: Series, path: Path, instance: float, study_id: int, what: str) -> int:
@@ -148,31 +143,3 @@ def label_slice(series: Series, path: Path, instance: float, study_id: int, what
         raise SpineDataError(f"{path}: no slice with InstanceNumber {int(instance)} "
                              f"(train_label_coordinates.csv, study {study_id}, {what})")
     return index
-
-
-class StudySeries:
-    """The series of one study at inference, each read and windowed (:func:`normalized_volume`)
-    once. A series that cannot be read is ``None``, with a warning that names it and says what was
-    not done (``action``: "graded", "located")."""
-
-    def __init__(self, root: str | Path, split: str, study_id: int, action: str) -> None:
-        self.root, self.split, self.study_id, self.action = root, split, int(study_id), action
-        self._series: dict[int, Series | None] = {}
-        self._volumes: dict[int, torch.Tensor] = {}
-
-    def __call__(self, series_id: int) -> Series | None:
-        series_id = int(series_id)
-        if series_id not in self._series:
-            try:
-                self._series[series_id] = read_series(series_path(self.root, self.split, self.study_id, series_id))
-            except (SpineDataError, OSError) as err:
-                warnings.warn(f"study {self.study_id} series {series_id}: not {self.action} ({err})", stacklevel=3)
-                self._series[series_id] = None
-        return self._series[series_id]
-
-    def volume(self, series_id: int) -> torch.Tensor:
-        """The normalized volume of a series that :meth:`__call__` read."""
-        series_id = int(series_id)
-        if series_id not in self._volumes:
-            self._volumes[series_id] = normalized_volume(self._series[series_id])
-        return self._volumes[series_id]

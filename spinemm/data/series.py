@@ -34,6 +34,10 @@ class Series:
     pixel_spacing: tuple[float, float]  # (row_mm, col_mm) = PixelSpacing
     slice_spacing: float  # median gap between slices along the normal, mm
     files: list[Path] = field(default_factory=list)  # in sorted order
+    # False: ``volume`` holds physical intensities (read_series). True: it holds the series'
+    # 0.5/99.5 percentile window mapped to [0, 1] as float16, the form every stage reads
+    # (:class:`~spinemm.data.store.SeriesStore` keeps series this way).
+    windowed: bool = False
 
     def _slice_origin(self, k: np.ndarray) -> np.ndarray:
         """Patient position of pixel (0, 0) at fractional slice index ``k`` [N] -> [N, 3].

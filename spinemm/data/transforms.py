@@ -124,7 +124,9 @@ def preprocess_series(
     feeds = channel_indices(indices, num_source, channels)  # [S, 3]
     # normalise and resize each needed source slice once, then gather the channels
     needed, inverse = np.unique(feeds, return_inverse=True)
-    normed = to_unit_range(volume[needed], intensity_window(volume))
+    # a windowed series (SeriesStore) is already in [0, 1]: the window is the identity
+    window = (0.0, 1.0) if getattr(series, "windowed", False) else intensity_window(volume)
+    normed = to_unit_range(volume[needed], window)
     resized = resize_slices(normed, image_size)  # [U, size, size]
     image = resized[torch.from_numpy(inverse.reshape(feeds.shape))]  # [S, 3, size, size]
     source_instances = np.asarray(series.instance_numbers, dtype=np.int64)

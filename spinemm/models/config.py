@@ -104,10 +104,9 @@ class FusionConfig:
 
 @dataclass
 class GraderConfig:
-    """Second stage (``spinemm.models.grader``): grade 2.5D crops of the original slices at each
-    finding's predicted location. Off until :meth:`SpineCLIP.add_grader` turns it on."""
+    """The grade stage's model (``spinemm.models.grader``, run by ``spinemm.pipeline.GradeStage``):
+    grade 2.5D crops of the original slices at each finding's located point."""
 
-    enabled: bool = False
     side_mm: float = 60.0  # side of the crop in patient millimetres
     size: int = 32  # pixels the crop is resampled to
     context: int = 1  # neighbouring original slices on each side (channels = 1 + 2 * context)
@@ -129,13 +128,13 @@ class GraderConfig:
 class LocatorConfig:
     """Second-stage localiser (``spinemm.models.locator``): a heatmap per disc level on whole
     sagittal slices at ``size`` pixels, where the fusion model's coarse patch grid (about one cell
-    per disc on the tiny preset) confuses neighbouring levels. Off until
-    :meth:`SpineCLIP.add_locator` turns it on."""
+    per disc on the tiny preset) confuses neighbouring levels (run by ``spinemm.pipeline.LocateStage``)."""
 
-    enabled: bool = False
     size: int = 96  # pixels each sagittal slice is resampled to; the heatmaps are size / 4 a side
     context: int = 1  # neighbouring slices on each side (channels = 1 + 2 * context)
     channels: tuple[int, ...] = (16, 32, 64, 96)  # conv stages, each halving the side
+    # sd (mm) of the Gaussian that holds each foramen's level near its level's canal height; None: off
+    prior_mm: float | None = 12.0
 
     def __post_init__(self) -> None:
         self.channels = tuple(int(c) for c in self.channels)  # JSON gives a list
@@ -156,14 +155,16 @@ class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
-    grader: GraderConfig = field(default_factory=GraderConfig)
-    locator: LocatorConfig = field(default_factory=LocatorConfig)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
         """Strict parse: unknown keys raise :class:`SpineModelError` naming the key."""
-        sections = {"vision": VisionConfig, "text": TextConfig, "fusion": FusionConfig, "grader": GraderConfig,
-                    "locator": LocatorConfig}
+        sections = {"vision": VisionConfig, "text": TextConfig, "fusion": FusionConfig}
+        data = dict(data)
+        for stage in ("grader", "locator"):  # saved before 0.2, when the stages hung off the model
+            if (data.pop(stage, None) or {}).get("enabled"):
+                raise SpineModelError(f"this model was saved with a {stage} attached to it, by a spinemm before "
+                                      f"0.2 (no staged pipeline); retrain the second stages (recipes/train_stages.py)")
         top = _check_keys(cls, data, "")
         for key, sub in sections.items():
             if key in top:
@@ -172,8 +173,6 @@ class ModelConfig:
                     raise SpineModelError(
                         f"model config key {key!r} must be a mapping, got {type(value).__name__}"
                     )
-                if key == "grader" and "study_context" not in value:
-                    value = {**value, "study_context": False}  # saved before the study context existed
                 top[key] = sub(**_check_keys(sub, value, key + "."))
         cfg = cls(**top)
         for attr in ("mean", "std"):

@@ -15,7 +15,6 @@ Dual encoder: :meth:`encode_image` (pooled vision of single images -> ``image_pr
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -32,9 +31,7 @@ from ..text import QUERY_TEXTS
 from .base import SliceEncoder
 from .config import ModelConfig
 from .fusion import QueryDecoder, SlicePlaneEmbedding
-from .grader import ROIGrader
 from .heads import LocationHead, SeverityHead, crop_at, decode_location, pool_at_location
-from .locator import LevelLocator
 from .towers import TextTower
 
 CONFIG_NAME = "config.json"
@@ -82,10 +79,6 @@ class SpineCLIP(nn.Module):
         self.roi_proj = nn.Linear(config.embed_dim, dim) if config.fusion.roi_crop > 0 else None
         self.severity_head = SeverityHead(dim, NUM_CLASSES, inputs=3 if self.roi_proj is not None else 2)
         self.location_head = LocationHead(dim, config.fusion.loc_dim)
-        # Second stage, off until add_grader: grades crops of the original slices (predict() runs it).
-        self.grader = ROIGrader(config.grader, dim, NUM_CLASSES) if config.grader.enabled else None
-        # Second-stage localiser, off until add_locator: disc levels on whole sagittal slices.
-        self.locator = LevelLocator(config.locator) if config.locator.enabled else None
 
     # ------------------------------------------------------------------------------- properties
     @property
@@ -225,50 +218,6 @@ class SpineCLIP(nn.Module):
             "query_embeds": decoded,  # [B, 25, D]
         }
 
-    # ------------------------------------------------------------------------------- ROI grader
-    def add_grader(self, **options: Any) -> ROIGrader:
-        """Turn on the second stage: a fresh :class:`~spinemm.models.grader.ROIGrader` built from
-        ``GraderConfig`` fields (``side_mm``, ``size``, ``context``, ``backbone``, ...), recorded in
-        ``config.grader`` so :meth:`save_pretrained` / ``load_model`` keep it."""
-        self._enable("grader", options)
-        device = next(self.parameters()).device
-        self.grader = ROIGrader(self.config.grader, self.config.fusion.dim, NUM_CLASSES).to(device)
-        return self.grader
-
-    def _enable(self, section: str, options: dict[str, Any]) -> None:
-        """Set ``config.<section>`` to its current fields updated by ``options``, with enabled=True."""
-        current = getattr(self.config, section)
-        try:
-            setattr(self.config, section, dataclasses.replace(current, **options, enabled=True))
-        except TypeError as err:
-            valid = sorted(f.name for f in dataclasses.fields(current))
-            raise SpineModelError(f"add_{section}: {err}; valid options: {valid}") from None
-
-    def grade(self, crops: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The grader on ROI crops [N, C, size, size] (``spinemm.data.roi``), each for label column
-        ``targets [N]`` (0..24), conditioned on that column's query text: ``{"logits": [N, 3],
-        "offset": [N, 3]}``, the offset being where the finding lies from the crop centre: x, y as
-        fractions of the crop side, and slices."""
-        return self.grade_with(crops, targets, self.grader_queries())
-
-    def grader_queries(self) -> torch.Tensor:
-        """The 25 query embeddings [25, dim] the grader is conditioned on; compute once, grade many."""
-        if self.grader is None:
-            raise SpineModelError("this model has no ROI grader; call add_grader() and train it (train_grader)")
-        return self.encode_queries(None, 1)[0]
-
-    def grade_with(self, crops: torch.Tensor, targets: torch.Tensor, queries: torch.Tensor) -> dict[str, torch.Tensor]:
-        """:meth:`grade` with the query embeddings of :meth:`grader_queries` already computed."""
-        return self.grader(crops, queries[targets.to(queries.device)])
-
-    def add_locator(self, **options: Any) -> LevelLocator:
-        """Turn on the level locator: a fresh :class:`~spinemm.models.locator.LevelLocator` built
-        from ``LocatorConfig`` fields (``size``, ``context``, ``channels``), recorded in
-        ``config.locator`` so :meth:`save_pretrained` / ``load_model`` keep it."""
-        self._enable("locator", options)
-        self.locator = LevelLocator(self.config.locator).to(next(self.parameters()).device)
-        return self.locator
-
     # -------------------------------------------------------------------------------- save/load
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write ``config.json`` (model + preprocess config), ``model.safetensors`` and tokenizer files."""
@@ -288,10 +237,3 @@ class SpineCLIP(nn.Module):
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(str(out))
         return out
-
-    @classmethod
-    def from_pretrained(cls, source: str | os.PathLike) -> SpineCLIP:
-        """Load a folder written by :meth:`save_pretrained`, or a hub repo holding one."""
-        from .factory import load_model
-
-        return load_model(source)

@@ -1,5 +1,6 @@
-"""Training with accelerate: configs, the severity loop, contrastive pretraining, the backbone
-comparison, evaluation and atomic checkpoints. The recipes in ``recipes/`` are thin wrappers::
+"""Training with accelerate: configs, the severity loop (the detect stage), contrastive pretraining,
+the later pipeline stages (locate, grade), the backbone comparison, evaluation and atomic
+checkpoints. The recipes in ``recipes/`` are thin wrappers::
 
     from spinemm.training import load_config, train_severity
     result = train_severity(load_config("recipes/configs/tiny.yaml", ["train.epochs=2"]))
@@ -17,9 +18,10 @@ _LAZY = {
     "save_config": "spinemm.training.config",
     "train_severity": "spinemm.training.loop",
     "pretrain_clip": "spinemm.training.pretrain",
-    "train_grader": "spinemm.training.grader",
+    "train_stages": "spinemm.training.stages",
+    "train_grade": "spinemm.training.grader",
+    "train_locate": "spinemm.training.locator",
     "fit_study_context": "spinemm.training.study_context",
-    "fit_locator": "spinemm.training.locator",
     "compare_backbones": "spinemm.training.compare",
     "evaluate_model": "spinemm.training.evaluate",
     "severity_metrics": "spinemm.training.evaluate",

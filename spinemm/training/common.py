@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import SpineDataError, SpineModelError
-from ..inference import preprocess_settings
+from ..pipeline.detect import preprocess_settings
 
 
 def prepare_root(config: dict[str, Any], accelerator: Any) -> Path:
@@ -105,14 +105,15 @@ def build_model(config: dict[str, Any]) -> torch.nn.Module:
 
 
 def make_datasets(root: Path, frame: Any, train_ids: list[int], val_ids: list[int], model: torch.nn.Module,
-                  config: dict[str, Any]) -> tuple[Any, Any]:
+                  config: dict[str, Any], store: Any = None) -> tuple[Any, Any]:
     """Train (augmented when ``data.augment``) and val :class:`~spinemm.data.SpineDataset` built
     for the model's preprocessing."""
     from ..data.dataset import SpineDataset
 
     pre = preprocess_settings(model)
     data = config["data"]
-    common = {**pre, "cache_dir": data["cache_dir"], "frame": frame}
+    common = {**pre, "store": store, "frame": frame} if store is not None else \
+        {**pre, "cache_dir": data["cache_dir"], "frame": frame}
     train = SpineDataset(root, "train", study_ids=train_ids, augment=bool(data["augment"]),
                          seed=int(config["train"]["seed"]), **common)
     val = SpineDataset(root, "train", study_ids=val_ids, augment=False, **common)
@@ -158,15 +159,18 @@ class Run:
     frame: Any  # load_tables(root, "train")
     train_ids: list[int]
     val_ids: list[int]
-    model: torch.nn.Module
+    model: torch.nn.Module | None
+    store: Any = None  # the SeriesStore every dataset of the run reads from (each series decoded once)
     train_loader: Any = None
     sampler: Any = None
     val_loader: Any = None
 
 
-def start_run(config: dict[str, Any]) -> Run:
+def start_run(config: dict[str, Any], model: bool = True) -> Run:
     """Accelerator, resolved config saved beside the outputs, seeded RNGs, the data root (a phantom
-    written first when asked), the label tables, the study split and the model; no loaders yet."""
+    written first when asked), the label tables, the study split, the series store (over
+    ``data.cache_dir``) and, with ``model``, the model; no loaders yet."""
+    from ..data.store import SeriesStore
     from ..data.tables import load_tables
     from .config import save_config
     from .engine import make_accelerator
@@ -179,7 +183,9 @@ def start_run(config: dict[str, Any]) -> Run:
     root = prepare_root(config, accelerator)
     frame = load_tables(root, "train")
     train_ids, val_ids = split_studies(frame, config)
-    return Run(config, accelerator, output_dir, root, frame, train_ids, val_ids, build_model(config))
+    store = SeriesStore(root, "train", cache_dir=config["data"]["cache_dir"])
+    return Run(config, accelerator, output_dir, root, frame, train_ids, val_ids,
+               build_model(config) if model else None, store)
 
 
 def setup_run(config: dict[str, Any]) -> Run:
@@ -188,7 +194,7 @@ def setup_run(config: dict[str, Any]) -> Run:
     from .engine import make_loader
 
     run = start_run(config)
-    train_set, val_set = make_datasets(run.root, run.frame, run.train_ids, run.val_ids, run.model, config)
+    train_set, val_set = make_datasets(run.root, run.frame, run.train_ids, run.val_ids, run.model, config, run.store)
     data, seed = config["data"], int(config["train"]["seed"])
     run.train_loader, run.sampler = make_loader(train_set, int(data["batch_size"]), collate, seed, shuffle=True,
                                                 num_workers=int(data["num_workers"]))

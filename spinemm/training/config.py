@@ -25,7 +25,7 @@ import yaml
 from ..errors import SpineModelError
 
 #: Every key the recipes read, with its default. Sections: model, data, split, train, optim, lora,
-#: checkpoint, log, pretrain, grader, locator, compare; plus top-level output_dir, init_from, resume.
+#: checkpoint, log, pretrain, pipeline, grader, locator, compare; plus top-level output_dir, init_from, resume.
 DEFAULTS: dict[str, Any] = {
     "output_dir": "runs/severity",
     "init_from": None,  # a model dir (e.g. pretrain_clip's output/model) to start from
@@ -90,23 +90,28 @@ DEFAULTS: dict[str, Any] = {
         "balanced": True,  # draw pairs in inverse proportion to their severity's frequency
         "positives": "severity",  # severity: same-severity pairs are positives | text: same prompt | pair
     },
-    "grader": {  # recipes/train_grader.py: the ROI grader on crops of the original slices
-        "output_dir": "runs/grader",
+    "pipeline": {  # recipes/train_stages.py: the stages after detect (init_from: the detect model or a pipeline)
+        "output_dir": "runs/pipeline",
+        "stages": ["locate", "grade"],  # which to train, in order; e.g. stages=[grade] keeps init_from's locate
+    },
+    "grader": {  # the grade stage: the ROI grader on crops of the original slices
         "epochs": 15,
         "lr": 2.0e-3,
         "weight_decay": 0.01,
         "batch_size": 64,
         "shift": 0.2,  # largest crop shift, a fraction of the crop side (about the localiser's error)
         "slice_jitter": 1,  # largest shift in original slices
+        "stop_at_step": None,  # stop this stage after this many steps as if killed (resume tests)
         "model": {},  # GraderConfig options: side_mm, size, context, backbone, channels, study_context
     },
-    "locator": {  # the level locator on whole sagittal slices, trained first by train_grader
-        "epochs": 20,  # 0: no locator (the grader reads the fusion model's locations as they are)
+    "locator": {  # the locate stage: the level locator on whole sagittal slices
+        "epochs": 20,
         "lr": 3.0e-3,
         "weight_decay": 1.0e-4,
         "batch_size": 32,
         "shift": 0.1,  # largest random shift of a training slice, a fraction of its side
-        "model": {},  # LocatorConfig options: size, context, channels
+        "stop_at_step": None,  # stop this stage after this many steps as if killed (resume tests)
+        "model": {},  # LocatorConfig options: size, context, channels, prior_mm
     },
     "compare": {  # recipes/compare_backbones.py
         "output_dir": "runs/compare",

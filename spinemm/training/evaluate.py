@@ -125,13 +125,14 @@ def write_predictions(result: dict[str, Any], directory: str | Path, prefix: str
     """Write ``{prefix}submission.csv`` (Kaggle format), ``{prefix}solution.csv`` (the labels, to
     rescore with ``spinemm evaluate``) and ``{prefix}locations.csv`` (predicted locations in the
     original pixels) under ``directory``; returns the paths."""
-    from ..inference import locations_to_pixels  # deferred: inference imports the data pipeline
+    from ..pipeline.detect import findings_from_outputs
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = {name: directory / f"{prefix}{name}.csv" for name in ("submission", "solution", "locations")}
     result["submission"].to_csv(paths["submission"], index=False)
     solution_frame(result["study_ids"], result["labels"]).to_csv(paths["solution"], index=False)
-    locations: pd.DataFrame = locations_to_pixels(result["location"], result["location_confidence"], result["meta"])
+    locations: pd.DataFrame = findings_from_outputs(result["location"], result["location_confidence"],
+                                                    result["meta"]).to_frame()
     locations.to_csv(paths["locations"], index=False)
     return paths

@@ -1,84 +1,53 @@
-"""Train the level locator (``spinemm.models.locator``) on the labelled sagittal slices.
+"""Train the locate stage (``spinemm.pipeline.LocateStage``) on the labelled sagittal slices.
 
-``fit_locator`` is the first step of ``train_grader`` (the second stage) when ``locator.epochs``
-is above 0: the grader's study context is fitted at the locations the two stages will predict, so
-the locator must be ready first. Each training slice is shifted at random by up to
-``locator.shift`` of its side (the label points move with it) and its contrast bent by a random
-gamma, so the locator learns where a level sits relative to the other discs, not where the
-training spines happened to lie in the field of view. The epoch with the lowest validation loss is
-kept; its validation errors are reported in millimetres.
+Each training slice is shifted at random by up to ``locator.shift`` of its side (the label points
+move with it) and its contrast bent by a random gamma, so the locator learns where a level sits
+relative to the other discs, not where the training spines happened to lie in the field of view.
+Training runs through the engine (:mod:`.stage_fit`); the epoch with the lowest validation loss is
+kept and its validation errors are reported in millimetres.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from torch.utils.data import Dataset
 
+from ..data.level_slices import LevelSlices
+from ..errors import SpineModelError
 from ..losses import heatmap_loss
-from .common import epoch_shard
-from .engine import make_scheduler
+from ..models.config import LocatorConfig
+from ..models.locator import decode_heatmaps
+from ..pipeline.locate import LocateStage
+from .stage_fit import fit_stage, item_generator
 
 # Weight of heatmap_loss's L1 term (normalised units, ~0.01) beside its cross-entropy over cells.
 COORD_WEIGHT = 2.0
 
 
-def fit_locator(model: torch.nn.Module, root: Path, frame: pd.DataFrame, train_ids: list[int], val_ids: list[int],
-                options: dict[str, Any], accelerator: Any, seed: int, progress: bool = True) -> dict[str, Any]:
-    """Add a locator to ``model`` (``options["model"]``: ``LocatorConfig`` fields) and train it for
-    ``options["epochs"]``; returns ``{"history": [...], "metrics": {...}}`` with the kept epoch's
-    validation loss, median error and share of levels within 5 mm."""
-    from ..data.level_slices import LevelSlices
-    from ..errors import SpineModelError
+class LocatorSamples(Dataset):
+    """Item ``i`` of :class:`~spinemm.data.level_slices.LevelSlices`, shifted and gamma-bent by a
+    generator seeded with ``(seed, epoch, i)``: ``{"slices", "points", "mask", "plane"}``."""
 
-    locator = model.add_locator(**(options.get("model") or {}))
-    cfg = model.config.locator
-    data_args = {"size": cfg.size, "context": cfg.context, "progress": progress}
-    train_set = LevelSlices(root, frame, train_ids, **data_args)
-    val_set = LevelSlices(root, frame, val_ids, **data_args)
-    if len(train_set) == 0:
-        raise SpineModelError(f"no labelled sagittal coordinates in the {len(train_ids)} training studies under {root}")
-    device = accelerator.device
-    locator.to(device)
-    optimizer = torch.optim.AdamW(locator.parameters(), lr=float(options["lr"]), weight_decay=float(options["weight_decay"]))
-    batch_size, world, epochs = int(options["batch_size"]), accelerator.num_processes, int(options["epochs"])
-    per_process = len(train_set) // world
-    steps_per_epoch = max(1, math.ceil(per_process / batch_size))
-    scheduler = make_scheduler(optimizer, epochs * steps_per_epoch, 0.1)  # 10% warmup, then cosine
-    wrapped, optimizer, scheduler = accelerator.prepare(locator, optimizer, scheduler)
+    def __init__(self, slices: LevelSlices, shift: float, seed: int = 0) -> None:
+        self.slices, self.shift, self.seed, self.epoch = slices, float(shift), int(seed), 0
 
-    history, best_loss, best_state, kept = [], math.inf, None, {}
-    generator = torch.Generator().manual_seed(seed)
-    for epoch in range(1, epochs + 1):
-        wrapped.train()
-        local = epoch_shard(len(train_set), accelerator, generator)
-        total = 0.0
-        for start in tqdm(range(0, len(local), batch_size), desc=f"locator epoch {epoch}/{epochs}", disable=not progress):
-            index = local[start:start + batch_size]
-            slices, points, mask = augment(train_set.slices[index].float(), train_set.points[index],
-                                           train_set.mask[index], float(options["shift"]), generator)
-            logits = wrapped(slices.to(device), train_set.planes[index].to(device))
-            loss = _loss(logits, points.to(device), mask.to(device))
-            accelerator.backward(loss)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-            total += float(loss.detach()) * len(index)
-        record = {"epoch": epoch, "train_loss": total / max(1, len(local)), **evaluate_locator(locator, val_set)}
-        history.append(record)
-        if not record["val_loss"] >= best_loss:  # NaN (no val slices) keeps the last epoch
-            best_loss, best_state, kept = record["val_loss"], copy.deepcopy(locator.state_dict()), record
-    if best_state is not None:
-        locator.load_state_dict(best_state)
-    metrics = {f"locator_{k}": v for k, v in kept.items() if k != "train_loss"}
-    return {"history": history, "metrics": {**metrics, "locator_train_slices": len(train_set),
-                                            "locator_val_slices": len(val_set)}}
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.slices)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        data = self.slices
+        part = slice(int(index), int(index) + 1)
+        slices, points, mask = augment(data.slices[part].float(), data.points[part], data.mask[part], self.shift,
+                                       item_generator(self.seed, self.epoch, index))
+        return {"slices": slices[0], "points": points[0], "mask": mask[0], "plane": data.planes[index]}
 
 
 def augment(slices: torch.Tensor, points: torch.Tensor, mask: torch.Tensor, shift: float,
@@ -99,31 +68,59 @@ def augment(slices: torch.Tensor, points: torch.Tensor, mask: torch.Tensor, shif
     return slices, points, mask
 
 
-def _loss(logits: torch.Tensor, points: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def locator_loss(logits: torch.Tensor, points: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return heatmap_loss(logits, points, mask, coord_weight=COORD_WEIGHT)
 
 
-@torch.no_grad()
-def evaluate_locator(locator: torch.nn.Module, slices: Any, batch_size: int = 64) -> dict[str, float]:
-    """Validation loss, median in-plane error (mm) and share of labelled levels within 5 mm;
-    NaN without labelled slices."""
-    from ..models.locator import decode_heatmaps
+def locate_step(stage: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """batch -> (heatmap loss, {}) for the engine."""
+    return locator_loss(stage(batch["slices"], batch["plane"]), batch["points"], batch["mask"]), {}
 
+
+@torch.no_grad()
+def evaluate_locator(stage: torch.nn.Module, slices: LevelSlices, batch_size: int = 64) -> dict[str, float]:
+    """Validation loss (``score``), median in-plane error (mm) and share of labelled levels within
+    5 mm; NaN without labelled slices."""
     if len(slices) == 0 or not bool(slices.mask.any()):
-        return {"val_loss": math.nan, "val_median_mm": math.nan, "val_within_5mm": math.nan}
-    was_training = locator.training
-    locator.eval()
-    device = next(locator.parameters()).device
+        return {"score": math.nan, "val_median_mm": math.nan, "val_within_5mm": math.nan}
+    was_training = stage.training
+    stage.eval()
+    device = next(stage.parameters()).device
     losses, errors = [], []
     for start in range(0, len(slices), batch_size):
         part = slice(start, start + batch_size)
-        logits = locator(slices.slices[part].float().to(device), slices.planes[part].to(device)).float().cpu()
+        logits = stage(slices.slices[part].float().to(device), slices.planes[part].to(device)).float().cpu()
         mask = slices.mask[part]
-        losses.append(float(_loss(logits, slices.points[part], mask)) * int(mask.sum()))
+        losses.append(float(locator_loss(logits, slices.points[part], mask)) * int(mask.sum()))
         xy, _ = decode_heatmaps(logits)
         mm = ((xy - slices.points[part]) * slices.mm_per_unit[part][:, None, :]).norm(dim=-1)
         errors.append(mm[mask])
-    locator.train(was_training)
+    stage.train(was_training)
     errors = torch.cat(errors)
-    return {"val_loss": sum(losses) / int(slices.mask.sum()), "val_median_mm": float(errors.median()),
+    return {"score": sum(losses) / int(slices.mask.sum()), "val_median_mm": float(errors.median()),
             "val_within_5mm": float((errors <= 5).float().mean())}
+
+
+def train_locate(config: dict[str, Any], run: Any, output_dir: Path, progress: bool = True) -> dict[str, Any]:
+    """Train a fresh locate stage (``locator.model``: :class:`LocatorConfig` fields) on ``run``'s
+    studies; returns ``{"stage", "state", "history", "metrics"}`` (``stage`` None if stopped early)."""
+    options = config["locator"]
+    try:
+        stage = LocateStage(LocatorConfig(**(options["model"] or {})))
+    except TypeError as err:
+        raise SpineModelError(f"locator.model: {err}") from None
+    cfg = stage.config
+    data_args = {"size": cfg.size, "context": cfg.context, "progress": progress, "store": run.store}
+    train_set = LevelSlices(run.root, run.frame, run.train_ids, **data_args)
+    val_set = LevelSlices(run.root, run.frame, run.val_ids, **data_args)
+    if len(train_set) == 0:
+        raise SpineModelError(f"no labelled sagittal coordinates in the {len(run.train_ids)} training studies "
+                              f"under {run.root}")
+    samples = LocatorSamples(train_set, float(options["shift"]), int(config["train"]["seed"]))
+    state, metrics = fit_stage(config, "locator", stage, samples, locate_step,
+                               lambda m: evaluate_locator(m, val_set), output_dir)
+    best = next((h for h in state.history if h["epoch"] == state.best_epoch), {})
+    return {"stage": None if state.stopped else stage, "state": state, "history": state.history,
+            "metrics": {"val_loss": best.get("score", math.nan), "val_median_mm": best.get("val_median_mm", math.nan),
+                        "val_within_5mm": best.get("val_within_5mm", math.nan), "train_slices": len(train_set),
+                        "val_slices": len(val_set)}}

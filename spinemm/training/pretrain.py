@@ -34,9 +34,9 @@ from torch.utils.data import Dataset, default_collate
 
 from ..constants import CONDITIONS, LEVELS, SEVERITIES
 from ..errors import SpineModelError
-from ..inference import preprocess_settings
 from ..losses import clip_loss
 from ..metrics import classification_report
+from ..pipeline.detect import preprocess_settings
 from ..text import severity_prompts
 from ..zero_shot import build_zero_shot_classifier
 from .common import prepare_training, save_model, start_run
@@ -53,7 +53,7 @@ def target_prompts(target: int) -> dict[str, list[str]]:
 
 
 def finding_windows(root: Path, frame: Any, study_ids: list[int], model: nn.Module, pretrain: dict[str, Any],
-                    train: bool, progress: bool = True) -> Any:
+                    train: bool, progress: bool = True, store: Any = None) -> Any:
     """The finding crops of ``study_ids`` as :class:`~spinemm.data.roi.ROIWindows`: one original
     slice, ``model.config.roi_side_mm`` wide, cut at ``pretrain.crop_size`` pixels (default: the
     vision tower's input size), with room for ``pretrain.shift`` when ``train``."""
@@ -61,7 +61,8 @@ def finding_windows(root: Path, frame: Any, study_ids: list[int], model: nn.Modu
 
     size = int(pretrain.get("crop_size") or preprocess_settings(model)["image_size"])
     return ROIWindows(root, frame, study_ids, side_mm=float(model.config.roi_side_mm), size=size, context=0,
-                      shift=float(pretrain["shift"]) if train else 0.0, slice_jitter=0, progress=progress)
+                      shift=float(pretrain["shift"]) if train else 0.0, slice_jitter=0, progress=progress,
+                      store=store)
 
 
 class FindingPairs(Dataset):
@@ -186,7 +187,7 @@ def pretrain_clip(config: dict[str, Any] | str | Path | None = None, overrides: 
         model.config.roi_side_mm = float(pre["side_mm"])  # saved with the model, for zero-shot crops
     progress = bool(config["log"]["progress"]) and accelerator.is_main_process
     seed = int(config["train"]["seed"])
-    train_windows, val_windows = (finding_windows(run.root, run.frame, ids, model, pre, train, progress)
+    train_windows, val_windows = (finding_windows(run.root, run.frame, ids, model, pre, train, progress, run.store)
                                   for ids, train in ((run.train_ids, True), (run.val_ids, False)))
     for name, windows, ids in (("training", train_windows, run.train_ids), ("val", val_windows, run.val_ids)):
         if len(windows) == 0:

@@ -2,7 +2,7 @@
 
 The grader reads each crop alone. Its study context then weighs every grade with the mean grade of
 the rest of the study and of the same disc level (ten parameters). It is fitted after the grader,
-on the validation studies graded at the fusion model's PREDICTED locations: the inputs it will see
+on the validation studies graded at the pipeline's PREDICTED locations: the inputs it will see
 in ``predict``, from studies neither stage trained on. Fitted on training studies instead, it would
 learn from grades the grader has memorised.
 
@@ -14,15 +14,15 @@ the studies the context was fitted on.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from ..constants import LEVELS, target_index
+from ..constants import LEVELS
 from ..losses import weighted_cross_entropy
 from ..models.grader import StudyContext
+from ..pipeline.grade import Grades
 
 __all__ = ["ValGrades", "val_grades", "fit_study_context", "cross_fitted"]
 
@@ -35,29 +35,24 @@ class ValGrades:
     targets: torch.Tensor  # [N] label column 0..24
     studies: torch.Tensor  # [N] study_id
     labels: torch.Tensor  # [N] recorded label, -1 where missing
-    rows: np.ndarray  # [N] row of the location frame (study order x LABEL_COLUMNS)
+    rows: np.ndarray  # [N] row of the graded record (study order x LABEL_COLUMNS)
 
     @property
     def levels(self) -> torch.Tensor:
         return self.targets % len(LEVELS)
 
 
-def val_grades(model: torch.nn.Module, root: str | Path, frame: pd.DataFrame, locations: pd.DataFrame, *,
-               progress: bool = False) -> ValGrades:
-    """Grade ``locations`` (the fusion model's, on training-split studies) without study context,
-    and attach each row's recorded label from ``frame`` (:func:`~spinemm.data.load_tables`)."""
-    from ..inference import grade_locations
-
-    probs, _, _ = grade_locations(model, root, "train", locations, context=False, progress=progress)
-    graded = np.flatnonzero(~np.isnan(probs[:, 0]))
-    located = locations.iloc[graded]
-    targets = np.array([target_index(c, lv) for c, lv in zip(located["condition"], located["level"], strict=True)])
-    studies = located["study_id"].to_numpy(dtype=np.int64)
+def val_grades(grades: Grades, frame: pd.DataFrame) -> ValGrades:
+    """The graded rows of ``grades`` (the grade stage's output on training-split studies, without
+    study context), each with its recorded label from ``frame`` (:func:`~spinemm.data.load_tables`)."""
+    graded = np.flatnonzero(grades.graded)
+    targets = grades.findings.target[graded]
+    studies = grades.findings.study_id[graded]
     recorded = frame.set_index(["study_id", "target"])["label"]
     keys = pd.MultiIndex.from_arrays([studies, targets])
     labels = recorded.reindex(keys).fillna(-1).to_numpy(dtype=np.int64)
-    return ValGrades(torch.tensor(probs[graded], dtype=torch.float32).clamp_min(1e-7).log(), torch.tensor(targets),
-                     torch.tensor(studies), torch.tensor(labels), graded)
+    log_probs = torch.tensor(grades.log_probs[graded], dtype=torch.float32)
+    return ValGrades(log_probs, torch.tensor(targets), torch.tensor(studies), torch.tensor(labels), graded)
 
 
 def fit_study_context(context: StudyContext, grades: ValGrades, subset: torch.Tensor | None = None,

@@ -14,27 +14,25 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..data.store import SeriesStore
+
 KEYS = ["study_id", "condition", "level"]
 
 
-def location_errors(root: str | Path, split: str, locations: pd.DataFrame, frame: pd.DataFrame) -> pd.DataFrame:
+def location_errors(root: str | Path, split: str, locations: pd.DataFrame, frame: pd.DataFrame,
+                    store: SeriesStore | None = None) -> pd.DataFrame:
     """One row per labelled (study, condition, level) with a prediction row: ``error_mm`` (NaN when
     nothing was predicted for it). ``locations`` is the frame of :func:`spinemm.predict`, ``frame``
-    that of :func:`spinemm.data.load_tables` (it holds the label coordinates)."""
-    from .data.dicom import read_series
-    from .data.tables import series_path
-
+    that of :func:`spinemm.data.load_tables` (it holds the label coordinates); ``store``: where the
+    series are read from (e.g. the prediction run's, so no file is decoded again)."""
+    store = store if store is not None else SeriesStore(root, split)
     truth = frame[frame.instance_number.notna()][[*KEYS, "series_id", "instance_number", "x", "y"]]
     merged = truth.merge(locations, on=KEYS, how="inner", suffixes=("_true", "_pred"))
-    cache: dict[tuple[int, int], object] = {}
 
     def point(study: int, series_id: int, instance: float, x: float, y: float) -> np.ndarray | None:
         if series_id < 0 or pd.isna(instance):
             return None
-        key = (int(study), int(series_id))
-        if key not in cache:
-            cache[key] = read_series(series_path(root, split, *key))
-        series = cache[key]
+        series = store.get(int(study), int(series_id))
         k = series.instance_to_index.get(int(instance))
         return None if k is None else series.voxel_to_patient(np.array([[x, y, k]], dtype=float))[0]
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .constants import CONDITIONS, PLANES, SEVERITIES
+from ..constants import CONDITIONS, PLANES, SEVERITIES
 
 
 def _table(frame: pd.DataFrame) -> str:
@@ -16,7 +16,7 @@ def _table(frame: pd.DataFrame) -> str:
 
 def summarize(root: str | Path, split: str = "train") -> str:
     """Counts of studies and series per plane, the label distribution per condition and what is missing."""
-    from .data.tables import load_series_descriptions, load_tables
+    from .tables import load_series_descriptions, load_tables
 
     frame = load_tables(root, split)
     series = load_series_descriptions(root, split)

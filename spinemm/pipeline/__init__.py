@@ -1,0 +1,28 @@
+"""The staged pipeline: stages as objects (detect -> locate -> grade) composed by :class:`SpinePipeline`.
+
+Every stage takes its series from one :class:`~spinemm.data.store.SeriesStore` and passes the next a
+:class:`Findings` record; :meth:`SpinePipeline.run` returns every stage's output in a
+:class:`PipelineResult`; a pipeline is saved and loaded as one self-describing folder.
+"""
+
+from __future__ import annotations
+
+from .._lazy import lazy_getattr
+
+_LAZY = {
+    "Findings": "spinemm.pipeline.findings",
+    "LOCATION_COLUMNS": "spinemm.pipeline.findings",
+    "DetectStage": "spinemm.pipeline.detect",
+    "preprocess_settings": "spinemm.pipeline.detect",
+    "LocateStage": "spinemm.pipeline.locate",
+    "axial_slices_from_canal": "spinemm.pipeline.locate",
+    "GradeStage": "spinemm.pipeline.grade",
+    "SpinePipeline": "spinemm.pipeline.pipeline",
+    "PipelineResult": "spinemm.pipeline.pipeline",
+    "load_pipeline": "spinemm.pipeline.pipeline",
+    "submission_from_probs": "spinemm.pipeline.pipeline",
+}
+
+__all__ = sorted(_LAZY)
+
+__getattr__ = lazy_getattr(__name__, _LAZY)

@@ -1,0 +1,78 @@
+"""Stage "detect": SpineCLIP on a study's low-resolution stacks -> every finding's grade and place.
+
+The first stage reads each series resampled to a few slices (``spinemm.data.SpineDataset``, taken
+from the run's :class:`~spinemm.data.store.SeriesStore`) and returns, for each of the 25 findings,
+severity probabilities and a point decoded to the original instance and pixels.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..constants import LABEL_COLUMNS, TARGET_PLANE_INDEX
+from ..errors import SpineModelError
+from .findings import Findings
+
+__all__ = ["DetectStage", "preprocess_settings", "findings_from_outputs"]
+
+
+def preprocess_settings(model: torch.nn.Module) -> dict[str, Any]:
+    """The dataset settings a model was built for (``num_slices``, ``image_size``, ``channels``)."""
+    cfg = getattr(model, "preprocess_cfg", None)
+    if not isinstance(cfg, dict):
+        raise SpineModelError(f"{type(model).__name__} has no preprocess_cfg; build it with spinemm.create_model")
+    return {k: cfg[k] for k in ("num_slices", "image_size", "channels")}
+
+
+def findings_from_outputs(location: np.ndarray, confidence: np.ndarray, metas: list[dict]) -> Findings:
+    """Model-frame locations ``[B, 25, 3]`` (slice, x / W, y / H) -> :class:`Findings` in original
+    instances and pixels, study-major in ``LABEL_COLUMNS`` order."""
+    n_targets = len(LABEL_COLUMNS)
+    rows = len(metas) * n_targets
+    series_id = np.full(rows, -1, dtype=np.int64)
+    instance = np.full(rows, -1, dtype=np.int64)
+    x, y = np.full(rows, np.nan), np.full(rows, np.nan)
+    for b, meta in enumerate(metas):
+        for target in range(n_targets):
+            plane = TARGET_PLANE_INDEX[target]
+            instances = np.asarray(meta["instance_numbers"][plane])
+            row = b * n_targets + target
+            series_id[row] = int(meta["series_ids"][plane])
+            if series_id[row] < 0 or len(instances) == 0:
+                series_id[row] = -1
+                continue
+            slice_f, fx, fy = (float(v) for v in location[b, target])
+            height, width = meta["original_shape"][plane]
+            instance[row] = int(instances[int(np.clip(round(slice_f), 0, len(instances) - 1))])
+            x[row], y[row] = fx * width, fy * height
+    study_ids = np.repeat([int(m["study_id"]) for m in metas], n_targets)
+    return Findings(study_ids, np.tile(np.arange(n_targets), len(metas)), series_id, instance, x, y,
+                    np.where(series_id >= 0, np.asarray(confidence, dtype=np.float64).reshape(-1), 0.0))
+
+
+class DetectStage:
+    """Wraps a :class:`~spinemm.models.SpineCLIP` as the pipeline's first stage."""
+
+    name = "detect"
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.preprocess = preprocess_settings(model)
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, Any], device: torch.device) -> tuple[np.ndarray, Findings]:
+        """A collated batch of studies -> ``(probs [B, 25, 3], findings)``."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            tensors = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            out = self.model(tensors)
+        finally:
+            self.model.train(was_training)
+        probs = out["logits"].float().softmax(-1).cpu().numpy()
+        findings = findings_from_outputs(out["location"].float().cpu().numpy(),
+                                         out["location_confidence"].float().cpu().numpy(), batch["meta"])
+        return probs, findings

@@ -1,0 +1,231 @@
+"""SpinePipeline: detect -> locate -> grade, run study batch by study batch over one series store.
+
+Each batch of studies goes through every stage before the next batch is read, so the
+:class:`~spinemm.data.store.SeriesStore` holds a batch's series while all stages read them and each
+DICOM file is opened once per run. :class:`PipelineResult` keeps every stage's output, so "the
+first stage alone" is read from the result, never recomputed with a stage taken out.
+
+A pipeline folder describes itself::
+
+    pipeline.json        spinemm version, the stages in order, each stage's config
+    detect/              the first stage's SpineCLIP (save_pretrained: config.json, model.safetensors, tokenizer)
+    locate.safetensors   the level locator's weights      (when the pipeline has the stage)
+    grade.safetensors    the grader's weights, queries and study context
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from ..constants import LABEL_COLUMNS
+from ..data.store import SeriesStore
+from ..errors import SpineDataError, SpineModelError
+from ..metrics import submission_frame
+from ..models.config import GraderConfig, LocatorConfig
+from .detect import DetectStage
+from .findings import Findings
+from .grade import GradeStage
+from .locate import LocateStage
+
+__all__ = ["SpinePipeline", "PipelineResult", "load_pipeline", "PIPELINE_CONFIG"]
+
+PIPELINE_CONFIG = "pipeline.json"
+STAGE_ORDER = ("detect", "locate", "grade")
+
+
+@dataclass
+class PipelineResult:
+    """Every stage's output for the studies of one run (study-major, ``LABEL_COLUMNS`` order).
+
+    Unpacks as ``submission, locations = result`` (the final stage's), as ``spinemm.predict`` did.
+    """
+
+    study_ids: list[int]
+    detect_probs: np.ndarray  # [B, 25, 3]
+    detected: Findings
+    located: Findings | None = None
+    grade_log_probs: np.ndarray | None = None  # [B * 25, 3] without study context; NaN: not graded
+    grade_probs: np.ndarray | None = None  # [B * 25, 3] with the study context; NaN: not graded
+    graded: Findings | None = None
+    order: list[str] | None = None  # sample_submission's row order, when it applies
+
+    @property
+    def probs(self) -> np.ndarray:
+        """Final probabilities [B, 25, 3]: graded where the grade stage graded, else detect's."""
+        flat = self.detect_probs.reshape(-1, self.detect_probs.shape[-1])
+        if self.grade_probs is not None:
+            flat = np.where(np.isnan(self.grade_probs), flat, self.grade_probs)
+        return flat.reshape(self.detect_probs.shape)
+
+    @property
+    def findings(self) -> Findings:
+        """The final stage's points."""
+        return next(f for f in (self.graded, self.located, self.detected) if f is not None)
+
+    def submission(self, stage: str = "final") -> pd.DataFrame:
+        """Kaggle submission (rows sum to 1) of the final result or of ``stage="detect"`` alone."""
+        if stage not in ("final", "detect"):
+            raise SpineModelError(f"stage must be 'final' or 'detect', got {stage!r}")
+        return submission_from_probs(self.study_ids, self.probs if stage == "final" else self.detect_probs, self.order)
+
+    def locations(self) -> pd.DataFrame:
+        """The location frame of the final points (``locations.csv``)."""
+        return self.findings.to_frame()
+
+    def __iter__(self):
+        yield self.submission()
+        yield self.locations()
+
+
+def submission_from_probs(study_ids: list[int], probs: np.ndarray, order: list[str] | None = None) -> pd.DataFrame:
+    """Kaggle submission frame, rows renormalised to sum to 1; rows follow ``order`` (e.g.
+    sample_submission's row_ids) when given, else study order x ``LABEL_COLUMNS``."""
+    probs = np.asarray(probs, dtype=np.float64)
+    frame = submission_frame(study_ids, probs / probs.sum(-1, keepdims=True))
+    if order is None:
+        return frame
+    missing = sorted(set(order) - set(frame.row_id))
+    if missing:
+        raise SpineDataError(f"sample_submission.csv asks for rows of studies that were not predicted, e.g. {missing[:3]}")
+    return frame.set_index("row_id").loc[order].reset_index()
+
+
+class SpinePipeline:
+    """The stages in order: ``detect`` (required), then ``locate`` and ``grade`` when present."""
+
+    def __init__(self, detect: DetectStage | torch.nn.Module, locate: LocateStage | None = None,
+                 grade: GradeStage | None = None) -> None:
+        self.detect = detect if isinstance(detect, DetectStage) else DetectStage(detect)
+        self.locate, self.grade = locate, grade
+
+    @property
+    def stages(self) -> list[str]:
+        return [name for name in STAGE_ORDER if getattr(self, name) is not None]
+
+    def to(self, device: torch.device | str) -> SpinePipeline:
+        self.detect.model.to(device)
+        for stage in (self.locate, self.grade):
+            if stage is not None:
+                stage.to(device)
+        return self
+
+    def __repr__(self) -> str:
+        return f"SpinePipeline(stages={self.stages})"
+
+    def run(self, root: str | Path, split: str = "test", *, study_ids: list[int] | None = None,
+            store: SeriesStore | None = None, cache_dir: str | Path | None = None, batch_size: int = 2,
+            device: torch.device | str | None = None, progress: bool = True) -> PipelineResult:
+        """Run every stage over the studies of ``root``'s ``split`` (or ``study_ids``), a batch of
+        studies at a time. Unreadable series are warned about by name; nothing is dropped."""
+        from ..data.dataset import SpineDataset, collate
+
+        root = Path(root)
+        store = store if store is not None else SeriesStore(root, split, cache_dir=cache_dir)
+        device = torch.device(device) if device is not None else next(self.detect.model.parameters()).device
+        dataset = SpineDataset(root, split, study_ids=study_ids, augment=False, store=store, on_bad_series="warn",
+                               **self.detect.preprocess)
+        parts: dict[str, list] = {"ids": [], "probs": [], "detected": [], "located": [], "grades": [], "graded": []}
+        starts = range(0, len(dataset), batch_size)
+        for start in tqdm(starts, desc="predict", unit="batch", disable=not progress):
+            batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            probs, found = self.detect(batch, device)
+            parts["ids"] += [int(m["study_id"]) for m in batch["meta"]]
+            parts["probs"].append(probs)
+            parts["detected"].append(found)
+            if self.locate is not None:
+                found = self.locate.run(found, store)
+                parts["located"].append(found)
+            if self.grade is not None:
+                grades = self.grade.run(found, store)
+                parts["grades"].append(grades)
+                parts["graded"].append(grades.findings)
+        result = PipelineResult(parts["ids"], np.concatenate(parts["probs"]) if parts["probs"] else
+                                np.zeros((0, len(LABEL_COLUMNS), 3)), Findings.concat(parts["detected"]))
+        if self.locate is not None:
+            result.located = Findings.concat(parts["located"])
+        if self.grade is not None:
+            result.grade_log_probs = np.concatenate([g.log_probs for g in parts["grades"]]) if parts["grades"] \
+                else np.zeros((0, 3))
+            result.grade_probs = np.concatenate([self.grade.with_context(g) for g in parts["grades"]]) \
+                if parts["grades"] else np.zeros((0, 3))
+            result.graded = Findings.concat(parts["graded"])
+        result.order = _sample_submission_order(root, split) if study_ids is None else None
+        return result
+
+    # ---------------------------------------------------------------------------- save / load
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write the pipeline folder (module docstring); returns it."""
+        from safetensors.torch import save_model
+
+        from .. import __version__
+
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        self.detect.model.save_pretrained(out / "detect")
+        meta: dict[str, Any] = {"spinemm_version": __version__, "stages": self.stages}
+        for stage in (self.locate, self.grade):
+            if stage is not None:
+                meta[stage.name] = stage.config_dict()
+                save_model(stage, str(out / f"{stage.name}.safetensors"))
+        (out / PIPELINE_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+        return out
+
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike) -> SpinePipeline:
+        return load_pipeline(source)
+
+
+def load_pipeline(source: str | os.PathLike) -> SpinePipeline:
+    """A pipeline folder (:meth:`SpinePipeline.save_pretrained`), or a single model folder / preset
+    name that ``spinemm.load_model`` reads (a pipeline of the detect stage alone)."""
+    from safetensors.torch import load_model as load_weights
+
+    from ..models.factory import load_model
+
+    folder = Path(source)
+    if not (folder / PIPELINE_CONFIG).is_file():
+        return SpinePipeline(load_model(source))
+    meta = json.loads((folder / PIPELINE_CONFIG).read_text())
+    stages = meta.get("stages", ["detect"])
+    unknown = sorted(set(stages) - set(STAGE_ORDER))
+    if unknown or "detect" not in stages:
+        raise SpineModelError(f"{folder / PIPELINE_CONFIG}: stages {stages} must include detect and be among {STAGE_ORDER}")
+    pipeline = SpinePipeline(load_model(folder / "detect"))
+    builders = {"locate": lambda c: LocateStage(_config(LocatorConfig, c, folder)),
+                "grade": lambda c: GradeStage(_config(GraderConfig, {k: v for k, v in c.items() if k != "query_dim"},
+                                                      folder), query_dim=int(c.get("query_dim", 256)))}
+    for name in ("locate", "grade"):
+        if name in stages:
+            weights = folder / f"{name}.safetensors"
+            if not weights.is_file():
+                raise SpineModelError(f"{weights} is missing: the pipeline folder lists stage {name!r}")
+            stage = builders[name](meta.get(name) or {})
+            try:
+                load_weights(stage, str(weights))
+            except Exception as err:  # safetensors' own error types: not a safetensors file, wrong keys
+                raise SpineModelError(f"cannot load {weights}: {type(err).__name__}: {err}") from None
+            setattr(pipeline, name, stage)
+    return pipeline
+
+
+def _config(cls: type, values: dict[str, Any], folder: Path) -> Any:
+    try:
+        return cls(**values)
+    except TypeError as err:
+        raise SpineModelError(f"{folder / PIPELINE_CONFIG}: bad {cls.__name__}: {err}") from None
+
+
+def _sample_submission_order(root: Path, split: str) -> list[str] | None:
+    path = root / "sample_submission.csv"
+    if split != "test" or not path.exists():
+        return None
+    return pd.read_csv(path, usecols=["row_id"])["row_id"].astype(str).tolist()

@@ -1,0 +1,89 @@
+"""Train one pipeline stage through the shared engine (:func:`~spinemm.training.engine.fit`).
+
+Each stage trains in its own folder with its own accelerator, so it gets what the first stage has:
+multi-process data parallelism and mixed precision, gradient accumulation, atomic checkpoints,
+``resume=latest`` that reproduces the uninterrupted run, TensorBoard scalars and tqdm. The stage's
+config section (``locator`` or ``grader``) supplies ``epochs``, ``lr``, ``weight_decay``,
+``batch_size`` and ``stop_at_step``; the rest (``train``, ``optim``, ``checkpoint``, ``log``,
+``resume``) is the recipe's. The epoch with the best ``score`` (lower is better) is kept, in memory
+and as ``best.safetensors``, so a resumed run that had already passed its best epoch restores it.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, default_collate
+
+from ..errors import SpineModelError
+from .engine import StepFn, TrainState, fit, make_accelerator, make_loader, make_scheduler
+
+BEST = "best.safetensors"
+
+
+def stage_config(config: dict[str, Any], section: str, output_dir: Path) -> dict[str, Any]:
+    """The engine config of one stage: the recipe's, with the section's epochs and stop_at_step."""
+    options = config[section]
+    if int(options["epochs"]) < 1:
+        raise SpineModelError(f"{section}.epochs must be at least 1 to train the stage, got {options['epochs']}")
+    run = copy.deepcopy(config)
+    run["output_dir"] = str(output_dir)
+    run["train"].update(epochs=int(options["epochs"]), max_steps=None, stop_at_step=options["stop_at_step"],
+                        eval_every_epochs=1)
+    return run
+
+
+def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The generator of item ``index`` in ``epoch``: never the global RNG, so a resumed run repeats."""
+    import numpy as np
+
+    state = np.random.SeedSequence([int(seed), int(epoch), int(index)]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def fit_stage(config: dict[str, Any], section: str, module: torch.nn.Module, train_set: Dataset, step_fn: StepFn,
+              eval_fn: Callable[[torch.nn.Module], dict[str, Any]], output_dir: Path,
+              collate: Callable = default_collate) -> tuple[TrainState, dict[str, Any] | None]:
+    """Train ``module`` (its trainable parameters) on ``train_set`` and leave it holding its best
+    epoch's weights; returns the engine's final state and last evaluation (None if stopped early)."""
+    from safetensors.torch import load_file, save
+
+    from ..data.cache import write_atomic
+
+    run = stage_config(config, section, output_dir)
+    options = config[section]
+    accelerator = make_accelerator(run, output_dir)
+    seed = int(run["train"]["seed"])
+    loader, sampler = make_loader(train_set, int(options["batch_size"]), collate, seed, shuffle=True,
+                                  num_workers=int(run["data"]["num_workers"]))
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=float(options["lr"]), weight_decay=float(options["weight_decay"]))
+    wrapped, optimizer, loader = accelerator.prepare(module, optimizer, loader)
+    grad_accum = accelerator.gradient_accumulation_steps
+    total = max(1, -(-len(loader) // grad_accum)) * int(options["epochs"])
+    scheduler = accelerator.prepare(make_scheduler(optimizer, total, float(run["optim"]["warmup_ratio"])))
+    best: dict[str, Any] = {}
+
+    def on_best(_: dict[str, Any]) -> None:
+        state = {k: v.detach().cpu().clone().contiguous() for k, v in module.state_dict().items()}
+        best["state"] = state
+        if accelerator.is_main_process:
+            write_atomic(output_dir / BEST, save(state))  # a kill mid-write leaves the previous best
+        accelerator.wait_for_everyone()
+
+    state, metrics = fit(accelerator, wrapped, optimizer, scheduler, loader, sampler, step_fn,
+                         lambda _: eval_fn(module), run, output_dir, on_best=on_best)
+    if state.stopped:
+        return state, None
+    if "state" in best:
+        module.load_state_dict(best["state"])
+    elif (output_dir / BEST).is_file():  # resumed after the best epoch: it is on disk
+        module.load_state_dict(load_file(str(output_dir / BEST)))
+    if metrics is None:  # resumed after the run had finished
+        metrics = eval_fn(module)
+    module.eval()
+    return state, metrics
