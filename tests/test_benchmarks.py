@@ -6,6 +6,11 @@ import importlib.util
 import math
 from pathlib import Path
 
+import pytest
+
+# every test runs a benchmark script end to end
+pytestmark = pytest.mark.slow
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 

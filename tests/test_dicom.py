@@ -371,6 +371,7 @@ def test_sagittal_point_maps_to_axial_slice(tmp_path):
 # --- benchmark script -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_decode_benchmark_runs_on_existing_data(tmp_path, capsys, monkeypatch):
     spec = importlib.util.spec_from_file_location(
         "data_pipeline", Path(__file__).parents[1] / "benchmarks" / "data_pipeline.py"

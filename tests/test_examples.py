@@ -6,6 +6,10 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+import pytest
+
+# every test runs an example script end to end
+pytestmark = pytest.mark.slow
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

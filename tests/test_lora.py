@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from peft.tuners.lora import LoraLayer
@@ -164,10 +166,12 @@ def test_failed_merge_check_is_undone():
     _perturb_adapters(model)
     batch = probe_batch(model)
     expected = _outputs(model, batch)["logits"]
+    config = copy.deepcopy(model.lora_config)
     with pytest.raises(SpineModelError, match="differs from the unmerged"):
         merge_lora(model, atol=-1.0)  # any difference at all fails: exercises the undo path
-    assert model.lora_config is not None
-    assert all(not m.merged for m in model.modules() if isinstance(m, LoraLayer))
+    assert config and model.lora_config == config
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    assert layers and all(not m.merged for m in layers)
     assert torch.equal(_outputs(model, batch)["logits"], expected)
 
 

@@ -27,9 +27,11 @@ from ..errors import SpineModelError
 from ..text import QUERY_TEXTS
 from .base import SliceEncoder
 from .config import TextConfig, VisionConfig
+from .encoders import check_series  # defined in .encoders, still importable from here
 from .hub import resolve_files
 from .registry import BuildContext, register_text, register_vision
 from .towers import TextTower
+from .unet3d import UNet3DEncoder
 
 #: Weight files of a timm model repo on the hub, safetensors preferred.
 TIMM_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
@@ -58,21 +60,6 @@ TINY_VISION_CONFIGS: dict[str, dict[str, Any]] = {
 }
 #: The "no text" ablation's text section (its width comes from ``text.width``).
 TINY_TEXT_CONFIGS: dict[str, dict[str, Any]] = {"none": {"type": "none"}}
-
-
-def check_series(series: torch.Tensor, in_chans: int, image_size: int, name: str) -> tuple[int, int]:
-    """Validate a [N, S, C, H, W] batch against an encoder's fixed channels and size; return (N, S).
-
-    The token grid (and so the location head) is fixed at build time, so other sizes are an error.
-    """
-    if series.ndim != 5:
-        raise SpineModelError(f"{name}: expected series [N, S, C, H, W], got shape {tuple(series.shape)}")
-    n, s, c, h, w = series.shape
-    if c != in_chans or h != image_size or w != image_size:
-        raise SpineModelError(
-            f"{name}: expected [N, S, {in_chans}, {image_size}, {image_size}], got {tuple(series.shape)}"
-        )
-    return n, s
 
 
 class PlainCNN(SliceEncoder):
@@ -250,8 +237,6 @@ def build_cnn(cfg: VisionConfig, ctx: BuildContext) -> SliceEncoder:
 @register_vision("unet3d")
 def build_unet3d(cfg: VisionConfig, ctx: BuildContext) -> SliceEncoder:
     """3D U-Net encoder; ``vision.kwargs``: width, channels, decoder_stages, in_chans."""
-    from .unet3d import UNet3DEncoder  # unet3d imports check_series from here
-
     return _construct(UNet3DEncoder, cfg)
 
 

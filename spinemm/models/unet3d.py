@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import SpineModelError
 from .base import SliceEncoder
-from .baselines import check_series
+from .encoders import check_series
 
 
 def _conv_block(cin: int, cout: int) -> nn.Sequential:
