@@ -507,30 +507,10 @@ def test_hub_cache_is_read_offline(tmp_path, monkeypatch, block_network):
         resolve_files("not a repo//id", ["x"], setting="vision.pretrained")
 
 
-def test_roi_crops_read_label_in_training_and_prediction_in_eval(monkeypatch):
-    torch.manual_seed(0)
-    model = create_model("spine-tiny", num_slices=S, fusion={"roi_crop": 0.25, "roi_teacher_forcing": 1.0,
-                                                              "roi_jitter": 0.0})
-    batch = make_batch()
-    seen = []
-    original = model.encode_roi_crops
-    monkeypatch.setattr(model, "encode_roi_crops", lambda image, where, mask: seen.append(where) or original(image, where, mask))
-    model.train()
-    model(batch)
-    known = batch["location_mask"]
-    assert torch.equal(seen[-1][known], batch["location"][known])
-    model.eval()
-    with torch.no_grad():
-        out = model(batch)
-    assert torch.equal(seen[-1], out["location"])
-    assert out["logits"].shape == (2, 25, 3)
+def test_removed_roi_crop_option_is_refused_by_name():
+    from spinemm.models.config import ModelConfig
 
-
-def test_crop_at_centres_the_requested_point():
-    from spinemm.models.heads import crop_at
-
-    image = torch.zeros(1, 1, 40, 40)
-    image[0, 0, 30, 10] = 1.0  # row 30, column 10: x = 10.5 / 40, y = 30.5 / 40 at the pixel centre
-    crop = crop_at(image, torch.tensor([[10.5 / 40, 30.5 / 40]]), fraction=0.25, size=10)
-    row, col = divmod(int(crop[0, 0].argmax()), 10)
-    assert (row, col) in {(4, 4), (4, 5), (5, 4), (5, 5)}
+    with pytest.raises(SpineModelError, match="roi_crop was removed"):
+        ModelConfig.from_dict({"fusion": {"roi_crop": 0.25}})
+    # an old config that had it off (the default) still loads
+    assert ModelConfig.from_dict({"fusion": {"roi_crop": 0.0, "roi_jitter": 0.03}}).fusion.layers == 2

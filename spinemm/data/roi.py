@@ -107,17 +107,23 @@ class ROIWindows:
     def __len__(self) -> int:
         return int(self.targets.shape[0])
 
-    def crops(self, index: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def draw_shifts(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """``[n, 3]`` random (dx, dy, dk) window positions for :meth:`crops`."""
+        dx, dy = (torch.randint(0, 2 * self.pad + 1, (n,), generator=generator) for _ in range(2))
+        dk = torch.randint(0, 2 * self.slice_jitter + 1, (n,), generator=generator)
+        return torch.stack([dx, dy, dk], dim=1)
+
+    def crops(self, index: torch.Tensor, generator: torch.Generator | None = None,
+              shifts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Crops ``[N, 1 + 2 * context, size, size]`` of windows ``index`` and the label point's
         offset from each crop's centre ``[N, 3]``: x, y as fractions of the crop side, and slices.
-        Random shifts when a ``generator`` is given, else the centre (offset 0)."""
+        At ``shifts`` (:meth:`draw_shifts`) when given, else random shifts when a ``generator`` is
+        given, else the centre (offset 0)."""
         n, channels = len(index), 1 + 2 * self.context
-        if generator is None:
-            dx = dy = torch.full((n,), self.pad)
-            dk = torch.full((n,), self.slice_jitter)
-        else:
-            dx, dy = (torch.randint(0, 2 * self.pad + 1, (n,), generator=generator) for _ in range(2))
-            dk = torch.randint(0, 2 * self.slice_jitter + 1, (n,), generator=generator)
+        if shifts is None:
+            shifts = self.draw_shifts(n, generator) if generator is not None else \
+                torch.tensor([self.pad, self.pad, self.slice_jitter]).expand(n, 3)
+        dx, dy, dk = shifts.unbind(1)
         span, side = torch.arange(channels), torch.arange(self.size)
         # one gather: [N, 1, 1, 1] windows x [N, C, 1, 1] slices x [N, 1, S, 1] rows x [N, 1, 1, S] columns
         crops = self.windows[index[:, None, None, None], (dk[:, None] + span)[:, :, None, None],

@@ -70,12 +70,14 @@ class SeriesStore:
         self.memory_bytes = int(memory_bytes)
         self._memory: OrderedDict[tuple[int, int], Series] = OrderedDict()
         self._held = 0
-        self._bad: dict[tuple[int, int], str] = {}  # unreadable series: the error, reported once
+        self._bad: dict[tuple[int, int], str] = {}  # unreadable series: the error, never read again
+        self._warned: set[tuple[int, int, str]] = set()  # (study, series, action) already warned about
         self.decodes = self.disk_hits = self.memory_hits = 0
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)  # workers start with an empty memory map
         state["_memory"], state["_held"] = OrderedDict(), 0
+        state["_warned"] = set()
         return state
 
     def __repr__(self) -> str:
@@ -108,13 +110,13 @@ class SeriesStore:
 
     def find(self, study_id: int, series_id: int, action: str = "used") -> Series | None:
         """:meth:`get`, or None with a warning naming the series and what was not done (``action``,
-        e.g. "graded") when it cannot be read; each series is warned about once."""
+        e.g. "graded") when it cannot be read; warned once per series and action."""
         key = (int(study_id), int(series_id))
-        warned = key in self._bad
         try:
             return self.get(*key)
         except SpineDataError as err:
-            if not warned:
+            if (*key, action) not in self._warned:
+                self._warned.add((*key, action))
                 warnings.warn(f"study {key[0]} series {key[1]}: not {action} ({err})", stacklevel=2)
             return None
 

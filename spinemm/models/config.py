@@ -91,15 +91,6 @@ class FusionConfig:
     # that differ in one word ("left" / "right") embed almost alike (cosine 0.99 in a small BERT), so
     # without it the localiser cannot tell the two sides apart.
     learned_queries: bool = False
-    # Side of an ROI crop at each query's location, encoded by encode_image and read by the
-    # severity head, as a fraction of the image side; 0 = off (the default: it pays only once
-    # localisation is precise, see the model docs).
-    roi_crop: float = 0.0
-    # While training, the share of queries whose crop is taken at the label instead of the prediction.
-    roi_teacher_forcing: float = 0.5
-    # Gaussian jitter (sd, fraction of the image side) of those label-taken crops, about the
-    # localiser's own error, so the grader does not depend on perfectly centred crops.
-    roi_jitter: float = 0.03
 
 
 @dataclass
@@ -161,6 +152,13 @@ class ModelConfig:
         """Strict parse: unknown keys raise :class:`SpineModelError` naming the key."""
         sections = {"vision": VisionConfig, "text": TextConfig, "fusion": FusionConfig}
         data = dict(data)
+        fusion = dict(data.get("fusion") or {})
+        if fusion.pop("roi_crop", 0.0):  # saved before 0.2; the grade stage reads crops now
+            raise SpineModelError("fusion.roi_crop was removed in spinemm 0.2: the grade stage reads the crops")
+        for key in ("roi_teacher_forcing", "roi_jitter"):
+            fusion.pop(key, None)
+        if "fusion" in data:
+            data["fusion"] = fusion
         for stage in ("grader", "locator"):  # saved before 0.2, when the stages hung off the model
             if (data.pop(stage, None) or {}).get("enabled"):
                 raise SpineModelError(f"this model was saved with a {stage} attached to it, by a spinemm before "

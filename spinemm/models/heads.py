@@ -15,11 +15,10 @@ from torch import nn
 class SeverityHead(nn.Module):
     """Severity logits from each decoded query and the tokens under its predicted location.
 
-    The ROI features are the memory pooled with the query's own location distribution and the
-    embedding of an image crop at that location, so the grade is read where the finding is
-    (localise, then classify, as the strongest RSNA 2024 solutions do) instead of only through
-    the decoder's cross-attention. ``inputs`` features of [B, Q, D] -> [B, Q, num_classes];
-    shared by all queries (the query text sets the task).
+    The ROI features are the memory pooled with the query's own location distribution, so the
+    grade is read where the finding is (localise, then classify, as the strongest RSNA 2024
+    solutions do) instead of only through the decoder's cross-attention. ``inputs`` features of
+    [B, Q, D] -> [B, Q, num_classes]; shared by all queries (the query text sets the task).
     """
 
     def __init__(self, dim: int, num_classes: int = 3, inputs: int = 2) -> None:
@@ -28,7 +27,7 @@ class SeverityHead(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(inputs * dim, dim), nn.GELU(), nn.Linear(dim, num_classes))
 
     def forward(self, *features: torch.Tensor) -> torch.Tensor:
-        """Each feature [B, Q, D] (query, pooled ROI tokens, optional ROI-crop embedding)."""
+        """Each feature [B, Q, D] (the decoded query, the pooled ROI tokens)."""
         return self.mlp(self.norm(torch.cat(features, dim=-1)))
 
 
@@ -94,17 +93,3 @@ def decode_location(loc_logits: torch.Tensor, radius: int | None = None) -> tupl
     x = (within.sum(-2) * xs).sum(-1)
     y = (within.sum(-1) * ys).sum(-1)
     return torch.stack([best.to(probs.dtype), x, y], dim=-1), confidence
-
-
-def crop_at(images: torch.Tensor, centers: torch.Tensor, fraction: float, size: int) -> torch.Tensor:
-    """Square crops of side ``fraction`` of each image, centred at ``centers``, resampled to ``size``.
-
-    images [N, C, H, W], centers [N, 2] as (x, y) in [0, 1] -> crops [N, C, size, size]; outside
-    the image is zero (bilinear ``grid_sample``, so the crop is differentiable w.r.t. the image).
-    """
-    n = images.shape[0]
-    theta = images.new_zeros(n, 2, 3)
-    theta[:, 0, 0] = theta[:, 1, 1] = fraction
-    theta[:, :, 2] = centers.to(images.dtype) * 2 - 1  # [0, 1] -> grid coordinates [-1, 1]
-    grid = torch.nn.functional.affine_grid(theta, [n, images.shape[1], size, size], align_corners=False)
-    return torch.nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)

@@ -31,7 +31,7 @@ from ..text import QUERY_TEXTS
 from .base import SliceEncoder
 from .config import ModelConfig
 from .fusion import QueryDecoder, SlicePlaneEmbedding
-from .heads import LocationHead, SeverityHead, crop_at, decode_location, pool_at_location
+from .heads import LocationHead, SeverityHead, decode_location, pool_at_location
 from .towers import TextTower
 
 CONFIG_NAME = "config.json"
@@ -74,10 +74,7 @@ class SpineCLIP(nn.Module):
             config.fusion.mlp_ratio,
             config.fusion.dropout,
         )
-        # The ROI crop is encoded by the dual-encoder path (encode_image), the one that
-        # contrastive pretraining aligns with severity prompts, then projected for the head.
-        self.roi_proj = nn.Linear(config.embed_dim, dim) if config.fusion.roi_crop > 0 else None
-        self.severity_head = SeverityHead(dim, NUM_CLASSES, inputs=3 if self.roi_proj is not None else 2)
+        self.severity_head = SeverityHead(dim, NUM_CLASSES)
         self.location_head = LocationHead(dim, config.fusion.loc_dim)
 
     # ------------------------------------------------------------------------------- properties
@@ -151,23 +148,6 @@ class SpineCLIP(nn.Module):
             tokens = tokens.index_put((plane_mask,), self.token_proj(series_tokens).to(tokens.dtype))
         return self.memory_norm(self.slice_plane(tokens))
 
-    def encode_roi_crops(self, image: torch.Tensor, location: torch.Tensor, plane_mask: torch.Tensor) -> torch.Tensor:
-        """Crop each query's plane at ``location`` [B, Q, 3] (slice, x, y) and encode the crops.
-
-        image [B, P, S, C, H, W] -> ROI features [B, Q, dim]; zero for queries whose plane is missing.
-        """
-        b, _, s = image.shape[:3]
-        planes = self.decoder.query_plane[None].expand(b, -1)  # [B, Q]
-        studies = torch.arange(b, device=image.device)[:, None].expand_as(planes)
-        slices = location[..., 0].round().long().clamp(0, s - 1)
-        present = plane_mask[studies, planes]  # [B, Q]: queries whose plane has a series
-        features = image.new_zeros(b, planes.shape[1], self.config.fusion.dim)
-        if present.any():  # crops of absent series are never encoded
-            picked = image[studies[present], planes[present], slices[present]]  # [M, C, H, W]
-            crops = crop_at(picked, location[present][:, 1:], self.config.fusion.roi_crop, self.image_size)
-            features = features.index_put((present,), self.roi_proj(self.encode_image(crops)).to(features.dtype))
-        return features
-
     def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """Collated batch -> CONTRACTS "Model outputs" (logits, loc_logits, location, ...)."""
         image = batch["image"]
@@ -195,22 +175,8 @@ class SpineCLIP(nn.Module):
         roi = pool_at_location(loc_logits, memory, self.decoder.query_plane)  # [B, 25, D]
         loc_logits = loc_logits.unflatten(-1, (h, w))
         location, confidence = decode_location(loc_logits)
-        features = [decoded, roi]
-        if self.roi_proj is not None:
-            # Localise, then classify: read a crop where the finding is. Inference reads it at the
-            # predicted location; training takes a share of the crops at the label instead, so
-            # the grader learns from the right place early and still sees the crops it will get.
-            where = location.detach()
-            share = self.config.fusion.roi_teacher_forcing
-            if self.training and share > 0 and "location_mask" in batch:
-                known = batch["location_mask"].to(where.device)
-                known = known & (torch.rand(known.shape, device=where.device) < share)
-                label = batch["location"].to(where).clone()
-                label[..., 1:] += self.config.fusion.roi_jitter * torch.randn_like(label[..., 1:])
-                where = torch.where(known[..., None], label, where)
-            features.append(self.encode_roi_crops(image, where, plane_mask))
         return {
-            "logits": self.severity_head(*features),  # [B, 25, 3]
+            "logits": self.severity_head(decoded, roi),  # [B, 25, 3]
             "loc_logits": loc_logits,  # [B, 25, S, h, w]
             "location": location,  # [B, 25, 3]: slice, x, y
             "location_confidence": confidence,  # [B, 25]

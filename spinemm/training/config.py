@@ -14,6 +14,7 @@ default is an empty dict or null (``model.kwargs``, ``data.phantom``) take any v
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import re
 from collections.abc import Iterable, Sequence
@@ -23,6 +24,13 @@ from typing import Any
 import yaml
 
 from ..errors import SpineModelError
+from ..models.config import GraderConfig, LocatorConfig
+
+
+def _fields(cls: type) -> dict[str, Any]:
+    """A stage config dataclass's fields and defaults, as a config section (tuples as YAML lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cls()).items()}
+
 
 #: Every key the recipes read, with its default. Sections: model, data, split, train, optim, lora,
 #: checkpoint, log, pretrain, pipeline, grader, locator, compare; plus top-level output_dir, init_from, resume.
@@ -102,7 +110,7 @@ DEFAULTS: dict[str, Any] = {
         "shift": 0.2,  # largest crop shift, a fraction of the crop side (about the localiser's error)
         "slice_jitter": 1,  # largest shift in original slices
         "stop_at_step": None,  # stop this stage after this many steps as if killed (resume tests)
-        "model": {},  # GraderConfig options: side_mm, size, context, backbone, channels, study_context
+        "model": _fields(GraderConfig),  # the grade stage's model (spinemm.models.config.GraderConfig)
     },
     "locator": {  # the locate stage: the level locator on whole sagittal slices
         "epochs": 20,
@@ -111,7 +119,7 @@ DEFAULTS: dict[str, Any] = {
         "batch_size": 32,
         "shift": 0.1,  # largest random shift of a training slice, a fraction of its side
         "stop_at_step": None,  # stop this stage after this many steps as if killed (resume tests)
-        "model": {},  # LocatorConfig options: size, context, channels, prior_mm
+        "model": _fields(LocatorConfig),  # the locate stage's model (spinemm.models.config.LocatorConfig)
     },
     "compare": {  # recipes/compare_backbones.py
         "output_dir": "runs/compare",

@@ -31,7 +31,7 @@ from ..metrics import rsna_score, solution_frame
 from ..models.config import GraderConfig
 from ..pipeline.grade import GradeStage
 from ..pipeline.pipeline import PipelineResult, SpinePipeline, submission_from_probs
-from .stage_fit import fit_stage, item_generator
+from .stage_fit import epoch_generator, fit_stage
 from .study_context import cross_fitted, fit_study_context, val_grades
 
 # L1 weights of the offset (x, y in fractions of the crop side, ~0.1; slice in slices, ~1), which
@@ -40,22 +40,31 @@ OFFSET_WEIGHTS = (10.0, 10.0, 1.0)
 
 
 class GraderSamples(Dataset):
-    """Item ``i`` of :class:`~spinemm.data.roi.ROIWindows`, shifted by a generator seeded with
-    ``(seed, epoch, i)``: ``{"crops", "offset", "label", "target"}``."""
+    """Items of :class:`~spinemm.data.roi.ROIWindows` at random shifts: ``{"crops", "offset",
+    "label", "target"}``. Each epoch's shifts are drawn at once by :meth:`set_epoch` from a generator
+    seeded with ``(seed, epoch)`` (never the global RNG, so a resumed run repeats), and a batch is
+    cut in one gather (``__getitems__``)."""
 
     def __init__(self, windows: ROIWindows, seed: int = 0) -> None:
-        self.windows, self.seed, self.epoch = windows, int(seed), 0
+        self.windows, self.seed = windows, int(seed)
+        self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+        self.shifts = self.windows.draw_shifts(len(self.windows), epoch_generator(self.seed, self.epoch))
 
     def __len__(self) -> int:
         return len(self.windows)
 
+    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        crops, offset = self.windows.crops(index, shifts=self.shifts[index])
+        labels, targets = self.windows.labels[index], self.windows.targets[index]
+        return [{"crops": crops[i], "offset": offset[i], "label": labels[i], "target": targets[i]}
+                for i in range(len(indices))]
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        crops, offset = self.windows.crops(torch.tensor([int(index)]), item_generator(self.seed, self.epoch, index))
-        return {"crops": crops[0], "offset": offset[0], "label": self.windows.labels[index],
-                "target": self.windows.targets[index]}
+        return self.__getitems__([int(index)])[0]
 
 
 def offset_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -23,49 +23,68 @@ from ..losses import heatmap_loss
 from ..models.config import LocatorConfig
 from ..models.locator import decode_heatmaps
 from ..pipeline.locate import LocateStage
-from .stage_fit import fit_stage, item_generator
+from .stage_fit import epoch_generator, fit_stage
 
 # Weight of heatmap_loss's L1 term (normalised units, ~0.01) beside its cross-entropy over cells.
 COORD_WEIGHT = 2.0
 
 
 class LocatorSamples(Dataset):
-    """Item ``i`` of :class:`~spinemm.data.level_slices.LevelSlices`, shifted and gamma-bent by a
-    generator seeded with ``(seed, epoch, i)``: ``{"slices", "points", "mask", "plane"}``."""
+    """Items of :class:`~spinemm.data.level_slices.LevelSlices`, shifted and gamma-bent:
+    ``{"slices", "points", "mask", "plane"}``. Each epoch's augmentations are drawn at once by
+    :meth:`set_epoch` from a generator seeded with ``(seed, epoch)`` (never the global RNG, so a
+    resumed run repeats), and a batch is transformed in one call (``__getitems__``)."""
 
     def __init__(self, slices: LevelSlices, shift: float, seed: int = 0) -> None:
-        self.slices, self.shift, self.seed, self.epoch = slices, float(shift), int(seed), 0
+        self.slices, self.shift, self.seed = slices, float(shift), int(seed)
+        self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+        self.move, self.gamma = draw_augment(len(self.slices), self.shift, epoch_generator(self.seed, self.epoch))
 
     def __len__(self) -> int:
         return len(self.slices)
 
+    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+        data, index = self.slices, torch.as_tensor(indices, dtype=torch.long)
+        slices, points, mask = apply_augment(data.slices[index].float(), data.points[index], data.mask[index],
+                                             self.move[index], self.gamma[index])
+        planes = data.planes[index]
+        return [{"slices": slices[i], "points": points[i], "mask": mask[i], "plane": planes[i]}
+                for i in range(len(indices))]
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        data = self.slices
-        part = slice(int(index), int(index) + 1)
-        slices, points, mask = augment(data.slices[part].float(), data.points[part], data.mask[part], self.shift,
-                                       item_generator(self.seed, self.epoch, index))
-        return {"slices": slices[0], "points": points[0], "mask": mask[0], "plane": data.planes[index]}
+        return self.__getitems__([int(index)])[0]
 
 
-def augment(slices: torch.Tensor, points: torch.Tensor, mask: torch.Tensor, shift: float,
-            generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Shift each slice by up to ``shift`` of its side (points follow; a level pushed out of view
-    is masked) and apply a random gamma to its intensities."""
-    n = slices.shape[0]
+def draw_augment(n: int, shift: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` random shifts ``[n, 2]`` (up to ``shift`` of the side) and gammas ``[n]``."""
     move = (torch.rand(n, 2, generator=generator) - 0.5) * 2 * shift  # in fractions of the side
+    gamma = torch.exp(0.3 * torch.randn(n, generator=generator))
+    return move, gamma
+
+
+def apply_augment(slices: torch.Tensor, points: torch.Tensor, mask: torch.Tensor, move: torch.Tensor,
+                  gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Shift each slice by ``move`` (points follow; a level pushed out of view is masked) and raise
+    its intensities to ``gamma``."""
+    n = slices.shape[0]
     theta = torch.zeros(n, 2, 3)
     theta[:, 0, 0] = theta[:, 1, 1] = 1.0
     theta[:, :, 2] = -2 * move  # output pixel p reads input p - move
     grid = F.affine_grid(theta, list(slices.shape), align_corners=False)
     slices = F.grid_sample(slices, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    gamma = torch.exp(0.3 * torch.randn(n, 1, 1, 1, generator=generator))
-    slices = slices.clamp(0, 1) ** gamma
+    slices = slices.clamp(0, 1) ** gamma[:, None, None, None]
     points = points + move[:, None, :]
     mask = mask & ((points >= 0) & (points < 1)).all(-1)
     return slices, points, mask
+
+
+def augment(slices: torch.Tensor, points: torch.Tensor, mask: torch.Tensor, shift: float,
+            generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`draw_augment` then :func:`apply_augment` on a batch."""
+    return apply_augment(slices, points, mask, *draw_augment(slices.shape[0], shift, generator))
 
 
 def locator_loss(logits: torch.Tensor, points: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

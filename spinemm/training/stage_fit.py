@@ -37,12 +37,11 @@ def stage_config(config: dict[str, Any], section: str, output_dir: Path) -> dict
     return run
 
 
-def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
-    """The generator of item ``index`` in ``epoch``: never the global RNG, so a resumed run repeats."""
-    import numpy as np
-
-    state = np.random.SeedSequence([int(seed), int(epoch), int(index)]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The generator of one epoch's augmentations: never the global RNG, so a resumed run repeats.
+    Datasets draw every item's augmentation from it at once (in ``set_epoch``), so an item's draw
+    depends on (seed, epoch, index) only, not on batching or the number of processes."""
+    return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch) * 7919 + 17)
 
 
 def fit_stage(config: dict[str, Any], section: str, module: torch.nn.Module, train_set: Dataset, step_fn: StepFn,
