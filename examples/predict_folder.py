@@ -1,6 +1,6 @@
 """Predict a Kaggle-layout folder: submission.csv (severity) and locations.csv (where each finding is).
 
-    python examples/predict_folder.py --model runs/tiny/model --data /path/to/rsna --out preds/
+    python examples/predict_folder.py --model runs/tiny/pipeline/pipeline --data /path/to/rsna --out preds/
 """
 
 from __future__ import annotations
@@ -13,14 +13,16 @@ import spinemm
 
 def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", required=True, help="a folder written by save_pretrained, or a preset name")
+    parser.add_argument("--model", required=True,
+                        help="a pipeline folder (recipes/train_stages.py), a model folder, or a preset name")
     parser.add_argument("--data", required=True, help="a folder with test_series_descriptions.csv + test_images/")
     parser.add_argument("--out", required=True)
     parser.add_argument("--split", default="test")
     args = parser.parse_args(argv)
 
-    model = spinemm.load_model(args.model) if args.model not in spinemm.list_models() else spinemm.create_model(args.model)
-    submission, locations = spinemm.predict(model, args.data, split=args.split)
+    model = spinemm.load_pipeline(args.model) if args.model not in spinemm.list_models() else spinemm.create_model(args.model)
+    result = spinemm.predict(model, args.data, split=args.split)  # every stage's output
+    submission, locations = result
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     submission.to_csv(out / "submission.csv", index=False)

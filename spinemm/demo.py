@@ -52,8 +52,10 @@ def demo_config(out: Path, settings: dict[str, Any], seed: int) -> dict[str, Any
 
 
 def run_demo(out: str | Path = "demo_out", n_studies: int | None = None, seed: int = 0,
-             quick: bool = False) -> dict[str, Any]:
-    """Run the demo into ``out``; returns the metrics dict also written to ``out/report/metrics.json``."""
+             quick: bool = False, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the demo into ``out``; returns the metrics dict also written to ``out/report/metrics.json``.
+
+    ``settings`` overrides entries of :data:`DEMO` (or :data:`QUICK`), e.g. fewer epochs."""
     from .data.phantom import make_phantom
     from .data.store import SeriesStore
     from .data.tables import load_tables
@@ -65,7 +67,11 @@ def run_demo(out: str | Path = "demo_out", n_studies: int | None = None, seed: i
 
     start = time.perf_counter()
     out = Path(out)
-    settings = dict(QUICK if quick else DEMO)
+    base = QUICK if quick else DEMO
+    unknown = sorted(set(settings or {}) - set(base))
+    if unknown:
+        raise ValueError(f"unknown demo settings {unknown}; valid: {sorted(base)}")
+    settings = {**base, **(settings or {})}
     if n_studies is not None:
         settings.update(n_studies=n_studies, n_test=max(2, n_studies // 4))
     config = load_config(demo_config(out, settings, seed))

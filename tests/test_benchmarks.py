@@ -22,3 +22,29 @@ def test_model_step_benchmark_runs_on_cpu(capsys):
     assert [r["name"] for r in rows] == ["vision tower alone (anchor)", "SpineCLIP step (studies)"]
     assert all(r["seconds"] > 0 and math.isfinite(r["images_per_s"]) for r in rows)
     assert "| SpineCLIP step (studies) |" in capsys.readouterr().out
+
+
+def test_heldout_quality_benchmark_scores_a_pipeline(phantom_root, tmp_path, capsys):
+    import torch
+
+    import spinemm
+    from spinemm.models.config import GraderConfig, LocatorConfig
+    from spinemm.pipeline import GradeStage, LocateStage, SpinePipeline
+
+    torch.manual_seed(0)
+    detect = spinemm.create_model("spine-tiny", num_slices=4, **{"vision.image_size": 32})
+    SpinePipeline(detect, LocateStage(LocatorConfig(size=32, channels=(8, 16, 16))),
+                  GradeStage(GraderConfig(size=16, channels=(8, 16)), query_dim=detect.config.fusion.dim)
+                  ).save_pretrained(tmp_path / "p")
+    spec = importlib.util.spec_from_file_location("heldout_quality", BENCHMARKS / "heldout_quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = module.main(["--pipeline", str(tmp_path / "p"), "--train-root", str(phantom_root),
+                       "--sets", str(tmp_path / "sets"), "--n", "3", "--seed", "5"])
+    prior, oracle = out["test_prior"], out["test_oracle"]
+    for key in ("test_detect", "test_pipeline"):
+        score = out[key]["score"]
+        assert out[key]["gap_closed"] == pytest.approx((prior - score) / (prior - oracle))
+    assert out["test_detect"]["score"] != out["test_pipeline"]["score"]  # the later stages changed the grades
+    assert out["locations"]["n_rows"] > 0 and 0 < out["locations"]["median_mm"] < 200
+    assert "| 3 test studies |" in capsys.readouterr().out

@@ -107,8 +107,7 @@ class GraderConfig:
     refine: int = 1  # times the offset head re-centres the crop before it is graded
     # Grade each finding with the rest of its study in view (StudyContext): degeneration is shared
     # across a patient's spine and across the conditions of one disc level, so 25 noisy readings
-    # say more together than apart. train_grader fits it on the validation studies. A saved config
-    # without this key predates it and loads with it off (ModelConfig.from_dict).
+    # say more together than apart. train_stages fits it on the validation studies.
     study_context: bool = True
 
     def __post_init__(self) -> None:

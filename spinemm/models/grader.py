@@ -1,19 +1,19 @@
 """The ROI grader: severity logits from a 2.5D crop of the original slices, conditioned on the query text.
 
 Localise, then classify at full resolution (the recipe of the strongest RSNA 2024 solutions). The
-fusion model finds each (condition, level) in its low-resolution stacks; the grader then reads a
-crop of the original slices around that point (``spinemm.data.roi``) and grades it. The crop's
+pipeline's earlier stages find each (condition, level); the grader (``spinemm.pipeline.GradeStage``)
+then reads a crop of the original slices around that point (``spinemm.data.roi``) and grades it. The crop's
 features are modulated (FiLM) by the query's text embedding, the same embedding that drives the
 fusion decoder, so one grader serves all 25 (condition, level) queries.
 
 :class:`StudyContext` (``study_context``) then reads a study's grades together: each finding's
 log-probabilities, a temperature, and the mean expected grade of its study and of its disc level.
-It has ten parameters, fitted on held-out studies at the predicted locations (``train_grader``):
+It has ten parameters, fitted on held-out studies at the predicted locations (``train_stages``):
 learned jointly with the grader, the study's mean features let it memorise training studies.
 
 ``backbone="cnn"`` is a small ConvNet built here (fast on a CPU, enough for the phantom); any timm
 model name gives that trunk instead, randomly initialised (pretrained timm weights need the hub:
-load them into ``model.grader.encoder`` yourself where you have it).
+load them into ``pipeline.grade.grader.encoder`` yourself where you have it).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..constants import LABEL_COLUMNS, LEVELS, NUM_CLASSES
-from ..data.roi import crop_roi
+from ..data.roi import crop_rois
 from ..data.store import SeriesStore
 from ..models.config import GraderConfig
 from ..models.grader import ROIGrader, StudyContext
@@ -103,12 +103,9 @@ class GradeStage(torch.nn.Module):
         """The crops of every part at its (slice, x, y), concatenated: ``[N, 1 + 2 context, size, size]``."""
         cfg = self.config
         offsets = range(-cfg.context, cfg.context + 1)
-        crops = []
-        for (series, _, _), ks, xys in zip(parts, slices, points, strict=True):
-            volume = torch.from_numpy(series.volume)
-            crops += [crop_roi(volume, series.pixel_spacing, k, x, y, cfg.side_mm, cfg.size, offsets)
-                      for k, (x, y) in zip(ks, xys, strict=True)]
-        return torch.stack(crops)
+        return torch.cat([crop_rois(torch.from_numpy(series.volume), series.pixel_spacing, ks, xys[:, 0], xys[:, 1],
+                                    cfg.side_mm, cfg.size, offsets)
+                          for (series, _, _), ks, xys in zip(parts, slices, points, strict=True)])
 
     def _moved(self, parts: list, slices: list[np.ndarray], points: list[np.ndarray],
                offset: torch.Tensor) -> tuple[list[np.ndarray], list[np.ndarray]]:
