@@ -149,7 +149,7 @@ def test_train_stages_needs_a_detect_model(phantom_root, tmp_path):
 
 
 def test_val_solution_matches_the_frame(phantom_root):
-    from spinemm.training.grader import val_solution
+    from spinemm.training.grade import val_solution
 
     frame = load_tables(phantom_root, "train")
     studies = sorted(frame.study_id.unique())[:2]

@@ -20,7 +20,7 @@ from spinemm.models.heads import decode_location
 from spinemm.models.locator import LOCATOR_PLANES
 from spinemm.pipeline import Findings, LocateStage, SpinePipeline, axial_slices_from_canal, load_pipeline
 from spinemm.training.config import load_config
-from spinemm.training.locator import augment, evaluate_locator, train_locate
+from spinemm.training.locate import augment, evaluate_locator, train_locate
 
 T1, T2 = PLANES.index("Sagittal T1"), PLANES.index("Sagittal T2/STIR")
 

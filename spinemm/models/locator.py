@@ -9,7 +9,7 @@ neural foramina on Sagittal T1. Its deepest stage sees the whole slice, so a lev
 neighbours by where it sits in the column of discs; the shallow stage it is merged with keeps the
 position precise. Coordinate channels (x, y in [-1, 1]) let it use where on the slice it looks.
 
-``spinemm.pipeline.LocateStage`` runs it; ``spinemm.training.locator`` trains it on the label points.
+``spinemm.pipeline.LocateStage`` runs it; ``spinemm.training.locate`` trains it on the label points.
 """
 
 from __future__ import annotations

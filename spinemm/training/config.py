@@ -109,6 +109,7 @@ DEFAULTS: dict[str, Any] = {
         "batch_size": 64,
         "shift": 0.2,  # largest crop shift, a fraction of the crop side (about the localiser's error)
         "slice_jitter": 1,  # largest shift in original slices
+        "eval_every_epochs": 1,  # score the pipeline on the val studies (and keep the best) this often
         "stop_at_step": None,  # stop this stage after this many steps as if killed (resume tests)
         "model": _fields(GraderConfig),  # the grade stage's model (spinemm.models.config.GraderConfig)
     },
@@ -118,6 +119,7 @@ DEFAULTS: dict[str, Any] = {
         "weight_decay": 1.0e-4,
         "batch_size": 32,
         "shift": 0.1,  # largest random shift of a training slice, a fraction of its side
+        "eval_every_epochs": 1,
         "stop_at_step": None,  # stop this stage after this many steps as if killed (resume tests)
         "model": _fields(LocatorConfig),  # the locate stage's model (spinemm.models.config.LocatorConfig)
     },

@@ -4,7 +4,7 @@ Each stage trains in its own folder with its own accelerator, so it gets what th
 multi-process data parallelism and mixed precision, gradient accumulation, atomic checkpoints,
 ``resume=latest`` that reproduces the uninterrupted run, TensorBoard scalars and tqdm. The stage's
 config section (``locator`` or ``grader``) supplies ``epochs``, ``lr``, ``weight_decay``,
-``batch_size`` and ``stop_at_step``; the rest (``train``, ``optim``, ``checkpoint``, ``log``,
+``batch_size``, ``eval_every_epochs`` (the last epoch is always evaluated) and ``stop_at_step``; the rest (``train``, ``optim``, ``checkpoint``, ``log``,
 ``resume``) is the recipe's. The epoch with the best ``score`` (lower is better) is kept, in memory
 and as ``best.safetensors``, so a resumed run that had already passed its best epoch restores it.
 """
@@ -33,7 +33,7 @@ def stage_config(config: dict[str, Any], section: str, output_dir: Path) -> dict
     run = copy.deepcopy(config)
     run["output_dir"] = str(output_dir)
     run["train"].update(epochs=int(options["epochs"]), max_steps=None, stop_at_step=options["stop_at_step"],
-                        eval_every_epochs=1)
+                        eval_every_epochs=int(options["eval_every_epochs"]))
     return run
 
 
@@ -44,9 +44,14 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch) * 7919 + 17)
 
 
+def batch_collate(batch: Any) -> Any:
+    """A batch a dataset's ``__getitems__`` already stacked passes through; items are stacked."""
+    return batch if isinstance(batch, dict) else default_collate(batch)
+
+
 def fit_stage(config: dict[str, Any], section: str, module: torch.nn.Module, train_set: Dataset, step_fn: StepFn,
               eval_fn: Callable[[torch.nn.Module], dict[str, Any]], output_dir: Path,
-              collate: Callable = default_collate) -> tuple[TrainState, dict[str, Any] | None]:
+              collate: Callable = batch_collate) -> tuple[TrainState, dict[str, Any] | None]:
     """Train ``module`` (its trainable parameters) on ``train_set`` and leave it holding its best
     epoch's weights; returns the engine's final state and last evaluation (None if stopped early)."""
     from safetensors.torch import load_file, save

@@ -22,8 +22,8 @@ from ..errors import SpineModelError
 from ..pipeline.pipeline import STAGE_ORDER, load_pipeline
 from .common import start_run
 from .config import load_config
-from .grader import train_grade
-from .locator import train_locate
+from .grade import train_grade
+from .locate import train_locate
 
 TRAINABLE = ("locate", "grade")
 

@@ -46,16 +46,15 @@ class LocatorSamples(Dataset):
     def __len__(self) -> int:
         return len(self.slices)
 
-    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """A whole batch, already stacked (``stage_fit.batch_collate`` passes it through)."""
         data, index = self.slices, torch.as_tensor(indices, dtype=torch.long)
         slices, points, mask = apply_augment(data.slices[index].float(), data.points[index], data.mask[index],
                                              self.move[index], self.gamma[index])
-        planes = data.planes[index]
-        return [{"slices": slices[i], "points": points[i], "mask": mask[i], "plane": planes[i]}
-                for i in range(len(indices))]
+        return {"slices": slices, "points": points, "mask": mask, "plane": data.planes[index]}
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return self.__getitems__([int(index)])[0]
+        return {k: v[0] for k, v in self.__getitems__([int(index)]).items()}
 
 
 def draw_augment(n: int, shift: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -56,15 +56,15 @@ class GraderSamples(Dataset):
     def __len__(self) -> int:
         return len(self.windows)
 
-    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """A whole batch, already stacked (``stage_fit.batch_collate`` passes it through)."""
         index = torch.as_tensor(indices, dtype=torch.long)
         crops, offset = self.windows.crops(index, shifts=self.shifts[index])
-        labels, targets = self.windows.labels[index], self.windows.targets[index]
-        return [{"crops": crops[i], "offset": offset[i], "label": labels[i], "target": targets[i]}
-                for i in range(len(indices))]
+        return {"crops": crops, "offset": offset, "label": self.windows.labels[index],
+                "target": self.windows.targets[index]}
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return self.__getitems__([int(index)])[0]
+        return {k: v[0] for k, v in self.__getitems__([int(index)]).items()}
 
 
 def offset_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
