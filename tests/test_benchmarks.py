@@ -48,3 +48,20 @@ def test_heldout_quality_benchmark_scores_a_pipeline(phantom_root, tmp_path, cap
     assert out["test_detect"]["score"] != out["test_pipeline"]["score"]  # the later stages changed the grades
     assert out["locations"]["n_rows"] > 0 and 0 < out["locations"]["median_mm"] < 200
     assert "| 3 test studies |" in capsys.readouterr().out
+
+
+def test_predict_reads_benchmark_counts_one_read_per_file(phantom_root, tmp_path, capsys):
+    import torch
+
+    import spinemm
+
+    torch.manual_seed(0)
+    spinemm.create_model("spine-tiny", num_slices=4, **{"vision.image_size": 32}).save_pretrained(tmp_path / "m")
+    spec = importlib.util.spec_from_file_location("predict_reads", BENCHMARKS / "predict_reads.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    row = module.main(["tiny", str(tmp_path / "m"), str(phantom_root)])
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[0] == "tiny" and int(cells[1]) == len(list((phantom_root / "test_images").rglob("*.dcm")))
+    assert cells[-1] == "1.0"  # dcmread calls per file during predict
+    assert row in capsys.readouterr().out
