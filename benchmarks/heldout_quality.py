@@ -28,8 +28,9 @@ import pandas as pd
 import spinemm
 from spinemm.constants import NUM_CLASSES, NUM_TARGETS
 from spinemm.data.store import SeriesStore
-from spinemm.metrics import rsna_score, solution_frame, submission_frame
+from spinemm.metrics import rsna_score, submission_frame
 from spinemm.pipeline.evaluate import location_errors, summarize_errors
+from spinemm.training.grade import val_solution
 
 
 def _phantom(root: Path, n_studies: int, n_test: int, seed: int) -> Path:
@@ -46,14 +47,6 @@ def prior_submission(train_root: Path, study_ids: list[int]) -> pd.DataFrame:
     np.add.at(counts, (labelled.target.to_numpy(), labelled.label.to_numpy()), 1)
     prior = counts / counts.sum(-1, keepdims=True)
     return submission_frame(study_ids, np.broadcast_to(prior, (len(study_ids), NUM_TARGETS, NUM_CLASSES)))
-
-
-def labelled_solution(frame: pd.DataFrame, study_ids: list[int]) -> pd.DataFrame:
-    labels = np.full((len(study_ids), NUM_TARGETS), -1, dtype=np.int64)
-    position = {s: i for i, s in enumerate(study_ids)}
-    rows = frame[frame.study_id.isin(study_ids)]
-    labels[rows.study_id.map(position).to_numpy(), rows.target.to_numpy()] = rows.label.to_numpy()
-    return solution_frame(study_ids, labels)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -88,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     ids = sorted(int(s) for s in frame.study_id.unique())
     store = SeriesStore(labelled_root, "train")
     labelled = spinemm.predict(pipeline, labelled_root, "train", study_ids=ids, store=store, progress=False)
-    out["labelled_pipeline"] = rsna_score(labelled_solution(frame, ids), labelled.submission())
+    out["labelled_pipeline"] = rsna_score(val_solution(frame, ids), labelled.submission())
     out["locations"] = summarize_errors(location_errors(labelled_root, "train", labelled.locations(), frame, store))
 
     print("| set | first stage alone | pipeline | prior-only | oracle floor | gap closed |\n| --- | ---: | ---: | ---: | ---: | ---: |")

@@ -83,18 +83,18 @@ class Findings:
         """The location frame: :data:`LOCATION_COLUMNS`, condition and level by name, NaN (``<NA>``
         for instance_number) where a finding was not located."""
         located = self.instance_number >= 0
-        frame = pd.DataFrame({
+        instance = pd.array(self.instance_number, dtype="Int64")
+        instance[~located] = pd.NA
+        return pd.DataFrame({
             "study_id": self.study_id,
             "condition": [CONDITIONS[t // len(LEVELS)] for t in self.target],
             "level": [LEVELS[t % len(LEVELS)] for t in self.target],
             "series_id": self.series_id,
-            "instance_number": pd.array(np.where(located, self.instance_number, 0), dtype="Int64"),
+            "instance_number": instance,
             "x": np.where(located, self.x, np.nan),
             "y": np.where(located, self.y, np.nan),
             "confidence": self.confidence,
         })
-        frame.loc[~located, "instance_number"] = pd.NA
-        return frame
 
     @classmethod
     def from_frame(cls, frame: pd.DataFrame) -> Findings:

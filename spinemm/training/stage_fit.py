@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from ..errors import SpineModelError
-from .engine import StepFn, TrainState, fit, make_accelerator, make_loader, make_scheduler
+from .engine import StepFn, TrainState, budget, fit, make_accelerator, make_loader, make_scheduler
 
 BEST = "best.safetensors"
 
@@ -67,8 +67,7 @@ def fit_stage(config: dict[str, Any], section: str, module: torch.nn.Module, tra
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=float(options["lr"]), weight_decay=float(options["weight_decay"]))
     wrapped, optimizer, loader = accelerator.prepare(module, optimizer, loader)
-    grad_accum = accelerator.gradient_accumulation_steps
-    total = max(1, -(-len(loader) // grad_accum)) * int(options["epochs"])
+    _, total = budget(run, len(loader), accelerator.gradient_accumulation_steps)
     scheduler = accelerator.prepare(make_scheduler(optimizer, total, float(run["optim"]["warmup_ratio"])))
     best: dict[str, Any] = {}
 
