@@ -15,7 +15,8 @@ def _cmd_phantom(args: argparse.Namespace) -> None:
     from .data.phantom import make_phantom
 
     root = make_phantom(args.root, n_studies=args.n_studies, n_test=args.n_test, seed=args.seed,
-                        image_size=args.image_size, label_noise=args.label_noise, progress=not args.quiet)
+                        image_size=args.image_size, label_noise=args.label_noise, progress=not args.quiet,
+                        workers=args.workers)
     info = json.loads((Path(root) / "phantom_info.json").read_text())
     print(f"phantom written to {root}: {args.n_studies} train studies, {info.get('n_test')} test studies")
     print(f"  prior-only score {info['prior_score']:.4f}   oracle floor {info['oracle_score']:.4f}")
@@ -104,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--label-noise", type=float, default=0.1)
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes writing studies (default: one per core, 8 studies or more each)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_phantom)
 

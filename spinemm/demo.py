@@ -88,7 +88,7 @@ def run_demo(out: str | Path = "demo_out", n_studies: int | None = None, seed: i
 
     print(f"[1/6] phantom: {settings['n_studies']} train + {settings['n_test']} test studies")
     root = make_phantom(out / "phantom", n_studies=settings["n_studies"], n_test=settings["n_test"], seed=seed,
-                        image_size=settings["phantom_size"])
+                        image_size=settings["phantom_size"], workers=None)  # all cores
     info = json.loads((root / "phantom_info.json").read_text())
 
     step("phantom")

@@ -139,7 +139,8 @@ def test_every_dicom_reads_back(phantom_root):
 
 def test_same_seed_same_bytes(tmp_path):
     args = dict(n_studies=3, n_test=2, image_size=32, progress=False)
-    a, b = make_phantom(tmp_path / "a", seed=5, **args), make_phantom(tmp_path / "b", seed=5, **args)
+    # written in this process and by two worker processes: the same bytes
+    a, b = make_phantom(tmp_path / "a", seed=5, **args), make_phantom(tmp_path / "b", seed=5, workers=2, **args)
     files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
     assert files_a == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
     for rel in files_a:
@@ -150,6 +151,8 @@ def test_same_seed_same_bytes(tmp_path):
         make_phantom(a, seed=5, **args)
     with pytest.raises(ValueError, match="n_studies"):
         make_phantom(tmp_path / "d", n_studies=0)
+    with pytest.raises(ValueError, match="workers"):
+        make_phantom(tmp_path / "d", n_studies=3, workers=0)
 
 
 def test_label_noise_and_prior():

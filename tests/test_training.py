@@ -176,6 +176,42 @@ def test_train_severity_outputs(full_run, phantom_root):
     assert best["metrics"]["score"] == pytest.approx(metrics["best"]["score"], abs=1e-5)
 
 
+def test_selection_score_is_the_mean_of_the_last_evaluations():
+    from spinemm.training.engine import selection_score
+
+    history = [{"score": 0.9}, {"score": 0.5}, {"score": math.nan}, {"score": 0.7}]
+    assert selection_score(history[:2], 1) == 0.5
+    assert selection_score(history[:2], 3) == pytest.approx(0.7)  # fewer evaluations at the start
+    assert selection_score(history[:3], 3) is None  # the evaluation that ends it has no score
+    assert selection_score(history, 3) == pytest.approx(0.6)  # a NaN neighbour is left out
+    with pytest.raises(SpineModelError, match="select_window"):
+        selection_score(history, 0)
+
+
+@pytest.mark.parametrize(("window", "kept_epoch"), [(1, 2), (3, 6)])
+def test_stage_keeps_the_epoch_its_selection_window_prefers(tmp_path, window, kept_epoch):
+    """One lucky evaluation (epoch 2) wins with window 1; with 3 the end of the best stretch wins,
+    and the stage is left holding that epoch's weights."""
+    from spinemm.training.stage_fit import fit_stage
+
+    scores = iter([0.9, 0.5, 0.8, 0.6, 0.6, 0.61])
+    config = load_config(None, ["train.cpu=true", "log.progress=false", "log.tensorboard=false",
+                                "checkpoint.every_steps=0", "grader.epochs=6", "grader.batch_size=2",
+                                f"grader.select_window={window}", "optim.warmup_ratio=0"])
+    module = torch.nn.Linear(1, 1)
+    weights: dict[int, torch.Tensor] = {}
+
+    def eval_fn(m):
+        weights[len(weights) + 1] = m.weight.detach().clone()
+        return {"score": next(scores)}
+
+    data = [{"x": torch.ones(1)} for _ in range(4)]
+    state, _ = fit_stage(config, "grader", module, data, lambda m, b: (m(b["x"]).square().mean(), {}), eval_fn,
+                         tmp_path)
+    assert state.best_epoch == kept_epoch
+    torch.testing.assert_close(module.weight, weights[kept_epoch], rtol=0, atol=0)
+
+
 def test_study_splits_from_config():
     from spinemm.training.common import split_studies
 

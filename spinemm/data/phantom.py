@@ -14,7 +14,10 @@ the oracle (best possible prediction given the noise) and the prior (training cl
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -108,11 +111,12 @@ def _unique_ids(rng: np.random.Generator, n: int, taken: set[int]) -> list[int]:
     return out
 
 
-def _check_args(n_studies: int, n_test: int, image_size: int, label_noise: float) -> None:
+def _check_args(n_studies: int, n_test: int, image_size: int, label_noise: float, workers: int | None) -> None:
     for name, value, low in (
         ("n_studies", n_studies, 1),
         ("n_test", n_test, 1),
         ("image_size", image_size, 16),
+        *((("workers", workers, 1),) if workers is not None else ()),
     ):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -176,6 +180,30 @@ def _write_study(
     return primary
 
 
+def _study_job(job: tuple) -> list[tuple]:
+    """Write one study (a worker's unit: every study has its own random stream, so the output does
+    not depend on which process writes it); returns its coordinate rows (none for a test study)."""
+    root, split, study_id, series, severity, stream, image_size, seed, labelled = job
+    primary = _write_study(root, split, study_id, series, severity, np.random.default_rng(stream), image_size, seed)
+    return [] if labelled is None else _coordinate_rows(study_id, primary, labelled)
+
+
+def _map_studies(jobs: list[tuple], workers: int | None) -> Iterator[list[tuple]]:
+    """``_study_job`` over ``jobs`` in order, in ``workers`` processes (None: one per core, and at
+    least 8 studies each, since a process costs about a second to start)."""
+    if workers is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        workers = max(1, min(cores, len(jobs) // 8))
+    workers = min(len(jobs), workers)
+    if workers <= 1:
+        yield from map(_study_job, jobs)
+        return
+    # spawn, not fork: the caller may hold torch's threads, and a forked child of a threaded
+    # process can deadlock
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield from pool.map(_study_job, jobs, chunksize=4)
+
+
 def _coordinate_rows(study_id: int, primary: dict[str, tuple], labelled: np.ndarray) -> list[tuple]:
     """Coordinate rows of one train study for the targets flagged in ``labelled [25]``."""
     rows = []
@@ -231,6 +259,7 @@ def make_phantom(
     n_test: int | None = None,
     label_noise: float = 0.1,
     progress: bool = True,
+    workers: int | None = 1,
 ) -> Path:
     """Write a synthetic RSNA 2024 Lumbar Spine dataset under ``root`` and return ``root``.
 
@@ -245,11 +274,13 @@ def make_phantom(
     - ``phantom_info.json``: the arguments, the class prior, the noise transition matrix and the
       official scores of the oracle (``P(recorded | true)`` per row) and of the training prior.
 
-    Same arguments give byte-identical tables and identical pixels. ``root`` must not already hold
+    Studies are written by ``workers`` processes (1: in this process; None: one per available core,
+    8 studies or more each). Worker processes are spawned, so a script that asks for them must
+    call ``make_phantom`` under ``if __name__ == "__main__":``, as for a DataLoader's workers. Same arguments give byte-identical tables and identical pixels, whatever ``workers``. ``root`` must not already hold
     phantom outputs (else SpineDataError). Raises ValueError on bad arguments.
     """
     n_test = max(2, n_studies // 5) if n_test is None else n_test
-    _check_args(n_studies, n_test, image_size, label_noise)
+    _check_args(n_studies, n_test, image_size, label_noise, workers)
     root = Path(root)
     clash = [name for name in _OUTPUTS if (root / name).exists()]
     if clash:
@@ -267,15 +298,15 @@ def make_phantom(
     coord_rng = np.random.default_rng(coords_ss)
     labelled = (recorded != MISSING_LABEL) & (coord_rng.random(recorded.shape) >= MISSING_COORDINATE_RATE)
 
-    coord_rows: list[tuple] = []
     study_ss = images_ss.spawn(n_total)  # one stream per study: its anatomy, scans and file order
-    for i in tqdm(range(n_total), desc="phantom studies", disable=not progress):
-        rng = np.random.default_rng(study_ss[i])
-        primary = _write_study(
-            root, split[i], int(study_ids[i]), series[i], severity[i], rng, image_size, seed
-        )
-        if split[i] == "train":
-            coord_rows += _coordinate_rows(int(study_ids[i]), primary, labelled[i])
+    jobs = [
+        (root, str(split[i]), int(study_ids[i]), series[i], severity[i], study_ss[i], image_size, seed,
+         labelled[i] if split[i] == "train" else None)
+        for i in range(n_total)
+    ]
+    coord_rows: list[tuple] = []
+    for rows in tqdm(_map_studies(jobs, workers), total=n_total, desc="phantom studies", disable=not progress):
+        coord_rows += rows
 
     # Tables list studies in id order.
     train, test = np.flatnonzero(split == "train"), np.flatnonzero(split == "test")

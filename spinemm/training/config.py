@@ -75,6 +75,7 @@ DEFAULTS: dict[str, Any] = {
         "freeze_vision": False,  # ignored for towers that carry LoRA (peft freezes their base weights)
         "freeze_text": False,
         "eval_every_epochs": 1,
+        "select_window": 1,  # keep the epoch whose mean score over this many evaluations (ending there) is best
     },
     "optim": {
         "lr": 3.0e-4,  # fusion, heads and every fully trained parameter
@@ -110,6 +111,9 @@ DEFAULTS: dict[str, Any] = {
         "shift": 0.2,  # largest crop shift, a fraction of the crop side (about the localiser's error)
         "slice_jitter": 1,  # largest shift in original slices
         "eval_every_epochs": 1,  # score the pipeline on the val studies (and keep the best) this often
+        # keep the evaluation ending the best run of 3 (mean score): one lucky score on a few val
+        # studies does not pick a mid-schedule epoch (RESULTS.md: "Model selection")
+        "select_window": 3,
         "stop_at_step": None,  # stop this stage after this many steps as if killed (resume tests)
         "model": _fields(GraderConfig),  # the grade stage's model (spinemm.models.config.GraderConfig)
     },
@@ -120,6 +124,7 @@ DEFAULTS: dict[str, Any] = {
         "batch_size": 32,
         "shift": 0.1,  # largest random shift of a training slice, a fraction of its side
         "eval_every_epochs": 1,
+        "select_window": 1,
         "stop_at_step": None,  # stop this stage after this many steps as if killed (resume tests)
         "model": _fields(LocatorConfig),  # the locate stage's model (spinemm.models.config.LocatorConfig)
     },

@@ -193,6 +193,20 @@ class TrainState:
         return cls(**known)
 
 
+def selection_score(history: list[dict[str, Any]], window: int) -> float | None:
+    """The score the best epoch is chosen by, for the evaluation that ends ``history``: the mean
+    ``score`` (lower is better) of the last ``window`` evaluations, fewer at the start. None when
+    that evaluation has no finite score. With a few validation studies one evaluation is noisy; a
+    mean over neighbours keeps an epoch that is good for a while, not one that was lucky once."""
+    if window < 1:
+        raise SpineModelError(f"select_window must be at least 1, got {window}")
+    scores = [h.get("score") for h in history[-window:]]
+    if not scores or scores[-1] is None or not math.isfinite(scores[-1]):
+        return None
+    finite = [float(x) for x in scores if x is not None and math.isfinite(x)]
+    return sum(finite) / len(finite)
+
+
 def _finish_trackers(accelerator: Any) -> None:
     """Close the trackers; unlike ``accelerator.end_training`` keep the process group (a caller
     such as compare_backbones trains again in the same processes)."""
@@ -214,10 +228,13 @@ def fit(accelerator: Any, model: torch.nn.Module, optimizer: Any, scheduler: Any
 
     All objects must already be prepared by ``accelerator``. ``step_fn(model, batch)`` returns the
     loss and a dict of scalar tensors to log; ``eval_fn(model)`` returns metrics with ``"score"``
-    (lower is better), called on every process. ``on_best(metrics)`` runs when the score improves.
-    Returns the final state and the last evaluation's metrics (None if nothing ran).
+    (lower is better), called on every process. ``on_best(metrics)`` runs when the selection score
+    (:func:`selection_score` over ``train.select_window`` evaluations) improves. Returns the final
+    state and the last evaluation's metrics (None if nothing ran).
     """
     train, ckpt, log = config["train"], config["checkpoint"], config["log"]
+    select_window = int(train.get("select_window", 1))
+    selection_score([], select_window)  # a bad window fails now, not after the first epoch
     grad_accum = accelerator.gradient_accumulation_steps
     _, total = budget(config, len(train_loader), grad_accum)
     state = TrainState()
@@ -312,9 +329,9 @@ def fit(accelerator: Any, model: torch.nn.Module, optimizer: Any, scheduler: Any
             state.history.append(record)
             accelerator.log({f"val/{k}": v for k, v in record.items() if k not in ("epoch", "step")},
                             step=state.step)
-            score = last_eval.get("score")
-            if score is not None and math.isfinite(score) and (state.best_score is None or score < state.best_score):
-                state.best_score, state.best_epoch, state.best_step = float(score), state.epoch, state.step
+            score = selection_score(state.history, select_window)
+            if score is not None and (state.best_score is None or score < state.best_score):
+                state.best_score, state.best_epoch, state.best_step = score, state.epoch, state.step
                 if on_best is not None:
                     on_best(last_eval)
     bar.close()

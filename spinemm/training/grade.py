@@ -6,9 +6,10 @@ slices (about the earlier stages' location error), so it tolerates the points it
 is conditioned on each label column's query embedding from the detect stage's text tower (frozen,
 kept with the stage). Training runs through the engine (:mod:`.stage_fit`).
 
-Model selection is by the score that ships: after every epoch the pipeline as it stands (detect,
-locate when present, this grader) predicts the validation studies at their PREDICTED points and the
-epoch with the best official score is kept. Then the study context is fitted on those validation
+Model selection is by the score that ships: every ``grader.eval_every_epochs`` the pipeline as it
+stands (detect, locate when present, this grader) predicts the validation studies at their
+PREDICTED points, and the epoch ending the best run of ``grader.select_window`` such official scores
+(by their mean) is kept. Then the study context is fitted on those validation
 grades (:mod:`.study_context`); its reported score is cross-fitted over the studies.
 """
 

@@ -4,9 +4,10 @@ Each stage trains in its own folder with its own accelerator, so it gets what th
 multi-process data parallelism and mixed precision, gradient accumulation, atomic checkpoints,
 ``resume=latest`` that reproduces the uninterrupted run, TensorBoard scalars and tqdm. The stage's
 config section (``locator`` or ``grader``) supplies ``epochs``, ``lr``, ``weight_decay``,
-``batch_size``, ``eval_every_epochs`` (the last epoch is always evaluated) and ``stop_at_step``; the rest (``train``, ``optim``, ``checkpoint``, ``log``,
-``resume``) is the recipe's. The epoch with the best ``score`` (lower is better) is kept, in memory
-and as ``best.safetensors``, so a resumed run that had already passed its best epoch restores it.
+``batch_size``, ``eval_every_epochs`` (the last epoch is always evaluated), ``select_window`` and
+``stop_at_step``; the rest (``train``, ``optim``, ``checkpoint``, ``log``, ``resume``) is the
+recipe's. The best epoch (lowest mean ``score`` over ``select_window`` evaluations ending there) is
+kept, in memory and as ``best.safetensors``, so a resumed run that had already passed it restores it.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def stage_config(config: dict[str, Any], section: str, output_dir: Path) -> dict
     run = copy.deepcopy(config)
     run["output_dir"] = str(output_dir)
     run["train"].update(epochs=int(options["epochs"]), max_steps=None, stop_at_step=options["stop_at_step"],
-                        eval_every_epochs=int(options["eval_every_epochs"]))
+                        eval_every_epochs=int(options["eval_every_epochs"]),
+                        select_window=int(options["select_window"]))
     return run
 
 
