@@ -91,7 +91,8 @@ def _cmd_zero_shot(args: argparse.Namespace) -> None:
 def _cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
-    run_demo(args.out, n_studies=args.n_studies, seed=args.seed, quick=args.quick)
+    settings = {"grader": args.grader} if args.grader else None
+    run_demo(args.out, n_studies=args.n_studies, seed=args.seed, quick=args.quick, settings=settings)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-studies", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a much smaller run, for smoke tests")
+    p.add_argument("--grader", choices=["clip", "cnn"], default=None,
+                   help="the grade stage's model (default: the demo's, see spinemm.demo.DEMO)")
     p.set_defaults(func=_cmd_demo)
     return parser
 

@@ -24,10 +24,10 @@ from .constants import SEVERITIES
 #: Settings of the full demo; ``quick`` shrinks them for smoke tests.
 DEMO = {"n_studies": 160, "n_test": 40, "phantom_size": 96, "image_size": 64, "num_slices": 8,
         "pretrain_epochs": 6, "epochs": 12, "locator_epochs": 15, "grader_epochs": 45, "batch_size": 4,
-        "lr": 2e-3}
+        "lr": 2e-3, "grader": "cnn"}
 QUICK = {"n_studies": 8, "n_test": 3, "phantom_size": 48, "image_size": 32, "num_slices": 4,
          "pretrain_epochs": 1, "epochs": 1, "locator_epochs": 1, "grader_epochs": 1, "batch_size": 4,
-         "lr": 2e-3}
+         "lr": 2e-3, "grader": "cnn"}
 
 
 def demo_config(out: Path, settings: dict[str, Any], seed: int) -> dict[str, Any]:
@@ -47,9 +47,20 @@ def demo_config(out: Path, settings: dict[str, Any], seed: int) -> dict[str, Any
         "pretrain": {"output_dir": str(out / "pretrain"), "epochs": settings["pretrain_epochs"]},
         "pipeline": {"output_dir": str(out / "stages")},
         # every 5th epoch (and the last) is scored as the pipeline ships: 9 val runs, not 45
-        "grader": {"epochs": settings["grader_epochs"], "eval_every_epochs": 5},
+        "grader": {"epochs": settings["grader_epochs"], "eval_every_epochs": 5, **_grader(out, settings)},
         "locator": {"epochs": settings["locator_epochs"]},
     }
+
+
+def _grader(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """The grade stage's settings: ``"clip"`` grades with the pretrained towers (the crops they were
+    pretrained on, at the vision tower's size); ``"cnn"`` with the ConvNet grader."""
+    if settings["grader"] == "clip":
+        return {"model": {"backbone": "clip", "size": settings["image_size"]},
+                "towers_from": str(out / "pretrain" / "model")}
+    if settings["grader"] == "cnn":
+        return {}
+    raise ValueError(f"demo setting grader must be 'clip' or 'cnn', got {settings['grader']!r}")
 
 
 def run_demo(out: str | Path = "demo_out", n_studies: int | None = None, seed: int = 0,

@@ -66,7 +66,7 @@ def test_grade_stage_survives_save_load_in_a_pipeline(tmp_path):
     detect = spinemm.create_model("spine-tiny", num_slices=4).eval()
     stage = GradeStage(GraderConfig(size=16, channels=(8, 16)), query_dim=detect.config.fusion.dim).eval()
     with torch.no_grad():
-        stage.queries.copy_(torch.randn_like(stage.queries))
+        stage.grader.query_table.copy_(torch.randn_like(stage.grader.query_table))
     crops, targets = torch.rand(4, 3, 16, 16), torch.tensor([0, 5, 10, 24])
     out = stage(crops, targets)
     assert out["logits"].shape == (4, 3) and out["offset"].shape == (4, 3)
@@ -74,7 +74,7 @@ def test_grade_stage_survives_save_load_in_a_pipeline(tmp_path):
     loaded = load_pipeline(tmp_path / "p")
     assert loaded.stages == ["detect", "grade"] and loaded.grade.config.channels == (8, 16)
     torch.testing.assert_close(loaded.grade.eval()(crops, targets)["logits"], out["logits"], rtol=0, atol=0)
-    torch.testing.assert_close(loaded.grade.queries, stage.queries, rtol=0, atol=0)
+    torch.testing.assert_close(loaded.grade.grader.query_table, stage.grader.query_table, rtol=0, atol=0)
     with pytest.raises(SpineModelError, match="crops must be"):
         stage(torch.rand(2, 5, 16, 16), targets[:2])
     # A pickle (or any other file) offered as a stage's weights is refused with the file named.

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import SpineDataError
+from ..text import finding_texts
 from .series import Series
 from .store import SeriesStore, windowed
 
@@ -98,7 +99,7 @@ class ROIWindows:
         reach = self.context + self.slice_jitter
         offsets = range(-reach, reach + 1)
         outer = self.size + 2 * self.pad
-        windows, targets, labels, studies = [], [], [], []
+        windows, targets, labels, studies, texts = [], [], [], [], []
         store = store if store is not None else SeriesStore(root, split)
         for study_id, path, series, volume, group in labelled_volumes(store, rows, "ROI windows", progress):
             index = [label_slice(series, path, row.instance_number, study_id, row.column)
@@ -106,12 +107,14 @@ class ROIWindows:
             windows.append(crop_rois(volume, series.pixel_spacing, index, group["x"].to_numpy(), group["y"].to_numpy(),
                                      side_mm * outer / self.size, outer, offsets).to(torch.float16))
             targets += group["target"].astype(int).tolist()
+            texts += finding_texts(series, group["target"].to_numpy())
             labels += group["label"].astype(int).tolist()
             studies += [int(study_id)] * len(group)
         self.windows = torch.cat(windows) if windows else torch.zeros(0, len(offsets), outer, outer, dtype=torch.float16)
         self.targets = torch.tensor(targets, dtype=torch.long)
         self.labels = torch.tensor(labels, dtype=torch.long)
         self.study_ids = np.asarray(studies, dtype=np.int64)
+        self.texts = texts  # each row's spinemm.text.finding_text (its series' acquisition)
 
     def __len__(self) -> int:
         return int(self.targets.shape[0])

@@ -101,8 +101,13 @@ class GraderConfig:
     side_mm: float = 60.0  # side of the crop in patient millimetres
     size: int = 32  # pixels the crop is resampled to
     context: int = 1  # neighbouring original slices on each side (channels = 1 + 2 * context)
-    backbone: str = "cnn"  # "cnn" (built in) or a timm model name (random init; see the docs)
+    # "clip": the encoder's open_clip vision tower, queried by its BERT text tower
+    # (spinemm.models.crop_grader); "cnn": a small ConvNet modulated by constant query embeddings
+    # (spinemm.models.grader), or a timm model name for that trunk (random init; see the docs)
+    backbone: str = "cnn"
     channels: tuple[int, ...] = (32, 64, 96)  # "cnn": output channels of each conv stage
+    queries: str = "text"  # "clip": "text" (finding_text through BERT) or "learned" (no-text ablation)
+    layers: int = 1  # "clip": decoder layers of the query over the crop's tokens
     dropout: float = 0.1
     refine: int = 1  # times the offset head re-centres the crop before it is graded
     # Grade each finding with the rest of its study in view (StudyContext): degeneration is shared

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..constants import NUM_TARGETS
 from ..errors import SpineModelError
 from .config import GraderConfig
 
@@ -37,8 +38,8 @@ def _conv_trunk(in_chans: int, channels: tuple[int, ...]) -> nn.Sequential:
 
 
 class ROIGrader(nn.Module):
-    """crops [N, 1 + 2 * context, size, size] in [0, 1] + queries [N, query_dim] -> severity logits
-    and the finding's offset from the crop centre."""
+    """crops [N, 1 + 2 * context, size, size] in [0, 1] + label columns [N] -> severity logits and
+    the finding's offset from the crop centre."""
 
     def __init__(self, config: GraderConfig, query_dim: int, num_classes: int = 3) -> None:
         super().__init__()
@@ -67,14 +68,22 @@ class ROIGrader(nn.Module):
         # and the slice, in slices. Trained on the known shifts of the training crops; used to
         # re-centre the crop before grading.
         self.offset = nn.Linear(width, 3)
-        self.study_context = StudyContext(num_classes) if config.study_context else None
+        # one constant embedding per label column (the detect stage's query text, set by training)
+        self.register_buffer("query_table", torch.zeros(NUM_TARGETS, query_dim))
 
-    def forward(self, crops: torch.Tensor, queries: torch.Tensor) -> dict[str, torch.Tensor]:
-        """-> ``{"logits": [N, classes], "offset": [N, 3]}`` (x, y as fractions of the side; slices)."""
+    def encode_queries(self, texts: object, targets: torch.Tensor) -> torch.Tensor:
+        """``[N, query_dim]``: each label column's constant embedding (``texts`` is not read)."""
+        return self.query_table[targets.to(self.query_table.device)]
+
+    def forward(self, crops: torch.Tensor, targets: torch.Tensor, texts: object = None,
+                queries: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """-> ``{"logits": [N, classes], "offset": [N, 3]}`` (x, y as fractions of the side; slices).
+        ``targets [N]``: each crop's label column; ``queries``: :meth:`encode_queries`, if at hand."""
         expected = 1 + 2 * int(self.config.context)
         if crops.ndim != 4 or crops.shape[1] != expected:
             raise SpineModelError(f"grader crops must be [N, {expected}, H, W], got {tuple(crops.shape)}")
         features = self.encoder((crops - 0.5) / 0.5)  # [N, width]
+        queries = self.encode_queries(texts, targets) if queries is None else queries
         scale, shift = self.film(queries).chunk(2, dim=-1)
         features = features * (1 + scale) + shift
         return {"logits": self.head(features), "offset": self.offset(features)}

@@ -3,26 +3,44 @@
 For every located finding the stage cuts a crop of the original slices (``spinemm.data.roi``,
 ``config.side_mm`` wide), re-centres it ``config.refine`` times with the grader's offset head
 (x, y and slice), grades it, and lets its :class:`~spinemm.models.grader.StudyContext` (when it has
-one) weigh each grade with the rest of the study. Each finding is conditioned on its label column's
-query embedding, kept with the stage (``queries``, from the first stage's text tower), so the stage
-needs no other model at run time.
+one) weigh each grade with the rest of the study.
+
+The grader (``config.backbone``):
+
+- ``"clip"``: :class:`~spinemm.models.crop_grader.CropGrader`, the stage's own SpineCLIP dual
+  encoder (``encoder``; ``spinemm.zero_shot_classify`` reads the same towers): the finding's
+  metadata text (:func:`~spinemm.text.finding_text`, from the series it was located in) attends to
+  the crop's patch tokens;
+- ``"cnn"`` (or a timm name): :class:`~spinemm.models.grader.ROIGrader`, a ConvNet modulated by one
+  constant embedding per label column.
+
+Either way the stage needs no other model at run time.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..constants import LABEL_COLUMNS, LEVELS, NUM_CLASSES
+from ..constants import LEVELS, NUM_CLASSES
 from ..data.roi import crop_rois
 from ..data.store import SeriesStore
+from ..errors import SpineModelError
 from ..models.config import GraderConfig
+from ..models.crop_grader import CropGrader
 from ..models.grader import ROIGrader, StudyContext
+from ..models.spine_clip import SpineCLIP
+from ..text import finding_texts
 from .findings import Findings
 
 __all__ = ["GradeStage", "Grades"]
+
+WEIGHTS = "grade.safetensors"
+ENCODER_DIR = "grade"  # the clip grader's SpineCLIP, a model folder inside the pipeline folder
+ENCODER_PREFIX = "grader.encoder."
 
 
 class Grades:
@@ -42,22 +60,72 @@ class GradeStage(torch.nn.Module):
 
     name = "grade"
 
-    def __init__(self, config: GraderConfig | None = None, query_dim: int = 256) -> None:
+    def __init__(self, config: GraderConfig | None = None, query_dim: int = 256,
+                 encoder: SpineCLIP | None = None) -> None:
         super().__init__()
         self.config = config or GraderConfig()
         self.query_dim = int(query_dim)
-        self.grader = ROIGrader(self.config, self.query_dim, NUM_CLASSES)
-        self.register_buffer("queries", torch.zeros(len(LABEL_COLUMNS), self.query_dim))
+        if self.config.backbone == "clip":
+            if encoder is None:
+                raise SpineModelError("the clip grade stage needs its encoder: GradeStage(config, encoder=model)")
+            self.grader: torch.nn.Module = CropGrader(encoder, self.config, NUM_CLASSES)
+        else:
+            self.grader = ROIGrader(self.config, self.query_dim, NUM_CLASSES)
         self.study_context = StudyContext(NUM_CLASSES) if self.config.study_context else None
+
+    @property
+    def encoder(self) -> SpineCLIP | None:
+        """The dual encoder the ``"clip"`` grader reads crops and texts with (None for a CNN)."""
+        return self.grader.encoder if isinstance(self.grader, CropGrader) else None
 
     def config_dict(self) -> dict:
         return {**asdict(self.config), "query_dim": self.query_dim}
 
-    def forward(self, crops: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Crops ``[N, 1 + 2 context, size, size]`` for label columns ``targets [N]`` -> ``{"logits":
-        [N, 3], "offset": [N, 3]}`` (the finding's offset from the crop centre: x, y as fractions of
-        the side, and slices)."""
-        return self.grader(crops, self.queries[targets.to(self.queries.device)])
+    def save_to(self, folder: Path) -> None:
+        """``grade.safetensors`` (and, for the clip grader, its encoder as ``grade/``, a folder
+        ``spinemm.load_model`` reads) in a pipeline folder."""
+        from safetensors.torch import save_file
+
+        state = self.state_dict()
+        if self.encoder is not None:
+            self.encoder.save_pretrained(folder / ENCODER_DIR)
+            state = {k: v for k, v in state.items() if not k.startswith(ENCODER_PREFIX)}
+        save_file({k: v.detach().clone().contiguous() for k, v in state.items()}, str(folder / WEIGHTS))
+
+    @classmethod
+    def load_from(cls, folder: Path, config: GraderConfig, query_dim: int) -> GradeStage:
+        """The stage :meth:`save_to` wrote in ``folder``; a file that is not safetensors, or whose
+        tensors do not fit, raises :class:`SpineModelError` naming it."""
+        from safetensors.torch import load_file
+
+        from ..models.factory import load_model
+
+        weights = folder / WEIGHTS
+        if not weights.is_file():
+            raise SpineModelError(f"{weights} is missing: the pipeline folder lists stage 'grade'")
+        encoder = load_model(folder / ENCODER_DIR) if config.backbone == "clip" else None
+        stage = cls(config, query_dim, encoder=encoder)
+        try:
+            state = load_file(str(weights))
+        except Exception as err:  # safetensors' own error types: not a safetensors file
+            raise SpineModelError(f"cannot load {weights}: {type(err).__name__}: {err}") from None
+        try:
+            missing, unexpected = stage.load_state_dict(state, strict=False)
+        except RuntimeError as err:  # wrong shapes
+            raise SpineModelError(f"cannot load {weights}: {err}") from None
+        missing = [k for k in missing if not k.startswith(ENCODER_PREFIX)]
+        if missing or unexpected:
+            raise SpineModelError(f"{weights} does not fit its GraderConfig: missing {missing[:5]}, "
+                                  f"unexpected {unexpected[:5]}")
+        return stage
+
+    def forward(self, crops: torch.Tensor, targets: torch.Tensor, texts: list[str] | None = None,
+                queries: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Crops ``[N, 1 + 2 context, size, size]`` for label columns ``targets [N]`` (and their
+        :func:`~spinemm.text.finding_text` s, or their ``queries``) -> ``{"logits": [N, 3],
+        "offset": [N, 3]}`` (the finding's offset from the crop centre: x, y as fractions of the
+        side, and slices)."""
+        return self.grader(crops, targets, texts, queries)
 
     @torch.no_grad()
     def run(self, findings: Findings, store: SeriesStore, batch_size: int = 16) -> Grades:
@@ -81,15 +149,18 @@ class GradeStage(torch.nn.Module):
             return Grades(log_probs, out)
         rows = np.concatenate([group for _, group, _ in parts])
         targets = torch.from_numpy(findings.target[rows])
+        texts = [text for series, group, _ in parts for text in finding_texts(series, findings.target[group])]
+        device = next(self.grader.parameters()).device
         slices = [k for _, _, k in parts]
         points = [np.stack([findings.x[group], findings.y[group]], axis=1) for _, group, _ in parts]
         was_training = self.training
         self.eval()
         try:
+            queries = self.grader.encode_queries(texts, targets.to(device))  # each distinct text once
             for _ in range(int(self.config.refine)):  # re-centre on the offset head's estimate
-                offset = self._batched(self._cut(parts, slices, points), targets, "offset", batch_size)
+                offset = self._batched(self._cut(parts, slices, points), targets, queries, "offset", batch_size)
                 slices, points = self._moved(parts, slices, points, offset)
-            logits = self._batched(self._cut(parts, slices, points), targets, "logits", batch_size)
+            logits = self._batched(self._cut(parts, slices, points), targets, queries, "logits", batch_size)
         finally:
             self.train(was_training)
         log_probs[rows] = logits.log_softmax(-1).double().numpy()
@@ -120,9 +191,11 @@ class GradeStage(torch.nn.Module):
             new_slices.append(np.clip(ks + np.rint(part[:, 2]).astype(np.int64), 0, len(series.volume) - 1))
         return new_slices, new_points
 
-    def _batched(self, crops: torch.Tensor, targets: torch.Tensor, key: str, batch_size: int) -> torch.Tensor:
-        device = self.queries.device
-        return torch.cat([self(crops[i:i + batch_size].to(device), targets[i:i + batch_size])[key].float().cpu()
+    def _batched(self, crops: torch.Tensor, targets: torch.Tensor, queries: torch.Tensor, key: str,
+                 batch_size: int) -> torch.Tensor:
+        device = queries.device
+        return torch.cat([self(crops[i:i + batch_size].to(device), targets[i:i + batch_size],
+                               queries=queries[i:i + batch_size])[key].float().cpu()
                           for i in range(0, len(crops), batch_size)])
 
     @torch.no_grad()

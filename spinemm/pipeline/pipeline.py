@@ -10,7 +10,8 @@ A pipeline folder describes itself::
     pipeline.json        spinemm version, the stages in order, each stage's config
     detect/              the first stage's SpineCLIP (save_pretrained: config.json, model.safetensors, tokenizer)
     locate.safetensors   the level locator's weights      (when the pipeline has the stage)
-    grade.safetensors    the grader's weights, queries and study context
+    grade.safetensors    the grader's weights and study context (the clip grader's
+    grade/               encoder, a SpineCLIP folder as detect/, is beside it)
 """
 
 from __future__ import annotations
@@ -172,10 +173,12 @@ class SpinePipeline:
         out.mkdir(parents=True, exist_ok=True)
         self.detect.model.save_pretrained(out / "detect")
         meta: dict[str, Any] = {"spinemm_version": __version__, "stages": self.stages}
-        for stage in (self.locate, self.grade):
-            if stage is not None:
-                meta[stage.name] = stage.config_dict()
-                save_model(stage, str(out / f"{stage.name}.safetensors"))
+        if self.locate is not None:
+            meta["locate"] = self.locate.config_dict()
+            save_model(self.locate, str(out / "locate.safetensors"))
+        if self.grade is not None:
+            meta["grade"] = self.grade.config_dict()
+            self.grade.save_to(out)
         (out / PIPELINE_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
         return out
 
@@ -200,20 +203,19 @@ def load_pipeline(source: str | os.PathLike) -> SpinePipeline:
     if unknown or "detect" not in stages:
         raise SpineModelError(f"{folder / PIPELINE_CONFIG}: stages {stages} must include detect and be among {STAGE_ORDER}")
     pipeline = SpinePipeline(load_model(folder / "detect"))
-    builders = {"locate": lambda c: LocateStage(_config(LocatorConfig, c, folder)),
-                "grade": lambda c: GradeStage(_config(GraderConfig, {k: v for k, v in c.items() if k != "query_dim"},
-                                                      folder), query_dim=int(c.get("query_dim", 256)))}
-    for name in ("locate", "grade"):
-        if name in stages:
-            weights = folder / f"{name}.safetensors"
-            if not weights.is_file():
-                raise SpineModelError(f"{weights} is missing: the pipeline folder lists stage {name!r}")
-            stage = builders[name](meta.get(name) or {})
-            try:
-                load_weights(stage, str(weights))
-            except Exception as err:  # safetensors' own error types: not a safetensors file, wrong keys
-                raise SpineModelError(f"cannot load {weights}: {type(err).__name__}: {err}") from None
-            setattr(pipeline, name, stage)
+    if "locate" in stages:
+        weights = folder / "locate.safetensors"
+        if not weights.is_file():
+            raise SpineModelError(f"{weights} is missing: the pipeline folder lists stage 'locate'")
+        pipeline.locate = LocateStage(_config(LocatorConfig, meta.get("locate") or {}, folder))
+        try:
+            load_weights(pipeline.locate, str(weights))
+        except Exception as err:  # safetensors' own error types: not a safetensors file, wrong keys
+            raise SpineModelError(f"cannot load {weights}: {type(err).__name__}: {err}") from None
+    if "grade" in stages:
+        values = dict(meta.get("grade") or {})
+        query_dim = int(values.pop("query_dim", 256))
+        pipeline.grade = GradeStage.load_from(folder, _config(GraderConfig, values, folder), query_dim)
     return pipeline
 
 

@@ -105,7 +105,10 @@ DEFAULTS: dict[str, Any] = {
     },
     "grader": {  # the grade stage: the ROI grader on crops of the original slices
         "epochs": 15,
-        "lr": 2.0e-3,
+        "lr": 2.0e-3,  # the decoder, heads and projections (and the whole CNN grader)
+        "tower_lr": 3.0e-4,  # the clip grader's vision and text towers (or their LoRA adapters)
+        # the clip grader's encoder: a saved model folder (e.g. pretraining's model/); null: the detect model
+        "towers_from": None,
         "weight_decay": 0.01,
         "batch_size": 64,
         "shift": 0.2,  # largest crop shift, a fraction of the crop side (about the localiser's error)

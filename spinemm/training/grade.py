@@ -30,6 +30,7 @@ from ..errors import SpineModelError
 from ..losses import weighted_cross_entropy
 from ..metrics import rsna_score, solution_frame
 from ..models.config import GraderConfig
+from ..models.lora import add_lora, merge_lora
 from ..pipeline.grade import GradeStage
 from ..pipeline.pipeline import PipelineResult, SpinePipeline, submission_from_probs
 from .stage_fit import epoch_generator, fit_stage
@@ -62,10 +63,10 @@ class GraderSamples(Dataset):
         index = torch.as_tensor(indices, dtype=torch.long)
         crops, offset = self.windows.crops(index, shifts=self.shifts[index])
         return {"crops": crops, "offset": offset, "label": self.windows.labels[index],
-                "target": self.windows.targets[index]}
+                "target": self.windows.targets[index], "texts": [self.windows.texts[i] for i in indices]}
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {k: v[0] for k, v in self.__getitems__([int(index)]).items()}
+        return {k: v[0] if isinstance(v, torch.Tensor) else v for k, v in self.__getitems__([int(index)]).items()}
 
 
 def offset_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -75,7 +76,7 @@ def offset_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def grade_step(stage: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """batch -> (weighted cross-entropy + offset loss, parts) for the engine."""
-    out = stage(batch["crops"], batch["target"])
+    out = stage(batch["crops"], batch["target"], batch.get("texts"))
     severity = weighted_cross_entropy(out["logits"], batch["label"])
     offset = offset_loss(out["offset"], batch["offset"])
     return severity + offset, {"severity_loss": severity, "offset_loss": offset}
@@ -119,13 +120,7 @@ def train_grade(config: dict[str, Any], run: Any, pipeline: SpinePipeline, outpu
     stage (``before_score``), with it but no study context (``grader_score``) and with both
     (``score``, cross-fitted); ``stage`` is None if the run stopped early."""
     options = config["grader"]
-    detect = pipeline.detect.model
-    try:
-        stage = GradeStage(GraderConfig(**(options["model"] or {})), query_dim=detect.config.fusion.dim)
-    except TypeError as err:
-        raise SpineModelError(f"grader.model: {err}") from None
-    with torch.no_grad():
-        stage.queries.copy_(detect.encode_queries(None, 1)[0].float().cpu())  # the frozen text tower, once
+    stage = build_grade_stage(config, pipeline.detect.model)
     cfg = stage.config
     window_args = {"side_mm": cfg.side_mm, "size": cfg.size, "context": cfg.context, "progress": progress,
                    "store": run.store}
@@ -139,13 +134,53 @@ def train_grade(config: dict[str, Any], run: Any, pipeline: SpinePipeline, outpu
         return val.evaluate(module) if val is not None else {"score": math.nan}
 
     state, _ = fit_stage(config, "grader", stage, GraderSamples(train_set, int(config["train"]["seed"])),
-                         grade_step, eval_fn, output_dir)
+                         grade_step, eval_fn, output_dir, params=_param_groups(stage, options))
+    if getattr(stage.encoder, "lora_config", None) is not None and not state.stopped:
+        merge_lora(stage.encoder)  # the pipeline folder holds a plain encoder that load_model reads
     result: dict[str, Any] = {"stage": None if state.stopped else stage, "state": state, "history": state.history,
                               "metrics": {"train_rows": len(train_set), "skipped_rows": train_set.skipped}}
     if state.stopped or val is None:
         return result
     result["metrics"].update(_fit_context(stage, val))
     return result
+
+
+def build_grade_stage(config: dict[str, Any], detect: torch.nn.Module) -> GradeStage:
+    """A fresh grade stage from ``grader.model``. The clip grader's encoder is a trainable copy of
+    ``grader.towers_from`` (a saved model folder, e.g. contrastive pretraining's, so the grader reads
+    the features zero-shot scoring reads) or of the detect model, with LoRA on its towers when
+    ``lora.r > 0``; the CNN grader takes the detect model's 25 query embeddings, once."""
+    import copy
+
+    from ..models.factory import load_model
+
+    options = config["grader"]
+    try:
+        model_config = GraderConfig(**(options["model"] or {}))
+    except TypeError as err:
+        raise SpineModelError(f"grader.model: {err}") from None
+    if model_config.backbone != "clip":
+        stage = GradeStage(model_config, query_dim=detect.config.fusion.dim)
+        with torch.no_grad():
+            stage.grader.query_table.copy_(detect.encode_queries(None, 1)[0].float().cpu())  # frozen text tower
+        return stage
+    source = options["towers_from"]
+    encoder = load_model(source) if source else copy.deepcopy(detect)
+    encoder.requires_grad_(True)
+    lora = config["lora"]
+    if int(lora["r"]) > 0:
+        add_lora(encoder, r=int(lora["r"]), alpha=lora["alpha"], dropout=lora["dropout"],
+                 **({"targets": lora["targets"]} if lora["targets"] is not None else {}))
+    return GradeStage(model_config, query_dim=encoder.config.fusion.dim, encoder=encoder.train())
+
+
+def _param_groups(stage: GradeStage, options: dict[str, Any]) -> list[dict[str, Any]]:
+    """The encoder's towers at ``grader.tower_lr`` (LoRA adapters included), the rest at ``grader.lr``."""
+    towers = {id(p) for p in stage.encoder.parameters()} if stage.encoder is not None else set()
+    trainable = [p for p in stage.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if id(p) not in towers], "lr": float(options["lr"])},
+              {"params": [p for p in trainable if id(p) in towers], "lr": float(options["tower_lr"])}]
+    return [g for g in groups if g["params"]]
 
 
 def _fit_context(stage: GradeStage, val: ValidationRun) -> dict[str, Any]:

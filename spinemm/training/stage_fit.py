@@ -53,9 +53,11 @@ def batch_collate(batch: Any) -> Any:
 
 def fit_stage(config: dict[str, Any], section: str, module: torch.nn.Module, train_set: Dataset, step_fn: StepFn,
               eval_fn: Callable[[torch.nn.Module], dict[str, Any]], output_dir: Path,
-              collate: Callable = batch_collate) -> tuple[TrainState, dict[str, Any] | None]:
-    """Train ``module`` (its trainable parameters) on ``train_set`` and leave it holding its best
-    epoch's weights; returns the engine's final state and last evaluation (None if stopped early)."""
+              collate: Callable = batch_collate,
+              params: list[dict[str, Any]] | None = None) -> tuple[TrainState, dict[str, Any] | None]:
+    """Train ``module`` (its trainable parameters, or the optimizer groups ``params``, each with its
+    own ``lr``) on ``train_set`` and leave it holding its best epoch's weights; returns the engine's
+    final state and last evaluation (None if stopped early)."""
     from safetensors.torch import load_file, save
 
     from ..data.cache import write_atomic
@@ -66,7 +68,8 @@ def fit_stage(config: dict[str, Any], section: str, module: torch.nn.Module, tra
     seed = int(run["train"]["seed"])
     loader, sampler = make_loader(train_set, int(options["batch_size"]), collate, seed, shuffle=True,
                                   num_workers=int(run["data"]["num_workers"]))
-    params = [p for p in module.parameters() if p.requires_grad]
+    if params is None:
+        params = [{"params": [p for p in module.parameters() if p.requires_grad], "lr": float(options["lr"])}]
     optimizer = torch.optim.AdamW(params, lr=float(options["lr"]), weight_decay=float(options["weight_decay"]))
     wrapped, optimizer, loader = accelerator.prepare(module, optimizer, loader)
     _, total = budget(run, len(loader), accelerator.gradient_accumulation_steps)

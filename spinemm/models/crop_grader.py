@@ -1,0 +1,103 @@
+"""The CLIP crop grader: a finding's metadata text attends to its crop's patch tokens.
+
+SpineCLIP's dual encoder, applied to one finding at a time:
+
+1. the 2.5D crop (the finding's slice and its neighbours as channels, as contrastive pretraining
+   cut them) goes through the encoder's open_clip vision tower: its patch tokens and its pooled
+   embedding (the feature zero-shot scoring reads) become the memory, ``token_proj`` + LayerNorm;
+2. the finding's metadata text (:func:`spinemm.text.finding_text`: series, level, condition and
+   side, pixel spacing, slice gap, tilt) goes through the encoder's BERT text tower, each distinct
+   text once per call, ``query_proj``: the query;
+3. ``layers`` decoder layers let the query cross-attend to the memory; heads give the severity
+   logits and the finding's offset from the crop centre (x, y in crop sides, slices).
+
+``queries="learned"`` replaces the text by one learned vector per label column: the no-text
+ablation of the paper's comparison. The projections start as the encoder's own fusion
+projections, so a detect model's or a pretrained model's alignment carries over.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..constants import NUM_TARGETS
+from ..errors import SpineModelError
+from .config import GraderConfig
+from .fusion import DecoderLayer
+from .spine_clip import SpineCLIP
+
+
+class CropGrader(nn.Module):
+    """crops ``[N, C, H, W]`` in [0, 1] + texts (N strings) or targets ``[N]`` -> severity logits and offset."""
+
+    def __init__(self, encoder: SpineCLIP, config: GraderConfig, num_classes: int = 3) -> None:
+        super().__init__()
+        if config.queries not in ("text", "learned"):
+            raise SpineModelError(f"grader.queries must be 'text' or 'learned', got {config.queries!r}")
+        if int(config.context) != 1:  # the vision tower reads 3 channels: a slice and its neighbours
+            raise SpineModelError(f"the clip grader reads 2.5D crops of 3 slices (grader.context=1), "
+                                  f"got context={config.context}")
+        self.config = config
+        self.encoder = encoder  # vision + text towers; its series fusion path is not used here
+        dim = encoder.config.fusion.dim
+        self.token_proj = nn.Linear(encoder.vision.width, dim)
+        self.token_proj.load_state_dict(encoder.token_proj.state_dict())
+        self.pooled_proj = nn.Linear(encoder.vision.width, dim)
+        self.pooled_proj.load_state_dict(encoder.token_proj.state_dict())
+        self.memory_norm = nn.LayerNorm(dim)
+        if config.queries == "text":
+            self.query_proj = nn.Linear(encoder.text.width, dim)
+            self.query_proj.load_state_dict(encoder.query_proj.state_dict())
+            self.query_embed = None
+        else:
+            self.query_proj = None
+            self.query_embed = nn.Parameter(torch.randn(NUM_TARGETS, dim))
+        heads = int(encoder.config.fusion.heads)
+        self.layers = nn.ModuleList(DecoderLayer(dim, heads, encoder.config.fusion.mlp_ratio, config.dropout)
+                                    for _ in range(int(config.layers)))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+        self.offset = nn.Linear(dim, 3)
+
+    def memory(self, crops: torch.Tensor) -> torch.Tensor:
+        """crops ``[N, C, H, W]`` -> memory ``[N, 1 + h*w, dim]``: the pooled embedding, then the patch tokens."""
+        size = self.encoder.image_size
+        if crops.shape[-2:] != (size, size):
+            crops = F.interpolate(crops, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        tokens, pooled = self.encoder.vision(crops[:, None])  # [N, 1, h*w, width], [N, 1, width]
+        memory = torch.cat([self.pooled_proj(pooled[:, 0])[:, None], self.token_proj(tokens[:, 0])], dim=1)
+        return self.memory_norm(memory)
+
+    def encode_queries(self, texts: Sequence[str] | None, targets: torch.Tensor) -> torch.Tensor:
+        """``[N, dim]``: each finding's text through the text tower (each distinct text once), or
+        its label column's learned query."""
+        if self.query_embed is not None:
+            return self.query_embed[targets]
+        if texts is None or len(texts) != len(targets):
+            raise SpineModelError(f"the text grader needs one text per crop: {len(targets)} crops, "
+                                  f"{'no' if texts is None else len(texts)} texts")
+        unique = list(dict.fromkeys(texts))
+        _, _, pooled = self.encoder.text.encode(unique)
+        position = {t: i for i, t in enumerate(unique)}
+        index = torch.tensor([position[t] for t in texts], device=pooled.device)
+        return self.query_proj(pooled)[index]
+
+    def forward(self, crops: torch.Tensor, targets: torch.Tensor, texts: Sequence[str] | None = None,
+                queries: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """-> ``{"logits": [N, classes], "offset": [N, 3]}``; ``queries``: :meth:`encode_queries`,
+        if at hand (the grade stage encodes a whole record's texts once)."""
+        expected = 1 + 2 * int(self.config.context)
+        if crops.ndim != 4 or crops.shape[1] != expected:
+            raise SpineModelError(f"grader crops must be [N, {expected}, H, W], got {tuple(crops.shape)}")
+        memory = self.memory(crops)
+        if queries is None:
+            queries = self.encode_queries(texts, targets.to(memory.device))
+        query = queries[:, None]  # [N, 1, dim]
+        for layer in self.layers:
+            query, _ = layer(query, memory, None)
+        query = self.norm(query[:, 0])
+        return {"logits": self.head(query), "offset": self.offset(query)}

@@ -1,0 +1,117 @@
+"""The clip grade stage: the finding's metadata text (BERT) queries the crop's tokens (open_clip ViT)."""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+import torch
+
+import spinemm
+from spinemm.errors import SpineModelError
+from spinemm.models.config import GraderConfig
+from spinemm.pipeline import GradeStage, SpinePipeline, load_pipeline
+from spinemm.text import acquisition, finding_text, finding_texts
+
+
+def _encoder(seed: int = 0) -> spinemm.SpineCLIP:
+    torch.manual_seed(seed)
+    return spinemm.create_model("spine-tiny", num_slices=4)
+
+
+def _series(spacing: float, gap: float, normal=(0.0, 0.0, 1.0)) -> types.SimpleNamespace:
+    return types.SimpleNamespace(pixel_spacing=(spacing, spacing), slice_spacing=gap, normal=np.asarray(normal))
+
+
+def test_finding_text_carries_the_series_acquisition():
+    tilted = np.array([0.0, np.sin(np.radians(12)), np.cos(np.radians(12))])
+    assert acquisition(_series(0.7, 4.0, tilted))["tilt_degrees"] == pytest.approx(12.0)
+    text = finding_text("left_subarticular_stenosis", "l4_l5", **acquisition(_series(0.68, 4.2, tilted)))
+    assert text == "Axial T2, L4/L5, left subarticular stenosis; pixels 0.7 mm, slices 4 mm apart, tilted 10 degrees"
+    # the same finding in two differently acquired series reads differently; alike series share a text
+    a, b, c = (finding_texts(_series(*s), [17]) for s in ((0.7, 4.0), (0.4, 3.0), (0.72, 4.1)))
+    assert a != b and a == c
+    # within the tiny tokenizer's 32 tokens, so nothing is cut off
+    tokenizer = _encoder().tokenizer
+    longest = finding_text("right_neural_foraminal_narrowing", "l5_s1", pixel_spacing_mm=10.55,
+                           slice_spacing_mm=12.5, tilt_degrees=45)
+    assert len(tokenizer(longest)["input_ids"]) <= 32
+
+
+def test_text_queries_depend_on_the_metadata_and_each_text_is_encoded_once(monkeypatch):
+    stage = GradeStage(GraderConfig(backbone="clip", size=32), encoder=_encoder()).eval()
+    texts = [*finding_texts(_series(0.7, 4.0), [0, 0]), *finding_texts(_series(0.4, 3.0), [0])]
+    calls = []
+    encode = stage.encoder.text.encode
+    monkeypatch.setattr(stage.encoder.text, "encode", lambda t: calls.append(list(t)) or encode(t))
+    with torch.no_grad():
+        queries = stage.grader.encode_queries(texts, torch.tensor([0, 0, 0]))
+    assert calls == [[texts[0], texts[2]]]  # two distinct texts, one call
+    torch.testing.assert_close(queries[0], queries[1])
+    assert not torch.allclose(queries[0], queries[2], atol=1e-4)  # not a constant
+    with pytest.raises(SpineModelError, match="one text per crop"):
+        stage(torch.rand(3, 3, 32, 32), torch.tensor([0, 0, 0]))
+    with pytest.raises(SpineModelError, match="context=1"):
+        GradeStage(GraderConfig(backbone="clip", context=2), encoder=_encoder())
+    with pytest.raises(SpineModelError, match="needs its encoder"):
+        GradeStage(GraderConfig(backbone="clip"))
+
+
+def test_clip_grade_stage_round_trips_through_a_pipeline_folder(tmp_path):
+    detect = _encoder(0).eval()
+    stage = GradeStage(GraderConfig(backbone="clip", size=32), encoder=_encoder(1)).eval()
+    crops, targets = torch.rand(3, 3, 32, 32), torch.tensor([0, 12, 24])
+    texts = finding_texts(_series(0.7, 4.0), targets.tolist())
+    with torch.no_grad():
+        expected = stage(crops, targets, texts)["logits"]
+    SpinePipeline(detect, grade=stage).save_pretrained(tmp_path / "p")
+    # the encoder is a model folder of its own, so zero-shot scoring reads the grader's towers
+    assert (tmp_path / "p" / "grade" / "config.json").is_file()
+    loaded = load_pipeline(tmp_path / "p")
+    assert loaded.grade.config.backbone == "clip"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.grade.eval()(crops, targets, texts)["logits"], expected, rtol=0, atol=0)
+    probs = spinemm.zero_shot_classify(loaded.grade.encoder, crops, ["a severe finding", "a normal finding"])
+    assert probs.shape == (3, 2)
+
+
+def _blob_crops(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise crops with a bright blob in the left half, the right half, both or neither: [N, 3, 32, 32]
+    and which halves hold one [N, 2] (left, right)."""
+    sides = torch.randint(0, 2, (n, 2), generator=generator).bool()
+    crops = 0.3 * torch.rand(n, 3, 32, 32, generator=generator)
+    crops[sides[:, 0], :, 12:20, 4:12] += 0.7
+    crops[sides[:, 1], :, 12:20, 20:28] += 0.7
+    return crops.clamp(0, 1), sides
+
+
+def test_the_query_text_decides_which_side_is_graded():
+    """Trained on crops that show both sides, the 'left' text grades the left half and the 'right'
+    text the right half: swapping the texts on an asymmetric crop swaps the grades."""
+    torch.manual_seed(0)
+    stage = GradeStage(GraderConfig(backbone="clip", size=32, dropout=0.0), encoder=_encoder(2))
+    left, right = (finding_text(f"{side}_subarticular_stenosis", "l4_l5") for side in ("left", "right"))
+    steps = 400
+    optimizer = torch.optim.AdamW(stage.parameters(), lr=1e-3)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=steps, pct_start=0.1)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        crops, sides = _blob_crops(16, generator)
+        texts = [left] * 16 + [right] * 16
+        labels = 2 * torch.cat([sides[:, 0], sides[:, 1]]).long()  # severe where the blob is
+        out = stage(torch.cat([crops, crops]), torch.zeros(32, dtype=torch.long), texts)
+        loss = torch.nn.functional.cross_entropy(out["logits"], labels)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(stage.parameters(), 1.0)  # as the engine does (optim.max_grad_norm)
+        optimizer.step()
+        schedule.step()
+    stage.eval()
+    only_left = 0.3 * torch.rand(1, 3, 32, 32, generator=generator)
+    only_left[:, :, 12:20, 4:12] += 0.7
+    with torch.no_grad():
+        grades = stage(only_left.repeat(2, 1, 1, 1), torch.zeros(2, dtype=torch.long), [left, right])["logits"]
+        swapped = stage(only_left.flip(-1).repeat(2, 1, 1, 1), torch.zeros(2, dtype=torch.long), [left, right])["logits"]
+    assert grades.argmax(-1).tolist() == [2, 0]  # left: severe, right: normal
+    assert swapped.argmax(-1).tolist() == [0, 2]  # the blob moved to the right: the grades swap
