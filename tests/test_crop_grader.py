@@ -115,3 +115,21 @@ def test_the_query_text_decides_which_side_is_graded():
         swapped = stage(only_left.flip(-1).repeat(2, 1, 1, 1), torch.zeros(2, dtype=torch.long), [left, right])["logits"]
     assert grades.argmax(-1).tolist() == [2, 0]  # left: severe, right: normal
     assert swapped.argmax(-1).tolist() == [0, 2]  # the blob moved to the right: the grades swap
+
+
+@pytest.mark.parametrize("tower", ["cnn", "unet3d"])
+def test_any_vision_tower_can_grade_crops(tower):
+    """The comparison swaps the grader's image encoder: a 2-D tower reads the crop's slices as
+    channels, the 3D U-Net as depth (its tokens: every slice's)."""
+    from spinemm.models.baselines import TINY_VISION_CONFIGS
+
+    torch.manual_seed(0)
+    encoder = spinemm.create_model("spine-tiny", num_slices=4, vision=TINY_VISION_CONFIGS[tower])
+    stage = GradeStage(GraderConfig(backbone="clip", size=32), encoder=encoder).eval()
+    crops = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        memory = stage.grader.memory(crops)
+        out = stage(crops, torch.tensor([0, 1]), finding_texts(_series(0.7, 4.0), [0, 1]))
+    tokens = encoder.vision.grid_size[0] * encoder.vision.grid_size[1]
+    assert memory.shape == (2, 1 + tokens * (3 if tower == "unet3d" else 1), encoder.config.fusion.dim)
+    assert out["logits"].shape == (2, 3) and torch.isfinite(out["logits"]).all()

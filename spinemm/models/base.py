@@ -17,6 +17,7 @@ class SliceEncoder(nn.Module):
 
     width: int
     grid_size: tuple[int, int]
+    volumetric: bool = False  # True: reads the slices as depth (convolves across them), not one by one
     image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
 

@@ -64,12 +64,21 @@ class CropGrader(nn.Module):
         self.offset = nn.Linear(dim, 3)
 
     def memory(self, crops: torch.Tensor) -> torch.Tensor:
-        """crops ``[N, C, H, W]`` -> memory ``[N, 1 + h*w, dim]``: the pooled embedding, then the patch tokens."""
+        """crops ``[N, C, H, W]`` -> memory ``[N, 1 + T, dim]``: the pooled embedding, then the
+        tokens (a 2-D tower reads the C slices as the image's channels; a volumetric one, the 3D
+        U-Net, reads them as depth, each slice in every channel)."""
         size = self.encoder.image_size
         if crops.shape[-2:] != (size, size):
             crops = F.interpolate(crops, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-        tokens, pooled = self.encoder.vision(crops[:, None])  # [N, 1, h*w, width], [N, 1, width]
-        memory = torch.cat([self.pooled_proj(pooled[:, 0])[:, None], self.token_proj(tokens[:, 0])], dim=1)
+        vision = self.encoder.vision
+        if vision.volumetric:
+            stack = crops[:, :, None].expand(-1, -1, vision.in_chans, -1, -1)  # [N, S=C, in_chans, H, W]
+            tokens, pooled = vision(stack)  # [N, S, h*w, width], [N, S, width]
+            tokens, pooled = tokens.flatten(1, 2), pooled.mean(dim=1)
+        else:
+            tokens, pooled = vision(crops[:, None])  # one "slice" of C channels
+            tokens, pooled = tokens[:, 0], pooled[:, 0]
+        memory = torch.cat([self.pooled_proj(pooled)[:, None], self.token_proj(tokens)], dim=1)
         return self.memory_norm(memory)
 
     def encode_queries(self, texts: Sequence[str] | None, targets: torch.Tensor) -> torch.Tensor:

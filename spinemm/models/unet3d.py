@@ -54,6 +54,8 @@ class UNet3DEncoder(SliceEncoder):
         in_chans: image channels C.
     """
 
+    volumetric = True
+
     def __init__(
         self,
         image_size: int = 224,

@@ -1,10 +1,17 @@
-"""The paper's backbone comparison: one severity run per backbone, same split, same budget.
+"""The paper's backbone comparison: one run per backbone, same split, same budget.
 
 Each entry of ``compare.backbones`` is ``{name, overrides}``; the overrides (dotted keys, e.g.
-``model.kwargs: {vision: {type: cnn}}`` or ``lora.r: 0``) are applied over the base config, the run
-goes to ``compare.output_dir/<name>``, and the final model's val metrics (the budget is the same
-for all, so the final epoch is the fair point of comparison; the best epoch's score is listed too)
-land in one table: ``comparison.md`` / ``comparison.csv`` / ``comparison.png`` beside the runs.
+``model.kwargs: {vision: {type: cnn}}`` or ``grader.towers: {vision: ...}``) are applied over the
+base config, the run goes to ``compare.output_dir/<name>``, and its val metrics land in one table:
+``comparison.md`` / ``comparison.csv`` / ``comparison.png`` beside the runs.
+
+``compare.stage`` says which stage the rows train:
+
+- ``detect``: the first stage (``train_severity``); the final model's metrics (the budget is the
+  same for all, so the final epoch is the fair point of comparison; the best epoch's is listed too);
+- ``grade``: the grade stage of the pipeline ``init_from`` (``train_stages``, ``pipeline.stages:
+  [grade]``), so every row grades the same located points; metrics of the selected grader, alone
+  (``score``: without the study context), on the val findings; throughput in crops/s.
 """
 
 from __future__ import annotations
@@ -27,8 +34,10 @@ COLUMNS = (
     ("macro_recall", "recall (macro)", True),
     ("score", "official score", False),
     ("best_score", "best-epoch score", False),
-    ("train_studies_per_s", "train studies/s", True),
+    ("train_studies_per_s", "train studies/s", True),  # compare.stage: detect
     ("eval_studies_per_s", "eval studies/s", True),
+    ("train_crops_per_s", "train crops/s", True),  # compare.stage: grade
+    ("eval_crops_per_s", "eval crops/s", True),
     ("trainable_params", "trainable params", None),
 )
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -66,7 +75,6 @@ def compare_backbones(config: dict[str, Any] | str | Path | None = None, overrid
 
     Returns the table (one row per backbone). Every process must call it under ``accelerate launch``.
     """
-    from accelerate import PartialState
 
     from .loop import train_severity
 
@@ -75,6 +83,12 @@ def compare_backbones(config: dict[str, Any] | str | Path | None = None, overrid
     if not config["data"]["cache_dir"]:  # decode DICOM once for all runs: throughput = the model's
         config["data"]["cache_dir"] = str(out / "series-cache")
     runs = backbone_configs(config)
+    stage = config["compare"]["stage"]
+    if stage not in ("detect", "grade"):
+        raise SpineModelError(f"compare.stage must be 'detect' or 'grade', got {stage!r}")
+    if stage == "grade":
+        rows = [_grade_row(name, run) for name, run in runs]
+        return _write(pd.DataFrame(rows), config, out)
     warm_cache([run for _, run in runs])
     rows = []
     for name, run in runs:
@@ -89,7 +103,34 @@ def compare_backbones(config: dict[str, Any] | str | Path | None = None, overrid
             "total_params": result["parameters"]["total"],
             "steps": result["state"].step,
         })
-    table = pd.DataFrame(rows)
+    return _write(pd.DataFrame(rows), config, out)
+
+
+def _grade_row(name: str, run: dict[str, Any]) -> dict[str, Any]:
+    """One grade-stage row: the grade stage trained on ``run``'s pipeline, its val metrics."""
+    from .stages import train_stages
+
+    if not run["init_from"]:
+        raise SpineModelError("compare.stage: grade needs init_from: a pipeline folder whose located points "
+                              "every row grades (e.g. the demo's stages/pipeline)")
+    run = {**run, "pipeline": {**run["pipeline"], "stages": ["grade"], "output_dir": run["output_dir"]}}
+    result = train_stages(run)["stages"]["grade"]
+    metrics, history = result["metrics"] or {}, result["history"]
+    finite = [h["score"] for h in history if h.get("score") == h.get("score")]
+    return {
+        "backbone": name,
+        **{k: metrics.get(k) for k in ("accuracy", "macro_precision", "macro_recall")},
+        "score": metrics.get("grader_score"),
+        "best_score": min(finite) if finite else None,
+        "train_crops_per_s": metrics.get("train_crops_per_s"),
+        "eval_crops_per_s": metrics.get("eval_crops_per_s"),
+        "trainable_params": metrics.get("trainable_params"),
+    }
+
+
+def _write(table: pd.DataFrame, config: dict[str, Any], out: Path) -> pd.DataFrame:
+    from accelerate import PartialState
+
     if PartialState().is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / "config.yaml")
@@ -154,20 +195,28 @@ def _fmt(value: Any) -> str:
 
 def markdown_table(table: pd.DataFrame, config: dict[str, Any]) -> str:
     """The comparison as a markdown table; the best value of each column is bold."""
-    headers = ["backbone", *[h for _, h, _ in COLUMNS]]
+    columns = [c for c in COLUMNS if c[0] in table]
+    headers = ["backbone", *[h for _, h, _ in columns]]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     best: dict[str, Any] = {}
-    for key, _, higher in COLUMNS:
-        values = pd.to_numeric(table[key], errors="coerce") if key in table else pd.Series(dtype=float)
+    for key, _, higher in columns:
+        values = pd.to_numeric(table[key], errors="coerce")
         if higher is not None and values.notna().any():
             best[key] = values.max() if higher else values.min()
     for _, row in table.iterrows():
         cells = [str(row["backbone"])]
-        for key, _, _ in COLUMNS:
+        for key, _, _ in columns:
             text = _fmt(row.get(key))
             cells.append(f"**{text}**" if key in best and row.get(key) == best[key] else text)
         lines.append("| " + " | ".join(cells) + " |")
-    train, data = config["train"], config["data"]
+    train, data, grader = config["train"], config["data"], config["grader"]
+    if config["compare"]["stage"] == "grade":
+        lines += ["", f"The grade stage of {config['init_from']}, trained per row on the same study split (seed "
+                  f"{config['split']['seed']}), the same located points and the same budget ({grader['epochs']} "
+                  f"epochs, batch {grader['batch_size']}); metrics of the selected grader alone (no study "
+                  "context) on the val findings. Official score: lower is better; best-epoch score: the best "
+                  "single evaluation. Precision / recall: macro over the 3 severities."]
+        return "\n".join(lines) + "\n"
     budget = f"max_steps={train['max_steps']}" if train["max_steps"] else f"epochs={train['epochs']}"
     lines += ["", f"Same study split (seed {config['split']['seed']}) and budget ({budget}, batch "
               f"{data['batch_size']}) for every backbone; metrics of the final model on the val studies. "
@@ -181,7 +230,7 @@ def plot_comparison(table: pd.DataFrame, path: str | Path) -> Path:
     from ..viz import bar_chart_png
 
     panels = {key: f"{header} ({'higher' if higher else 'lower'} is better)"
-              for key, header, higher in COLUMNS if key not in ("best_score", "trainable_params")}
+              for key, header, higher in COLUMNS if key in table and key not in ("best_score", "trainable_params")}
     rows = {str(row["backbone"]): {title: float(pd.to_numeric(row[key], errors="coerce"))
                                    for key, title in panels.items()} for _, row in table.iterrows()}
     return bar_chart_png(rows, list(panels.values()), path,

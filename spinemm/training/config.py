@@ -109,6 +109,9 @@ DEFAULTS: dict[str, Any] = {
         "tower_lr": 3.0e-4,  # the clip grader's vision and text towers (or their LoRA adapters)
         # the clip grader's encoder: a saved model folder (e.g. pretraining's model/); null: the detect model
         "towers_from": None,
+        # create_model overrides for a fresh vision tower beside that text tower (the backbone
+        # comparison), e.g. {vision: {type: cnn, ...}}; null: the towers_from / detect model's own
+        "towers": None,
         "weight_decay": 0.01,
         "batch_size": 64,
         "shift": 0.2,  # largest crop shift, a fraction of the crop side (about the localiser's error)
@@ -136,6 +139,9 @@ DEFAULTS: dict[str, Any] = {
         # rows of the table: {name: str, overrides: {dotted.key: value}} applied over this config
         "backbones": [],
         "only": None,  # run only these names (list), e.g. [cnn, clip]
+        # detect: each row trains the detect stage (train_severity); grade: each row trains the grade
+        # stage of the pipeline init_from (train_stages, pipeline.stages [grade]): same located points
+        "stage": "detect",
     },
 }
 

@@ -16,6 +16,7 @@ grades (:mod:`.study_context`); its reported score is cross-fitted over the stud
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from ..constants import NUM_TARGETS
 from ..data.roi import ROIWindows
 from ..errors import SpineModelError
 from ..losses import weighted_cross_entropy
-from ..metrics import rsna_score, solution_frame
+from ..metrics import classification_report, rsna_score, solution_frame
 from ..models.config import GraderConfig
 from ..models.lora import add_lora, merge_lora
 from ..pipeline.grade import GradeStage
@@ -137,8 +138,12 @@ def train_grade(config: dict[str, Any], run: Any, pipeline: SpinePipeline, outpu
                          grade_step, eval_fn, output_dir, params=_param_groups(stage, options))
     if getattr(stage.encoder, "lora_config", None) is not None and not state.stopped:
         merge_lora(stage.encoder)  # the pipeline folder holds a plain encoder that load_model reads
+    trained_rate = state.timed_studies / state.train_seconds if state.train_seconds > 0 else math.nan
     result: dict[str, Any] = {"stage": None if state.stopped else stage, "state": state, "history": state.history,
-                              "metrics": {"train_rows": len(train_set), "skipped_rows": train_set.skipped}}
+                              "metrics": {"train_rows": len(train_set), "skipped_rows": train_set.skipped,
+                                          "train_crops_per_s": trained_rate,
+                                          "trainable_params": sum(p.numel() for p in stage.parameters()
+                                                                  if p.requires_grad)}}
     if state.stopped or val is None:
         return result
     result["metrics"].update(_fit_context(stage, val))
@@ -149,11 +154,9 @@ def build_grade_stage(config: dict[str, Any], detect: torch.nn.Module) -> GradeS
     """A fresh grade stage from ``grader.model``. The clip grader's encoder is a trainable copy of
     ``grader.towers_from`` (a saved model folder, e.g. contrastive pretraining's, so the grader reads
     the features zero-shot scoring reads) or of the detect model, with LoRA on its towers when
-    ``lora.r > 0``; the CNN grader takes the detect model's 25 query embeddings, once."""
-    import copy
-
-    from ..models.factory import load_model
-
+    ``lora.r > 0``; ``grader.towers`` (``create_model`` overrides, e.g. another ``vision`` section)
+    swaps in a freshly built vision tower and keeps that text tower, for the backbone comparison.
+    The CNN grader takes the detect model's 25 query embeddings, once."""
     options = config["grader"]
     try:
         model_config = GraderConfig(**(options["model"] or {}))
@@ -164,14 +167,34 @@ def build_grade_stage(config: dict[str, Any], detect: torch.nn.Module) -> GradeS
         with torch.no_grad():
             stage.grader.query_table.copy_(detect.encode_queries(None, 1)[0].float().cpu())  # frozen text tower
         return stage
-    source = options["towers_from"]
-    encoder = load_model(source) if source else copy.deepcopy(detect)
+    encoder = _grader_encoder(config, detect, model_config.size)
     encoder.requires_grad_(True)
     lora = config["lora"]
     if int(lora["r"]) > 0:
         add_lora(encoder, r=int(lora["r"]), alpha=lora["alpha"], dropout=lora["dropout"],
                  **({"targets": lora["targets"]} if lora["targets"] is not None else {}))
     return GradeStage(model_config, query_dim=encoder.config.fusion.dim, encoder=encoder.train())
+
+
+def _grader_encoder(config: dict[str, Any], detect: torch.nn.Module, size: int) -> Any:
+    import copy
+
+    from ..models.factory import create_model, load_model
+
+    options = config["grader"]
+    source = load_model(options["towers_from"]) if options["towers_from"] else copy.deepcopy(detect)
+    if not options["towers"]:
+        return source
+    try:
+        towers = dict(options["towers"])
+        towers["vision"] = {"image_size": size, **dict(towers.get("vision") or {})}  # the crops' size
+        fresh = create_model(config["model"]["name"], pretrained=False, **towers)
+        fresh.text.load_state_dict(source.text.state_dict())  # the same text side for every vision tower
+        fresh.query_proj.load_state_dict(source.query_proj.state_dict())
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise SpineModelError(f"grader.towers: {err}") from None
+    fresh.text.tokenizer = source.text.tokenizer  # a real preset's vocabulary comes with its weights
+    return fresh
 
 
 def _param_groups(stage: GradeStage, options: dict[str, Any]) -> list[dict[str, Any]]:
@@ -185,13 +208,21 @@ def _param_groups(stage: GradeStage, options: dict[str, Any]) -> list[dict[str, 
 
 def _fit_context(stage: GradeStage, val: ValidationRun) -> dict[str, Any]:
     """Val scores before this stage, with it, and with its study context (cross-fitted), which is
-    then fitted on all val studies."""
+    then fitted on all val studies; the classification metrics and throughput are the grader's own
+    (no study context), on the val findings."""
+    tic = time.perf_counter()
     grades = stage.run(val.before.findings, val.store)
+    seconds = time.perf_counter() - tic
     scores: dict[str, Any] = {"before_score": val.score(np.full((len(grades.log_probs), 3), np.nan)),
                               "detect_score": rsna_score(val.solution, val.before.submission("detect")),
                               "grader_score": val.score(np.exp(grades.log_probs))}
     scores["score"] = scores["grader_score"]
+    scores["eval_crops_per_s"] = int(grades.graded.sum()) * (1 + int(stage.config.refine)) / seconds
     labelled = val_grades(grades, val.frame)
+    known = labelled.labels >= 0
+    if known.any():
+        report = classification_report(labelled.labels[known].numpy(), labelled.log_probs[known].numpy())
+        scores.update({k: report[k] for k in ("accuracy", "balanced_accuracy", "macro_precision", "macro_recall")})
     if stage.study_context is not None and len(labelled.labels):
         probs = np.full_like(grades.log_probs, np.nan)
         probs[labelled.rows] = cross_fitted(labelled).numpy()
