@@ -151,8 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-studies", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a much smaller run, for smoke tests")
-    p.add_argument("--grader", choices=["clip", "cnn"], default=None,
-                   help="the grade stage's model (default: the demo's, see spinemm.demo.DEMO)")
+    p.add_argument("--grader", choices=["cnn", "clip-vit", "cnn-film"], default=None,
+                   help="the grade stage's vision tower under the BERT queries: a conv tower (cnn, the "
+                        "default), pretraining's ViT (clip-vit); or the earlier FiLM grader (cnn-film)")
     p.set_defaults(func=_cmd_demo)
     return parser
 

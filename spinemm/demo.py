@@ -2,7 +2,7 @@
 
 phantom -> contrastive pretraining (its last evaluation is the zero-shot check) -> the detect
 stage (severity + location training from the pretrained towers) -> the later stages (the level
-locator on sagittal slices, then the ROI grader on crops of the original slices) -> held-out
+locator on sagittal slices, then the grader: BERT metadata queries over finding crops) -> held-out
 predictions of the whole pipeline, every stage's output kept -> the official score -> a report
 folder. The score is printed beside the phantom's prior-only score and oracle floor, so it says
 where the model stands between "knows nothing" and "perfect". Every recipe reads its series from
@@ -52,15 +52,26 @@ def demo_config(out: Path, settings: dict[str, Any], seed: int) -> dict[str, Any
     }
 
 
+#: The tiny preset's grader tower: a plain conv tower (the paper's CNN) reads 32 px finding crops
+#: better than the tiny ViT on CPU (benchmarks/RESULTS.md, the grade-stage comparison).
+CONV_TOWER = {"type": "cnn", "mean": None, "std": None, "open_clip_cfg": None, "model_name": None,
+              "pretrained": None, "kwargs": {"width": 64, "channels": [32, 64, 96]}}
+
+
 def _grader(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
-    """The grade stage's settings: ``"clip"`` grades with the pretrained towers (the crops they were
-    pretrained on, at the vision tower's size); ``"cnn"`` with the ConvNet grader."""
-    if settings["grader"] == "clip":
-        return {"model": {"backbone": "clip", "size": settings["image_size"]},
-                "towers_from": str(out / "pretrain" / "model")}
+    """The grade stage's settings, named as the grade-stage comparison's rows. ``"cnn"``: the
+    pretrained BERT text tower queries the tokens of a conv vision tower (:data:`CONV_TOWER`,
+    trained from scratch on 32 px crops); ``"clip-vit"``: the same with pretraining's ViT (the
+    tower zero-shot scoring reads) at its 64 px; ``"cnn-film"``: the earlier grader, a ConvNet
+    modulated by constant query embeddings."""
+    towers = {"towers_from": str(out / "pretrain" / "model"), "tower_lr": settings["lr"]}
     if settings["grader"] == "cnn":
-        return {}
-    raise ValueError(f"demo setting grader must be 'clip' or 'cnn', got {settings['grader']!r}")
+        return {"model": {"backbone": "clip", "size": 32}, "towers": {"vision": CONV_TOWER}, **towers}
+    if settings["grader"] == "clip-vit":
+        return {"model": {"backbone": "clip", "size": settings["image_size"], "layers": 2}, **towers}
+    if settings["grader"] == "cnn-film":
+        return {"model": {"backbone": "cnn"}}
+    raise ValueError(f"demo setting grader must be 'cnn', 'clip-vit' or 'cnn-film', got {settings['grader']!r}")
 
 
 def run_demo(out: str | Path = "demo_out", n_studies: int | None = None, seed: int = 0,
@@ -119,7 +130,7 @@ def run_demo(out: str | Path = "demo_out", n_studies: int | None = None, seed: i
     fusion_dir = trained["best_dir"] or trained["model_dir"]
 
     step("detect")
-    print("[4/6] later stages: level locator on sagittal slices, ROI grader on crops of the original slices")
+    print("[4/6] later stages: level locator on sagittal slices, text-queried grader on crops of the original slices")
     staged = train_stages({**config, "init_from": str(fusion_dir)})
     model_dir = staged["pipeline_dir"]
     graded = {"history": staged["stages"]["grade"]["history"], "metrics": {
@@ -157,7 +168,7 @@ def run_demo(out: str | Path = "demo_out", n_studies: int | None = None, seed: i
     lines = [
         "# spinemm demo report", "",
         f"Held-out phantom studies: {settings['n_test']}. Official score (lower is better):", "",
-        "| fusion + ROI grader | fusion model alone | prior only | oracle floor | gap closed |",
+        "| whole pipeline | detect stage alone | prior only | oracle floor | gap closed |",
         "| --- | --- | --- | --- | --- |",
         f"| {score:.4f} | {fusion_score:.4f} | {prior:.4f} | {oracle:.4f} | {gap_closed:.0%} |", "",
         f"Zero-shot severity prompts on {zero_shot['n_crops']} held-out finding crops "

@@ -34,7 +34,7 @@ def test_heldout_quality_benchmark_scores_a_pipeline(phantom_root, tmp_path, cap
     torch.manual_seed(0)
     detect = spinemm.create_model("spine-tiny", num_slices=4, **{"vision.image_size": 32})
     SpinePipeline(detect, LocateStage(LocatorConfig(size=32, channels=(8, 16, 16))),
-                  GradeStage(GraderConfig(size=16, channels=(8, 16)), query_dim=detect.config.fusion.dim)
+                  GradeStage(GraderConfig(backbone="cnn", size=16, channels=(8, 16)), query_dim=detect.config.fusion.dim)
                   ).save_pretrained(tmp_path / "p")
     spec = importlib.util.spec_from_file_location("heldout_quality", BENCHMARKS / "heldout_quality.py")
     module = importlib.util.module_from_spec(spec)

@@ -64,7 +64,7 @@ def test_grade_stage_survives_save_load_in_a_pipeline(tmp_path):
     with pytest.raises(TypeError):
         GraderConfig(side_millimetres=50)
     detect = spinemm.create_model("spine-tiny", num_slices=4).eval()
-    stage = GradeStage(GraderConfig(size=16, channels=(8, 16)), query_dim=detect.config.fusion.dim).eval()
+    stage = GradeStage(GraderConfig(backbone="cnn", size=16, channels=(8, 16)), query_dim=detect.config.fusion.dim).eval()
     with torch.no_grad():
         stage.grader.query_table.copy_(torch.randn_like(stage.grader.query_table))
     crops, targets = torch.rand(4, 3, 16, 16), torch.tensor([0, 5, 10, 24])

@@ -38,7 +38,7 @@ def count_reads(monkeypatch):
 def _untrained_pipeline(image_size=32):
     torch.manual_seed(0)
     detect = spinemm.create_model("spine-tiny", num_slices=4, **{"vision.image_size": image_size})
-    grade = GradeStage(GraderConfig(size=16, channels=(8, 16)), query_dim=detect.config.fusion.dim)
+    grade = GradeStage(GraderConfig(backbone="cnn", size=16, channels=(8, 16)), query_dim=detect.config.fusion.dim)
     return SpinePipeline(detect, LocateStage(LocatorConfig(size=32, channels=(8, 16, 16))), grade)
 
 

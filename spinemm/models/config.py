@@ -104,7 +104,7 @@ class GraderConfig:
     # "clip": the encoder's open_clip vision tower, queried by its BERT text tower
     # (spinemm.models.crop_grader); "cnn": a small ConvNet modulated by constant query embeddings
     # (spinemm.models.grader), or a timm model name for that trunk (random init; see the docs)
-    backbone: str = "cnn"
+    backbone: str = "clip"
     channels: tuple[int, ...] = (32, 64, 96)  # "cnn": output channels of each conv stage
     queries: str = "text"  # "clip": "text" (finding_text through BERT) or "learned" (no-text ablation)
     layers: int = 1  # "clip": decoder layers of the query over the crop's tokens
