@@ -133,3 +133,24 @@ def test_any_vision_tower_can_grade_crops(tower):
     tokens = encoder.vision.grid_size[0] * encoder.vision.grid_size[1]
     assert memory.shape == (2, 1 + tokens * (3 if tower == "unet3d" else 1), encoder.config.fusion.dim)
     assert out["logits"].shape == (2, 3) and torch.isfinite(out["logits"]).all()
+
+
+def test_a_fresh_vision_tower_trains_at_lr_and_the_pretrained_text_tower_at_tower_lr():
+    from spinemm.models.baselines import TINY_VISION_CONFIGS
+    from spinemm.training import load_config
+    from spinemm.training.grade import _param_groups, build_grade_stage
+
+    config = load_config(None, [("grader.model", {"backbone": "clip", "size": 32}), ("grader.lr", 1e-3),
+                                ("grader.tower_lr", 1e-4), ("grader.towers", {"vision": TINY_VISION_CONFIGS["cnn"]})])
+    detect = _encoder(0)
+    stage = build_grade_stage(config, detect)
+    assert type(stage.encoder.vision).__name__ == "PlainCNN" and stage.encoder is not detect
+    for name, value in detect.text.state_dict().items():  # the text tower is the source's
+        torch.testing.assert_close(stage.encoder.text.state_dict()[name], value, rtol=0, atol=0)
+    lr_of = {id(p): group["lr"] for group in _param_groups(stage, config["grader"]) for p in group["params"]}
+    assert {lr_of[id(p)] for p in stage.encoder.vision.parameters()} == {1e-3}
+    assert {lr_of[id(p)] for p in stage.encoder.text.parameters()} == {1e-4}
+    assert {lr_of[id(p)] for p in stage.grader.layers.parameters()} == {1e-3}
+    with pytest.raises(SpineModelError, match="grader.towers"):
+        build_grade_stage(load_config(None, [("grader.towers", {"vision": {"type": "cnn", "kwargs": {"bogus": 1}}})]),
+                          detect)

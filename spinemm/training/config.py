@@ -106,7 +106,7 @@ DEFAULTS: dict[str, Any] = {
     "grader": {  # the grade stage: the ROI grader on crops of the original slices
         "epochs": 15,
         "lr": 2.0e-3,  # the decoder, heads and projections (and the whole CNN grader)
-        "tower_lr": 3.0e-4,  # the clip grader's vision and text towers (or their LoRA adapters)
+        "tower_lr": 3.0e-4,  # the clip grader's pretrained towers (or their LoRA adapters); a fresh one trains at lr
         # the clip grader's encoder: a saved model folder (e.g. pretraining's model/); null: the detect model
         "towers_from": None,
         # create_model overrides for a fresh vision tower beside that text tower (the backbone

@@ -198,8 +198,12 @@ def _grader_encoder(config: dict[str, Any], detect: torch.nn.Module, size: int) 
 
 
 def _param_groups(stage: GradeStage, options: dict[str, Any]) -> list[dict[str, Any]]:
-    """The encoder's towers at ``grader.tower_lr`` (LoRA adapters included), the rest at ``grader.lr``."""
-    towers = {id(p) for p in stage.encoder.parameters()} if stage.encoder is not None else set()
+    """The pretrained towers at ``grader.tower_lr`` (LoRA adapters included), the rest at
+    ``grader.lr``: the decoder, heads and projections, and a fresh vision tower (``grader.towers``)."""
+    towers: set[int] = set()
+    if stage.encoder is not None:
+        fresh = {id(p) for p in stage.encoder.vision.parameters()} if options["towers"] else set()
+        towers = {id(p) for p in stage.encoder.parameters()} - fresh
     trainable = [p for p in stage.parameters() if p.requires_grad]
     groups = [{"params": [p for p in trainable if id(p) not in towers], "lr": float(options["lr"])},
               {"params": [p for p in trainable if id(p) in towers], "lr": float(options["tower_lr"])}]
