@@ -151,6 +151,13 @@ def test_a_fresh_vision_tower_trains_at_lr_and_the_pretrained_text_tower_at_towe
     assert {lr_of[id(p)] for p in stage.encoder.vision.parameters()} == {1e-3}
     assert {lr_of[id(p)] for p in stage.encoder.text.parameters()} == {1e-4}
     assert {lr_of[id(p)] for p in stage.grader.layers.parameters()} == {1e-3}
+    # with LoRA, the pretrained text tower gets adapters and the fresh vision tower trains in full
+    lora = load_config(None, [("grader.model", {"backbone": "clip", "size": 32}), ("lora.r", 2),
+                              ("grader.towers", {"vision": TINY_VISION_CONFIGS["cnn"]})])
+    adapted = build_grade_stage(lora, detect).encoder
+    assert all(p.requires_grad for p in adapted.vision.parameters())
+    text = dict(adapted.text.named_parameters())
+    assert any("lora_" in n for n in text) and not any(p.requires_grad for n, p in text.items() if "lora_" not in n)
     with pytest.raises(SpineModelError, match="grader.towers"):
         build_grade_stage(load_config(None, [("grader.towers", {"vision": {"type": "cnn", "kwargs": {"bogus": 1}}})]),
                           detect)

@@ -31,7 +31,7 @@ from ..errors import SpineModelError
 from ..losses import weighted_cross_entropy
 from ..metrics import classification_report, rsna_score, solution_frame
 from ..models.config import GraderConfig
-from ..models.lora import add_lora, merge_lora
+from ..models.lora import add_lora, merge_lora, resolve_targets
 from ..pipeline.grade import GradeStage
 from ..pipeline.pipeline import PipelineResult, SpinePipeline, submission_from_probs
 from .stage_fit import epoch_generator, fit_stage
@@ -172,8 +172,21 @@ def build_grade_stage(config: dict[str, Any], detect: torch.nn.Module) -> GradeS
     lora = config["lora"]
     if int(lora["r"]) > 0:
         add_lora(encoder, r=int(lora["r"]), alpha=lora["alpha"], dropout=lora["dropout"],
-                 **({"targets": lora["targets"]} if lora["targets"] is not None else {}))
+                 targets=_lora_targets(encoder, lora["targets"], fresh_vision=bool(options["towers"])))
     return GradeStage(model_config, query_dim=encoder.config.fusion.dim, encoder=encoder.train())
+
+
+def _lora_targets(encoder: Any, targets: Any, fresh_vision: bool) -> Any:
+    """``lora.targets`` for the grader's encoder; a fresh vision tower (``grader.towers``) has
+    nothing pretrained to adapt, so it trains in full (``None``) and only the text tower gets LoRA."""
+    if not fresh_vision:
+        return "auto" if targets is None else targets
+    if isinstance(targets, dict):
+        return {**targets, "vision": None}
+    if targets is None or targets == "auto":
+        found = resolve_targets(encoder.text)
+        return {"vision": None, "text": found[1] if found else None}
+    return {"vision": None, "text": targets}
 
 
 def _grader_encoder(config: dict[str, Any], detect: torch.nn.Module, size: int) -> Any:
