@@ -101,9 +101,9 @@ class GraderConfig:
     side_mm: float = 60.0  # side of the crop in patient millimetres
     size: int = 32  # pixels the crop is resampled to
     context: int = 1  # neighbouring original slices on each side (channels = 1 + 2 * context)
-    # "clip": the encoder's open_clip vision tower, queried by its BERT text tower
-    # (spinemm.models.crop_grader); "cnn": a small ConvNet modulated by constant query embeddings
-    # (spinemm.models.grader), or a timm model name for that trunk (random init; see the docs)
+    # "clip": the encoder's vision tower (open_clip's, or any SliceEncoder: grader.towers), queried
+    # by its BERT text tower (spinemm.models.crop_grader); "cnn": a small ConvNet modulated by
+    # constant query embeddings (spinemm.models.grader), or a timm model name for that trunk
     backbone: str = "clip"
     channels: tuple[int, ...] = (32, 64, 96)  # "cnn": output channels of each conv stage
     queries: str = "text"  # "clip": "text" (finding_text through BERT) or "learned" (no-text ablation)

@@ -2,9 +2,10 @@
 
 SpineCLIP's dual encoder, applied to one finding at a time:
 
-1. the 2.5D crop (the finding's slice and its neighbours as channels, as contrastive pretraining
-   cut them) goes through the encoder's open_clip vision tower: its patch tokens and its pooled
-   embedding (the feature zero-shot scoring reads) become the memory, ``token_proj`` + LayerNorm;
+1. the 2.5D crop (the finding's slice and its neighbours as channels) goes through the encoder's
+   vision tower (open_clip's ViT, as contrastive pretraining trained it, or any
+   :class:`~spinemm.models.base.SliceEncoder`; a volumetric one reads the slices as depth): its
+   tokens and its pooled embedding become the memory, ``token_proj`` + LayerNorm;
 2. the finding's metadata text (:func:`spinemm.text.finding_text`: series, level, condition and
    side, pixel spacing, slice gap, tilt) goes through the encoder's BERT text tower, each distinct
    text once per call, ``query_proj``: the query;

@@ -8,9 +8,9 @@ one) weigh each grade with the rest of the study.
 The grader (``config.backbone``):
 
 - ``"clip"``: :class:`~spinemm.models.crop_grader.CropGrader`, the stage's own SpineCLIP dual
-  encoder (``encoder``; ``spinemm.zero_shot_classify`` reads the same towers): the finding's
-  metadata text (:func:`~spinemm.text.finding_text`, from the series it was located in) attends to
-  the crop's patch tokens;
+  encoder (``encoder``; when its vision tower is pretraining's, ``spinemm.zero_shot_classify``
+  reads the same towers): the finding's metadata text (:func:`~spinemm.text.finding_text`, from
+  the series it was located in) attends to the crop's tokens;
 - ``"cnn"`` (or a timm name): :class:`~spinemm.models.grader.ROIGrader`, a ConvNet modulated by one
   constant embedding per label column.
 
