@@ -64,11 +64,11 @@ def _grader(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
     trained from scratch on 32 px crops); ``"clip-vit"``: the same with pretraining's ViT (the
     tower zero-shot scoring reads) at its 64 px; ``"cnn-film"``: the earlier grader, a ConvNet
     modulated by constant query embeddings."""
-    towers = {"towers_from": str(out / "pretrain" / "model"), "tower_lr": settings["lr"]}
+    pretrained = {"towers_from": str(out / "pretrain" / "model"), "tower_lr": settings["lr"]}
     if settings["grader"] == "cnn":
-        return {"model": {"backbone": "clip", "size": 32}, "towers": {"vision": CONV_TOWER}, **towers}
+        return {"model": {"backbone": "clip", "size": 32}, "towers": {"vision": CONV_TOWER}, **pretrained}
     if settings["grader"] == "clip-vit":
-        return {"model": {"backbone": "clip", "size": settings["image_size"], "layers": 2}, **towers}
+        return {"model": {"backbone": "clip", "size": settings["image_size"], "layers": 2}, **pretrained}
     if settings["grader"] == "cnn-film":
         return {"model": {"backbone": "cnn"}}
     raise ValueError(f"demo setting grader must be 'cnn', 'clip-vit' or 'cnn-film', got {settings['grader']!r}")
