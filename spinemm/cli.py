@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,9 +41,11 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     from .pipeline import load_pipeline
 
     model = load_pipeline(args.model)
-    store = SeriesStore(args.data, args.split)  # the overlays read the series the prediction read
+    store = SeriesStore(args.data, args.split, cache_dir=args.cache_dir)  # the overlays read the same series
     submission, locations = predict(model, args.data, split=args.split, batch_size=args.batch_size,
-                                    device=args.device, store=store)
+                                    device=args.device, store=store, workers=args.workers)
+    if int(os.environ.get("RANK", "0")) != 0:  # under `accelerate launch`: every rank has all rows; one writes
+        return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     submission.to_csv(out / "submission.csv", index=False)
@@ -125,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--device", default=None)
+    p.add_argument("--workers", type=int, default=0,
+                   help="CPU processes, each predicting a share of the studies (0: this process alone)")
+    p.add_argument("--cache-dir", default=None, help="a series cache folder (`spinemm cache` fills one)")
     p.add_argument("--png", type=int, nargs="?", const=3, default=0,
                    help="also draw predicted locations for this many studies (default 3)")
     p.set_defaults(func=_cmd_predict)

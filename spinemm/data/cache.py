@@ -40,7 +40,7 @@ from safetensors.torch import save as save_tensors
 from spinemm.errors import SpineDataError
 
 from .series import Series
-from .transforms import INTENSITY_PERCENTILES, PreprocessedSeries, preprocess_series
+from .transforms import INTENSITY_PERCENTILES, PERCENTILE_SAMPLES, PreprocessedSeries, preprocess_series
 
 #: Bump when the preprocessing or the entry layout changes: old entries are then never read.
 FORMAT_VERSION = 2  # 2: stacks are made from the float16 windowed series of SeriesStore
@@ -86,6 +86,7 @@ def entry_key(content: str, num_slices: int, image_size: int, channels: str) -> 
         "image_size": int(image_size),
         "channels": channels,
         "percentiles": list(INTENSITY_PERCENTILES),
+        "percentile_samples": PERCENTILE_SAMPLES,
     }
     blob = content + json.dumps(params, sort_keys=True)
     return hashlib.blake2b(blob.encode(), digest_size=20).hexdigest()

@@ -34,7 +34,13 @@ from ..errors import SpineDataError
 from .cache import FORMAT_VERSION, SeriesCache, write_atomic
 from .series import Series
 from .tables import series_path
-from .transforms import INTENSITY_PERCENTILES, PreprocessedSeries, intensity_window, to_unit_range
+from .transforms import (
+    INTENSITY_PERCENTILES,
+    PERCENTILE_SAMPLES,
+    PreprocessedSeries,
+    intensity_window,
+    to_unit_float16,
+)
 
 __all__ = ["SeriesStore", "windowed"]
 
@@ -46,8 +52,7 @@ def windowed(series: Series) -> Series:
     is shared, not copied. A series that is already windowed is returned as it is."""
     if series.windowed:
         return series
-    volume = np.asarray(series.volume, dtype=np.float32)
-    unit = to_unit_range(volume, intensity_window(volume)).to(torch.float16).numpy()
+    unit = to_unit_float16(series.volume, intensity_window(series.volume))
     return Series(volume=unit, instance_numbers=series.instance_numbers, instance_to_index=series.instance_to_index,
                   positions=series.positions, orientation=series.orientation, normal=series.normal,
                   pixel_spacing=series.pixel_spacing, slice_spacing=series.slice_spacing, files=series.files,
@@ -160,7 +165,8 @@ class SeriesStore:
 
 def _entry_key(content: str) -> str:
     """Cache key of a whole windowed series (distinct from every low-resolution stack key)."""
-    params = {"version": FORMAT_VERSION, "kind": "windowed-series", "percentiles": list(INTENSITY_PERCENTILES)}
+    params = {"version": FORMAT_VERSION, "kind": "windowed-series", "percentiles": list(INTENSITY_PERCENTILES),
+              "percentile_samples": PERCENTILE_SAMPLES}
     blob = content + json.dumps(params, sort_keys=True)
     return hashlib.blake2b(blob.encode(), digest_size=20).hexdigest()
 

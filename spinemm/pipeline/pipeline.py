@@ -86,6 +86,18 @@ class PipelineResult:
         yield self.submission()
         yield self.locations()
 
+    @classmethod
+    def concat(cls, parts: list[PipelineResult]) -> PipelineResult:
+        """The results of disjoint shares of studies as one, in the order of ``parts``."""
+        def joined(name: str, join):
+            values = [getattr(p, name) for p in parts]
+            return None if any(v is None for v in values) else join(values)
+
+        return cls([s for p in parts for s in p.study_ids], np.concatenate([p.detect_probs for p in parts]),
+                   Findings.concat([p.detected for p in parts]), joined("located", Findings.concat),
+                   joined("grade_log_probs", np.concatenate), joined("grade_probs", np.concatenate),
+                   joined("graded", Findings.concat))
+
 
 def submission_from_probs(study_ids: list[int], probs: np.ndarray, order: list[str] | None = None) -> pd.DataFrame:
     """Kaggle submission frame, rows renormalised to sum to 1; rows follow ``order`` (e.g.
@@ -124,16 +136,34 @@ class SpinePipeline:
 
     def run(self, root: str | Path, split: str = "test", *, study_ids: list[int] | None = None,
             store: SeriesStore | None = None, cache_dir: str | Path | None = None, batch_size: int = 2,
-            device: torch.device | str | None = None, progress: bool = True) -> PipelineResult:
+            device: torch.device | str | None = None, workers: int = 0, distributed: bool | None = None,
+            progress: bool = True) -> PipelineResult:
         """Run every stage over the studies of ``root``'s ``split`` (or ``study_ids``), a batch of
-        studies at a time. Unreadable series are warned about by name; nothing is dropped."""
+        studies at a time. ``workers > 0``: that many CPU processes each run a contiguous share of
+        the studies (:func:`~spinemm.pipeline.parallel.run_in_workers`). ``distributed`` (default:
+        when launched with several processes, ``WORLD_SIZE > 1``): each process of an ``accelerate
+        launch`` runs its share and every process gets all rows
+        (:func:`~spinemm.pipeline.parallel.run_distributed`). Unreadable series are warned about
+        by name; nothing is dropped."""
         from ..data.dataset import SpineDataset, collate
 
         root = Path(root)
         store = store if store is not None else SeriesStore(root, split, cache_dir=cache_dir)
-        device = torch.device(device) if device is not None else next(self.detect.model.parameters()).device
+        if device is not None:
+            self.to(device)
+        device = next(self.detect.model.parameters()).device
         dataset = SpineDataset(root, split, study_ids=study_ids, augment=False, store=store, on_bad_series="warn",
                                **self.detect.preprocess)
+        if distributed is None:  # launched by `accelerate launch` (or torchrun) with several processes
+            distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if workers > 0 or distributed:
+            from .parallel import run_distributed, run_in_workers
+
+            kwargs = {"store": store, "batch_size": batch_size, "device": device, "progress": progress}
+            result = run_distributed(self, root, split, dataset.study_ids, **kwargs) if distributed else \
+                run_in_workers(self, root, split, dataset.study_ids, workers, **kwargs)
+            result.order = _sample_submission_order(root, split) if study_ids is None else None
+            return result
         parts: dict[str, list] = {"ids": [], "probs": [], "detected": [], "located": [], "grades": [], "graded": []}
         starts = range(0, len(dataset), batch_size)
         for start in tqdm(starts, desc="predict", unit="batch", disable=not progress):

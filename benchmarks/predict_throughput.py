@@ -1,0 +1,156 @@
+"""Predict throughput from DICOM on disk to submission rows, against a bare pydicom decode loop.
+
+    python benchmarks/predict_throughput.py PIPELINE_DIR [--root ROOT] [--studies 8] [--runs 0:1 1:1 2:1]
+
+Makes (or reuses, ``--root``) a real-size phantom (512 px), loads the pipeline once (load time
+excluded), warms the page cache, then times, best of ``--repeats`` and in alternation:
+
+* the anchor: ``pydicom.dcmread(f).pixel_array`` over every test file, one core;
+* ``spinemm.predict`` plus writing ``submission.csv`` and ``locations.csv``, once per ``--runs``
+  entry ``WORKERS:THREADS``: decode worker processes (0: decode in the main process) and the main
+  process's torch threads (``0:1`` is one core: decode, preprocessing and models in one thread).
+
+and prints one Markdown table: studies/s, files/s, the ratio to the bare decode, and the share of
+the single-core run spent in decode, windowing, the first stage's preprocessing, each stage's
+model and writing (exclusive times: a part nested in another counts once, in the inner part).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pydicom
+import torch
+
+import spinemm
+from spinemm.data import dataset as dataset_module
+from spinemm.data import dicom, store
+from spinemm.pipeline import detect, grade, locate
+
+# (module, attribute, part): the functions whose exclusive time makes up each part of a run
+PARTS = (
+    (dicom, "read_series", "decode"),
+    (store, "windowed", "window"),
+    (dataset_module.SpineDataset, "__getitem__", "preprocess"),
+    (detect.DetectStage, "__call__", "detect model"),
+    (locate.LocateStage, "run", "locate"),
+    (grade.GradeStage, "_cut", "grade crops"),
+    (grade.GradeStage, "run", "grade model"),
+)
+
+
+class ExclusiveTimer:
+    """Wraps functions so each call's time goes to its part, minus the time of parts nested in it."""
+
+    def __init__(self) -> None:
+        self.seconds: collections.Counter[str] = collections.Counter()
+        self._stack: list[float] = []  # time spent in nested parts, one entry per open call
+
+    def wrap(self, fn: Callable, part: str) -> Callable:
+        def timed(*args, **kwargs):
+            self._stack.append(0.0)
+            tic = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent = time.perf_counter() - tic
+                nested = self._stack.pop()
+                self.seconds[part] += spent - nested
+                if self._stack:
+                    self._stack[-1] += spent
+        return timed
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[ExclusiveTimer]:
+        originals = [(owner, name, getattr(owner, name)) for owner, name, _ in PARTS]
+        for owner, name, part in PARTS:
+            setattr(owner, name, self.wrap(getattr(owner, name), part))
+        try:
+            yield self
+        finally:
+            for owner, name, fn in originals:
+                setattr(owner, name, fn)
+
+
+def bare_decode(files: list[Path]) -> float:
+    tic = time.perf_counter()
+    for path in files:
+        pydicom.dcmread(path).pixel_array  # noqa: B018 (the decode is the point)
+    return time.perf_counter() - tic
+
+
+def predict_once(pipeline: spinemm.SpinePipeline, root: Path, out: Path, workers: int) -> float:
+    tic = time.perf_counter()
+    result = spinemm.predict(pipeline, root, split="test", progress=False, workers=workers)
+    result.submission().to_csv(out / "submission.csv", index=False)
+    result.locations().to_csv(out / "locations.csv", index=False)
+    return time.perf_counter() - tic
+
+
+def _run_spec(text: str) -> tuple[int, int]:
+    workers, _, threads = text.partition(":")
+    return int(workers), int(threads or 1)
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("pipeline", help="a pipeline folder (e.g. demo_out/pipeline) or model name")
+    parser.add_argument("--root", type=Path, help="an RSNA-layout folder with test studies (made when missing)")
+    parser.add_argument("--studies", type=int, default=8, help="test studies of the phantom made")
+    parser.add_argument("--runs", nargs="+", default=[(0, 1), (1, 1), (2, 1)], type=_run_spec,
+                        help="WORKERS:THREADS pairs to time: decode worker processes and the main process's torch "
+                             "threads (0:1 is one core)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed passes (best is kept)")
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.root or Path(tmp, "phantom")
+        if not (root / "test_images").is_dir():
+            spinemm.make_phantom(root, n_studies=2, n_test=args.studies, image_size=512, seed=7)
+        files = sorted(Path(root, "test_images").rglob("*.dcm"))
+        n_studies = len([p for p in (root / "test_images").iterdir() if p.is_dir()])
+        pipeline = spinemm.load_pipeline(args.pipeline)
+        out = Path(tmp)
+
+        torch.set_num_threads(1)
+        bare = min(bare_decode(files) for _ in range(args.repeats + 1))  # first pass warms the page cache
+        best: dict[tuple[int, int], float] = {}
+        for _ in range(args.repeats):  # alternate, so drift on a shared machine hits every row alike
+            for workers, threads in args.runs:
+                torch.set_num_threads(threads)
+                seconds = predict_once(pipeline, root, out, workers)
+                best[workers, threads] = min(best.get((workers, threads), float("inf")), seconds)
+        torch.set_num_threads(1)
+        timer = ExclusiveTimer()
+        with timer.installed():
+            single = predict_once(pipeline, root, out, 0)
+
+    lines = [f"{n_studies} studies, {len(files)} files ({len(files) / n_studies:.0f} per study), 512 px; "
+             f"bare decode {bare:.2f} s ({len(files) / bare:.0f} files/s, 1 core)", "",
+             "| run | s | studies/s | files/s | / bare decode | vs 1 core |", "| --- | ---: | ---: | ---: | ---: | ---: |",
+             f"| bare pydicom decode (anchor) | {bare:.2f} | {n_studies / bare:.1f} | {len(files) / bare:.0f} | 1.0x | |"]
+    base = best.get((0, 1))
+    for (workers, threads), seconds in best.items():
+        label = "predict, 1 core" if (workers, threads) == (0, 1) else \
+            f"predict, {workers} decode workers + {threads} model threads"
+        speedup = f"{base / seconds:.2f}x" if base and (workers, threads) != (0, 1) else ""
+        lines.append(f"| {label} | {seconds:.2f} | {n_studies / seconds:.1f} | {len(files) / seconds:.0f} | "
+                     f"{seconds / bare:.1f}x | {speedup} |")
+    lines += ["", f"Where the 1-core run's time goes (one instrumented pass, {single:.2f} s):", "",
+              "| part | s | share |", "| --- | ---: | ---: |"]
+    rest = single - sum(timer.seconds.values())
+    for part, seconds in [*timer.seconds.most_common(), ("other (collate, findings, writing)", rest)]:
+        lines.append(f"| {part} | {seconds:.3f} | {seconds / single:.0%} |")
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

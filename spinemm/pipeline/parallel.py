@@ -1,0 +1,89 @@
+"""A pipeline run spread over processes, each taking a contiguous share of the studies.
+
+- :func:`run_in_workers`: ``predict(..., workers=N)`` on one machine's CPUs. The workers are forked
+  from the calling process, so they start at once with the models already in memory (nothing is
+  pickled but the results), and each runs single-threaded: N workers use N cores, and every study's
+  DICOM files are decoded by the worker that grades it. Sharding whole studies, rather than
+  decoding in workers and grading in one process, keeps the series where they are read: a
+  512 px study's volumes never cross a process boundary.
+- :func:`run_distributed`: under ``accelerate launch``, each process runs its share
+  (``PartialState.split_between_processes``) and the results are gathered once, in study order,
+  on every process.
+
+Either way the rows are the same as one process's, in the same order.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from ..errors import SpineModelError
+
+if TYPE_CHECKING:
+    from .pipeline import PipelineResult, SpinePipeline
+
+__all__ = ["run_in_workers", "run_distributed", "shares"]
+
+_PIPELINE: SpinePipeline | None = None  # the forked workers' pipeline: inherited, never pickled
+
+
+def shares(study_ids: Sequence[int], parts: int) -> list[list[int]]:
+    """``study_ids`` cut into ``parts`` contiguous, nearly equal shares (empty ones dropped)."""
+    return [[int(s) for s in share] for share in np.array_split(np.asarray(study_ids, dtype=np.int64), parts)
+            if len(share)]
+
+
+def run_in_workers(pipeline: SpinePipeline, root: str | Path, split: str, study_ids: Sequence[int], workers: int,
+                   **run_kwargs: Any) -> PipelineResult:
+    """Run ``pipeline`` over ``study_ids`` in ``workers`` forked CPU processes; results in study order."""
+    from .pipeline import PipelineResult
+
+    if any(p.device.type != "cpu" for p in pipeline.detect.model.parameters()):
+        raise SpineModelError("predict(workers=N) runs on CPUs; for GPUs launch one process per GPU with "
+                              "`accelerate launch` (each process predicts a share of the studies)")
+    if "fork" not in multiprocessing.get_all_start_methods():
+        raise SpineModelError("predict(workers=N) needs the 'fork' start method (Linux, macOS); use workers=0")
+    global _PIPELINE
+    _PIPELINE = pipeline
+    jobs = [(str(root), split, share, run_kwargs) for share in shares(study_ids, workers)]
+    try:
+        with ProcessPoolExecutor(len(jobs), mp_context=multiprocessing.get_context("fork"),
+                                 initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            parts = list(pool.map(_run_share, jobs))
+    finally:
+        _PIPELINE = None
+    return PipelineResult.concat(parts)
+
+
+def _run_share(job: tuple[str, str, list[int], dict[str, Any]]) -> PipelineResult:
+    root, split, share, run_kwargs = job
+    return _PIPELINE.run(root, split, study_ids=share, **{**run_kwargs, "progress": False, "distributed": False})
+
+
+def run_distributed(pipeline: SpinePipeline, root: str | Path, split: str, study_ids: Sequence[int],
+                    **run_kwargs: Any) -> PipelineResult:
+    """Under ``accelerate launch``: this process's share of ``study_ids``, then every share gathered
+    (on every process) in study order."""
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    from .pipeline import PipelineResult
+
+    device = run_kwargs.get("device")
+    # no GPU (or a CPU run asked for): one gloo group over the CPU processes, as the engine's cpu=True
+    cpu = not torch.cuda.is_available() or (device is not None and torch.device(device).type == "cpu")
+    state = PartialState(cpu=cpu)
+    share = shares(study_ids, state.num_processes)
+    mine = share[state.process_index] if state.process_index < len(share) else []
+    run_kwargs = {**run_kwargs, "distributed": False, "device": device if device is not None else state.device,
+                  "progress": run_kwargs.get("progress", True) and state.is_main_process}
+    part = pipeline.run(root, split, study_ids=mine, **run_kwargs) if mine else None
+    parts = gather_object([part]) if state.num_processes > 1 else [part]
+    return PipelineResult.concat([p for p in parts if p is not None])
