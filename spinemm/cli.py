@@ -1,4 +1,4 @@
-"""The ``spinemm`` command: phantom, inspect, predict, evaluate, zero-shot, demo."""
+"""The ``spinemm`` command: phantom, cache, inspect, predict, evaluate, zero-shot, demo."""
 
 from __future__ import annotations
 
@@ -98,6 +98,15 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     run_demo(args.out, n_studies=args.n_studies, seed=args.seed, quick=args.quick, settings=settings)
 
 
+def _cmd_cache(args: argparse.Namespace) -> None:
+    from .data.prepare import fill_cache
+
+    report = fill_cache(args.root, args.cache_dir, split=args.split, workers=args.workers, progress=not args.quiet)
+    print(f"{args.cache_dir}: {report}")
+    if report.failed:
+        raise SpineError(f"{len(report.failed)} series could not be read, e.g. {next(iter(report.failed))}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spinemm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -113,6 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes writing studies (default: one per core, 8 studies or more each)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_phantom)
+
+    p = sub.add_parser("cache", help="decode every series of a folder into a series cache, with all cores")
+    p.add_argument("root", help="an RSNA-layout folder")
+    p.add_argument("--cache-dir", required=True, help="the cache folder (predict/train read it with --cache-dir)")
+    p.add_argument("--split", default="train", choices=["train", "test"])
+    p.add_argument("--workers", type=int, default=None, help="processes (default: one per core; 0: this one)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_cache)
 
     p = sub.add_parser("inspect", help="summarise an RSNA-layout folder; --png draws one study")
     p.add_argument("root")

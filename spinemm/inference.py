@@ -26,7 +26,7 @@ __all__ = ["predict", "preprocess_settings", "submission_from_probs", "LOCATION_
 def predict(model: SpinePipeline | torch.nn.Module | str | os.PathLike, root: str | Path, split: str = "test", *,
             batch_size: int = 2, device: torch.device | str | None = None, cache_dir: str | Path | None = None,
             store: SeriesStore | None = None, study_ids: list[int] | None = None, workers: int = 0,
-            distributed: bool | None = None, progress: bool = True) -> PipelineResult:
+            distributed: bool | None = None, compile: bool = False, progress: bool = True) -> PipelineResult:
     """Predict severity and location for every study of ``root``'s ``split``.
 
     ``model``: a pipeline, a SpineCLIP model, or a folder / preset name (:func:`~spinemm.pipeline.load_pipeline`).
@@ -39,9 +39,11 @@ def predict(model: SpinePipeline | torch.nn.Module | str | os.PathLike, root: st
     ``workers``: CPU processes that each read and predict a share of the studies (0: this process
     alone). Under ``accelerate launch`` with several processes, each process predicts its share and
     all of them return every row (``distributed``, see :meth:`~spinemm.pipeline.SpinePipeline.run`).
+    ``compile``: every stage's model under ``torch.compile`` (:meth:`~spinemm.pipeline.SpinePipeline.compile`).
     """
     if isinstance(model, (str, os.PathLike)):
         model = load_pipeline(model)
     pipeline = model if isinstance(model, SpinePipeline) else SpinePipeline(model)
     return pipeline.run(root, split, study_ids=study_ids, store=store, cache_dir=cache_dir, batch_size=batch_size,
-                        device=device, workers=workers, distributed=distributed, progress=progress)
+                        device=device, workers=workers, distributed=distributed, compile=compile,
+                        progress=progress)

@@ -7,6 +7,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from collections import Counter  # noqa: E402
+
+import pydicom  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -21,3 +24,17 @@ def phantom_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("phantom")
     make_phantom(root, n_studies=8, n_test=3, seed=0, image_size=64, progress=False)
     return root
+
+
+@pytest.fixture
+def count_reads(monkeypatch):
+    """Counter of pydicom.dcmread calls per file name (every module reads DICOM through it)."""
+    reads: Counter = Counter()
+    real = pydicom.dcmread
+
+    def counting(path, *args, **kwargs):
+        reads[str(path)] += 1
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(pydicom, "dcmread", counting)
+    return reads

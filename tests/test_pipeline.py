@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import pickle
 import warnings
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pydicom
 import pytest
 import torch
 
@@ -19,20 +17,6 @@ from spinemm.data.store import SeriesStore, windowed
 from spinemm.errors import SpineDataError
 from spinemm.models.config import GraderConfig, LocatorConfig
 from spinemm.pipeline import Findings, GradeStage, LocateStage, SpinePipeline
-
-
-@pytest.fixture
-def count_reads(monkeypatch):
-    """Counter of pydicom.dcmread calls per file name (every module reads DICOM through it)."""
-    reads: Counter = Counter()
-    real = pydicom.dcmread
-
-    def counting(path, *args, **kwargs):
-        reads[str(path)] += 1
-        return real(path, *args, **kwargs)
-
-    monkeypatch.setattr(pydicom, "dcmread", counting)
-    return reads
 
 
 def _untrained_pipeline(image_size=32):

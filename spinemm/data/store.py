@@ -136,6 +136,21 @@ class SeriesStore:
         return self.cache.load(self.path(study_id, series_id), num_slices, image_size, channels,
                                source=lambda: self.get(study_id, series_id))
 
+    def cached(self, study_id: int, series_id: int) -> bool:
+        """Whether the cache folder holds the series (its DICOM bytes are not read while the
+        cache's stat index vouches for them)."""
+        return self.cache is not None and self._entry_path(self.path(study_id, series_id)).exists()
+
+    def _entry_path(self, series_dir: Path) -> Path:
+        key = _entry_key(self.cache.content_hash(series_dir))
+        return self.cache.cache_dir / key[:2] / f"{key}.safetensors"
+
+    def forget(self, study_id: int, series_id: int) -> None:
+        """Drop a series from memory (it stays in the cache folder, when there is one)."""
+        series = self._memory.pop((int(study_id), int(series_id)), None)
+        if series is not None:
+            self._held -= series.volume.nbytes
+
     def _remember(self, key: tuple[int, int], series: Series) -> None:
         self._memory[key] = series
         self._held += series.volume.nbytes
@@ -150,8 +165,7 @@ class SeriesStore:
         if self.cache is None:
             self.decodes += 1
             return windowed(read_series(series_dir))
-        key = _entry_key(self.cache.content_hash(series_dir))
-        path = self.cache.cache_dir / key[:2] / f"{key}.safetensors"
+        path = self._entry_path(series_dir)
         if path.exists():
             series = _read_entry(path, series_dir)
             if series is not None:

@@ -60,10 +60,15 @@ class LevelLocator(nn.Module):
         size = self.config.size
         if slices.ndim != 4 or slices.shape[1:] != (expected, size, size):
             raise SpineModelError(f"locator slices must be [N, {expected}, {size}, {size}], got {tuple(slices.shape)}")
-        unknown = sorted(set(plane.tolist()) - set(LOCATOR_PLANES))
-        if unknown:
-            raise SpineModelError(f"the locator reads sagittal planes {LOCATOR_PLANES} (PLANES indices), got {unknown}")
-        which = torch.as_tensor([LOCATOR_PLANES.index(int(p)) for p in plane.tolist()], device=slices.device)
+        if not torch.compiler.is_compiling():  # a data-dependent check: eager mode only
+            unknown = sorted(set(plane.tolist()) - set(LOCATOR_PLANES))
+            if unknown:
+                raise SpineModelError(f"the locator reads sagittal planes {LOCATOR_PLANES} (PLANES indices), "
+                                      f"got {unknown}")
+        # PLANES index -> this model's plane index, by a table lookup (no host sync; compiles)
+        lookup = torch.zeros(max(LOCATOR_PLANES) + 1, dtype=torch.long, device=slices.device)
+        lookup[list(LOCATOR_PLANES)] = torch.arange(len(LOCATOR_PLANES), device=slices.device)
+        which = lookup[plane]
         n = slices.shape[0]
         axis = torch.linspace(-1, 1, size, device=slices.device, dtype=slices.dtype)
         coords = torch.stack(torch.meshgrid(axis, axis, indexing="ij")[::-1])  # (x, y) channels

@@ -142,14 +142,27 @@ class SpineCLIP(nn.Module):
         """image [B, P, S, C, H, W], plane_mask [B, P] -> memory tokens [B, P, S, h*w, dim]."""
         b, p, s = image.shape[:3]
         h, w = self.vision.grid_size
-        tokens = image.new_zeros(b, p, s, h * w, self.config.fusion.dim)
-        if plane_mask.any():  # absent series are never encoded
-            series_tokens, _ = self.vision(image[plane_mask])  # [M, S, h*w, width]
-            tokens = tokens.index_put((plane_mask,), self.token_proj(series_tokens).to(tokens.dtype))
+        if torch.compiler.is_compiling():
+            # one graph without data-dependent shapes: encode every plane, zero the absent ones
+            # (the same tokens; eager mode skips them, which also keeps them out of BatchNorm's
+            # batch statistics in training)
+            series_tokens, _ = self.vision(image.flatten(0, 1))  # [B * P, S, h*w, width]
+            tokens = self.token_proj(series_tokens).unflatten(0, (b, p))
+            tokens = tokens * plane_mask[:, :, None, None, None].to(tokens.dtype)
+        else:
+            tokens = image.new_zeros(b, p, s, h * w, self.config.fusion.dim)
+            if plane_mask.any():  # absent series are never encoded
+                series_tokens, _ = self.vision(image[plane_mask])  # [M, S, h*w, width]
+                tokens = tokens.index_put((plane_mask,), self.token_proj(series_tokens).to(tokens.dtype))
         return self.memory_norm(self.slice_plane(tokens))
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """Collated batch -> CONTRACTS "Model outputs" (logits, loc_logits, location, ...)."""
+        return self.fuse(*self.fuse_inputs(batch))
+
+    def fuse_inputs(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A collated batch checked and turned into :meth:`fuse`'s tensors (the queries through
+        the text tower)."""
         image = batch["image"]
         if image.ndim != 6 or image.shape[1] != len(PLANES):
             raise SpineModelError(
@@ -160,14 +173,20 @@ class SpineCLIP(nn.Module):
                 f"images are {tuple(image.shape[-2:])} but the model expects "
                 f"{self.image_size}x{self.image_size}; build the dataset from model.preprocess_cfg"
             )
-        b, _, s = image.shape[:3]
+        b = image.shape[0]
         plane_mask = batch.get("plane_mask")
         plane_mask = (
             torch.ones(b, len(PLANES), dtype=torch.bool, device=image.device)
             if plane_mask is None
             else plane_mask.to(device=image.device, dtype=torch.bool)
         )
-        queries = self.encode_queries(batch.get("text"), b)
+        return image, plane_mask, self.encode_queries(batch.get("text"), b)
+
+    def fuse(self, image: torch.Tensor, plane_mask: torch.Tensor, queries: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The tensor core of :meth:`forward` (everything after the text tower): images
+        ``[B, P, S, C, H, W]``, ``plane_mask [B, P]`` and queries ``[B, 25, dim]`` -> the outputs.
+        One graph under ``torch.compile(fullgraph=True)`` (:meth:`~spinemm.pipeline.SpinePipeline.compile`)."""
+        s = image.shape[2]
         memory = self.encode_series(image, plane_mask)  # [B, P, S, L, D]
         decoded, attn = self.decoder(queries, memory.flatten(2, 3), plane_mask)
         h, w = self.vision.grid_size

@@ -61,6 +61,14 @@ class DetectStage:
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
         self.preprocess = preprocess_settings(model)
+        self._compiled = None  # the model's tensor core under torch.compile (compile())
+
+    def compile(self, **options: Any) -> None:
+        """Run the model's tensor core (``SpineCLIP.fuse``: everything after the text tower) as one
+        ``torch.compile(fullgraph=True)`` graph; the text tower and the input checks stay eager."""
+        if not hasattr(self.model, "fuse"):
+            raise SpineModelError(f"{type(self.model).__name__} has no fuse(): only SpineCLIP's core compiles")
+        self._compiled = torch.compile(self.model.fuse, fullgraph=True, **options)
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, Any], device: torch.device) -> tuple[np.ndarray, Findings]:
@@ -69,7 +77,7 @@ class DetectStage:
         self.model.eval()
         try:
             tensors = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            out = self.model(tensors)
+            out = self.model(tensors) if self._compiled is None else self._compiled(*self.model.fuse_inputs(tensors))
         finally:
             self.model.train(was_training)
         probs = out["logits"].float().softmax(-1).cpu().numpy()

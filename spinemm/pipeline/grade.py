@@ -81,6 +81,13 @@ class GradeStage(torch.nn.Module):
     def config_dict(self) -> dict:
         return {**asdict(self.config), "query_dim": self.query_dim}
 
+    def compile_models(self, **options) -> None:
+        """The grader and study context under ``torch.compile(fullgraph=True)`` (in place); the
+        text tower that encodes the queries stays eager."""
+        self.grader.compile(fullgraph=True, **options)
+        if self.study_context is not None:
+            self.study_context.compile(fullgraph=True, **options)
+
     def save_to(self, folder: Path) -> None:
         """``grade.safetensors`` (and, for the clip grader, its encoder as ``grade/``, a folder
         ``spinemm.load_model`` reads) in a pipeline folder."""

@@ -47,6 +47,10 @@ class LocateStage(torch.nn.Module):
     def config_dict(self) -> dict:
         return asdict(self.config)
 
+    def compile_models(self, **options) -> None:
+        """The locator under ``torch.compile(fullgraph=True)`` (``nn.Module.compile``: in place)."""
+        self.locator.compile(fullgraph=True, **options)
+
     def forward(self, slices: torch.Tensor, plane: torch.Tensor) -> torch.Tensor:
         """The locator's heatmap logits (``LevelLocator``) for training and evaluation."""
         return self.locator(slices, plane)

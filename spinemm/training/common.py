@@ -71,7 +71,8 @@ def model_overrides(config: dict[str, Any]) -> dict[str, Any]:
 
 def build_model(config: dict[str, Any]) -> torch.nn.Module:
     """``load_model(init_from)`` or ``create_model(model.name, **overrides)``, then LoRA
-    (``lora.r > 0``) and the tower freezes of ``train.freeze_vision / freeze_text``."""
+    (``lora.r > 0``), the tower freezes of ``train.freeze_vision / freeze_text`` and
+    ``train.compile``."""
     from ..models.factory import create_model, load_model
 
     if config["init_from"]:
@@ -101,6 +102,9 @@ def build_model(config: dict[str, Any]) -> torch.nn.Module:
             for name, param in module.named_parameters():
                 if "lora_" not in name:
                     param.requires_grad_(False)
+    if config["train"]["compile"]:
+        # in place (nn.Module.compile): parameter names, LoRA merging and saving are unchanged
+        model.vision.compile(fullgraph=True)
     return model
 
 

@@ -70,6 +70,7 @@ DEFAULTS: dict[str, Any] = {
         "gradient_accumulation_steps": 1,
         "mixed_precision": None,  # no | bf16 | fp16; null = the launcher's (accelerate config), else no
         "cpu": False,  # train on CPU even where a GPU is visible
+        "compile": False,  # the vision tower under torch.compile(fullgraph=True), LoRA included
         "location_weight": 0.5,
         "any_severe_weight": 1.0,
         "freeze_vision": False,  # ignored for towers that carry LoRA (peft freezes their base weights)
