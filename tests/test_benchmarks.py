@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,18 +51,40 @@ def test_heldout_quality_benchmark_scores_a_pipeline(phantom_root, tmp_path, cap
     assert "| 3 test studies |" in capsys.readouterr().out
 
 
-def test_predict_reads_benchmark_counts_one_read_per_file(phantom_root, tmp_path, capsys):
+def _benchmark(name: str):
+    sys.path.insert(0, str(BENCHMARKS))  # the scripts import their shared helpers (anchors.py)
+    try:
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return module
+
+
+def test_predict_throughput_benchmark_times_parts_and_counts_one_read_per_file(phantom_root, tmp_path, capsys):
     import torch
 
     import spinemm
 
     torch.manual_seed(0)
     spinemm.create_model("spine-tiny", num_slices=4, **{"vision.image_size": 32}).save_pretrained(tmp_path / "m")
-    spec = importlib.util.spec_from_file_location("predict_reads", BENCHMARKS / "predict_reads.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    row = module.main(["tiny", str(tmp_path / "m"), str(phantom_root)])
-    cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[0] == "tiny" and int(cells[1]) == len(list((phantom_root / "test_images").rglob("*.dcm")))
-    assert cells[-1] == "1.0"  # dcmread calls per file during predict
-    assert row in capsys.readouterr().out
+    text = _benchmark("predict_throughput").main([str(tmp_path / "m"), "--root", str(phantom_root), "--runs", "0:1",
+                                                  "2:1", "--repeats", "1"])
+    assert "| predict, 1 core |" in text and "| predict, 2 decode workers + 1 model threads |" in text
+    assert "1.0 dcmread calls per file" in text and "| decode |" in text and "| detect model |" in text
+    assert text in capsys.readouterr().out
+
+
+def test_cache_scale_benchmark_reports_each_size(phantom_root):
+    text = _benchmark("cache_scale").main([str(phantom_root), "--sizes", "4", "8", "--workers", "2"])
+    rows = [line for line in text.splitlines() if line.startswith("| 4 |") or line.startswith("| 8 |")]
+    assert len(rows) == 2 and "Extrapolated to the Kaggle train set" in text
+
+
+@pytest.mark.parametrize("script", ["train_throughput", "inference_throughput"])
+def test_gpu_throughput_benchmarks_run_on_cpu(script, capsys):
+    results = _benchmark(script).main(["--size", "tiny", "--batch", "24", "--steps", "1", "--warmup", "2",
+                                       "--device", "cpu"])
+    assert len(results) == 3 and all(r["slices_per_s"] > 0 and r["flops"] > 0 for r in results)
+    assert "model FLOP utilisation" in capsys.readouterr().out

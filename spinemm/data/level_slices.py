@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 
 from ..constants import CONDITION_PLANE, LEVELS, PLANES
 from .roi import label_slice, labelled_volumes
 from .store import SeriesStore
-from .transforms import resize_bilinear
 
 __all__ = ["locator_input", "LevelSlices"]
 
@@ -32,8 +32,9 @@ def locator_input(volume: torch.Tensor, index: int, context: int, size: int) -> 
     is kept, so normalised coordinates (x / W, y / H) are the same before and after."""
     depth = volume.shape[0]
     slices = np.clip(int(index) + np.arange(-context, context + 1), 0, depth - 1)
-    # antialiased where it shrinks: average, not skip, pixels when shrinking a 512 px slice
-    return resize_bilinear(volume[torch.from_numpy(slices)].float(), (size, size))
+    image = volume[torch.from_numpy(slices)].float()[None]
+    antialias = max(image.shape[-2:]) > size  # average, not skip, pixels when shrinking a 512 slice
+    return F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False, antialias=antialias)[0]
 
 
 class LevelSlices:

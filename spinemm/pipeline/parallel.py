@@ -1,9 +1,11 @@
 """A pipeline run spread over processes, each taking a contiguous share of the studies.
 
-- :func:`run_in_workers`: ``predict(..., workers=N)`` on one machine's CPUs. The workers are forked
-  from the calling process, so they start at once with the models already in memory (nothing is
+- :func:`run_in_workers`: ``predict(..., workers=N)`` on one machine. The workers are forked from
+  the calling process, so they start at once with the models already in memory (nothing is
   pickled but the results), and each runs single-threaded: N workers use N cores, and every study's
-  DICOM files are decoded by the worker that grades it. Sharding whole studies, rather than
+  DICOM files are decoded by the worker that grades it. With ``device="cuda"`` each worker moves
+  its own copy of the models to the GPU (the calling process must not have touched CUDA), so N
+  processes decode on N cores and share the GPU. Sharding whole studies, rather than
   decoding in workers and grading in one process, keeps the series where they are read: a
   512 px study's volumes never cross a process boundary.
 - :func:`run_distributed`: under ``accelerate launch``, each process runs its share
@@ -45,9 +47,11 @@ def run_in_workers(pipeline: SpinePipeline, root: str | Path, split: str, study_
     """Run ``pipeline`` over ``study_ids`` in ``workers`` forked CPU processes; results in study order."""
     from .pipeline import PipelineResult
 
-    if any(p.device.type != "cpu" for p in pipeline.detect.model.parameters()):
-        raise SpineModelError("predict(workers=N) runs on CPUs; for GPUs launch one process per GPU with "
-                              "`accelerate launch` (each process predicts a share of the studies)")
+    if torch.cuda.is_initialized() or any(p.device.type != "cpu" for p in pipeline.detect.model.parameters()):
+        # a forked child cannot use the CUDA context of its parent
+        raise SpineModelError("predict(workers=N) forks its workers after CUDA was initialised here: keep the "
+                              "pipeline on the CPU and pass device='cuda' (each worker moves its own copy), or "
+                              "launch one process per GPU with `accelerate launch`")
     if "fork" not in multiprocessing.get_all_start_methods():
         raise SpineModelError("predict(workers=N) needs the 'fork' start method (Linux, macOS); use workers=0")
     global _PIPELINE

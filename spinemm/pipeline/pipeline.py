@@ -150,8 +150,9 @@ class SpinePipeline:
             device: torch.device | str | None = None, workers: int = 0, distributed: bool | None = None,
             compile: bool = False, progress: bool = True) -> PipelineResult:
         """Run every stage over the studies of ``root``'s ``split`` (or ``study_ids``), a batch of
-        studies at a time. ``workers > 0``: that many CPU processes each run a contiguous share of
-        the studies (:func:`~spinemm.pipeline.parallel.run_in_workers`). ``distributed`` (default:
+        studies at a time. ``workers > 0``: that many processes (forked: keep the models on the
+        CPU and name the ``device``) each run a contiguous share of the studies
+        (:func:`~spinemm.pipeline.parallel.run_in_workers`). ``distributed`` (default:
         when launched with several processes, ``WORLD_SIZE > 1``): each process of an ``accelerate
         launch`` runs its share and every process gets all rows
         (:func:`~spinemm.pipeline.parallel.run_distributed`). Unreadable series are warned about
@@ -160,23 +161,24 @@ class SpinePipeline:
 
         root = Path(root)
         store = store if store is not None else SeriesStore(root, split, cache_dir=cache_dir)
+        dataset = SpineDataset(root, split, study_ids=study_ids, augment=False, store=store, on_bad_series="warn",
+                               **self.detect.preprocess)
+        if distributed is None:  # launched by `accelerate launch` (or torchrun) with several processes
+            distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if workers > 0 or distributed:  # each process moves (and compiles) its own copy of the models
+            from .parallel import run_distributed, run_in_workers
+
+            kwargs = {"store": store, "batch_size": batch_size, "device": device, "compile": compile,
+                      "progress": progress}
+            result = run_distributed(self, root, split, dataset.study_ids, **kwargs) if distributed else \
+                run_in_workers(self, root, split, dataset.study_ids, workers, **kwargs)
+            result.order = _sample_submission_order(root, split) if study_ids is None else None
+            return result
         if device is not None:
             self.to(device)
         if compile:
             self.compile()
         device = next(self.detect.model.parameters()).device
-        dataset = SpineDataset(root, split, study_ids=study_ids, augment=False, store=store, on_bad_series="warn",
-                               **self.detect.preprocess)
-        if distributed is None:  # launched by `accelerate launch` (or torchrun) with several processes
-            distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-        if workers > 0 or distributed:
-            from .parallel import run_distributed, run_in_workers
-
-            kwargs = {"store": store, "batch_size": batch_size, "device": device, "progress": progress}
-            result = run_distributed(self, root, split, dataset.study_ids, **kwargs) if distributed else \
-                run_in_workers(self, root, split, dataset.study_ids, workers, **kwargs)
-            result.order = _sample_submission_order(root, split) if study_ids is None else None
-            return result
         parts: dict[str, list] = {"ids": [], "probs": [], "detected": [], "located": [], "grades": [], "graded": []}
         starts = range(0, len(dataset), batch_size)
         for start in tqdm(starts, desc="predict", unit="batch", disable=not progress):
