@@ -39,9 +39,10 @@ def test_predict_in_worker_processes_matches_one_process(phantom_root):
     one = spinemm.predict(pipeline, phantom_root, split="test", progress=False)
     two = spinemm.predict(pipeline, phantom_root, split="test", progress=False, workers=2)
     assert two.study_ids == one.study_ids  # the shares come back in study order
-    pd.testing.assert_frame_equal(two.submission(), one.submission())
-    pd.testing.assert_frame_equal(two.locations(), one.locations())
-    np.testing.assert_array_equal(two.detect_probs, one.detect_probs)  # every stage's output is kept
+    # the same rows; batches of other sizes may round differently in the last float bits
+    pd.testing.assert_frame_equal(two.submission(), one.submission(), check_exact=False, rtol=0, atol=1e-6)
+    pd.testing.assert_frame_equal(two.locations(), one.locations(), check_exact=False, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(two.detect_probs, one.detect_probs, atol=1e-6)  # every stage's output is kept
 
 
 def _free_port() -> int:

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 __all__ = ["run_in_workers", "run_distributed", "shares"]
 
 _PIPELINE: SpinePipeline | None = None  # the forked workers' pipeline: inherited, never pickled
+SHARES_PER_WORKER = 4
 
 
 def shares(study_ids: Sequence[int], parts: int) -> list[list[int]]:
@@ -56,9 +57,10 @@ def run_in_workers(pipeline: SpinePipeline, root: str | Path, split: str, study_
         raise SpineModelError("predict(workers=N) needs the 'fork' start method (Linux, macOS); use workers=0")
     global _PIPELINE
     _PIPELINE = pipeline
-    jobs = [(str(root), split, share, run_kwargs) for share in shares(study_ids, workers)]
+    # a few shares per worker, handed out as workers free up: a slow share does not hold the rest back
+    jobs = [(str(root), split, share, run_kwargs) for share in shares(study_ids, workers * SHARES_PER_WORKER)]
     try:
-        with ProcessPoolExecutor(len(jobs), mp_context=multiprocessing.get_context("fork"),
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("fork"),
                                  initializer=torch.set_num_threads, initargs=(1,)) as pool:
             parts = list(pool.map(_run_share, jobs))
     finally:
