@@ -7,8 +7,10 @@ excluded), warms the page cache, then times, best of ``--repeats`` and in altern
 
 * the anchor: ``pydicom.dcmread(f).pixel_array`` over every test file, one core;
 * ``spinemm.predict`` plus writing ``submission.csv`` and ``locations.csv``, once per ``--runs``
-  entry ``WORKERS:THREADS``: decode worker processes (0: decode in the main process) and the main
+  entry ``WORKERS:THREADS``: worker processes, each single-threaded and predicting a share of the
+  studies from its DICOM files (``predict(workers=N)``; 0: the main process alone), and the main
   process's torch threads (``0:1`` is one core: decode, preprocessing and models in one thread).
+  With ``--device cuda`` the workers run the models on the GPU (worker runs only).
 
 and prints one Markdown table: studies/s, files/s, the ratio to the bare decode, and the share of
 the single-core run spent in decode, windowing, the first stage's preprocessing, each stage's
@@ -85,9 +87,9 @@ def bare_decode(files: list[Path]) -> float:
     return time.perf_counter() - tic
 
 
-def predict_once(pipeline: spinemm.SpinePipeline, root: Path, out: Path, workers: int) -> float:
+def predict_once(pipeline: spinemm.SpinePipeline, root: Path, out: Path, workers: int, device: str = "cpu") -> float:
     tic = time.perf_counter()
-    result = spinemm.predict(pipeline, root, split="test", progress=False, workers=workers)
+    result = spinemm.predict(pipeline, root, split="test", progress=False, workers=workers, device=device)
     result.submission().to_csv(out / "submission.csv", index=False)
     result.locations().to_csv(out / "locations.csv", index=False)
     return time.perf_counter() - tic
@@ -107,6 +109,8 @@ def main(argv: list[str] | None = None) -> str:
                         help="WORKERS:THREADS pairs to time: decode worker processes and the main process's torch "
                              "threads (0:1 is one core)")
     parser.add_argument("--repeats", type=int, default=2, help="timed passes (best is kept)")
+    parser.add_argument("--device", default="cpu", help="where the models run (cuda: each worker moves its own "
+                        "copy there; the timed rows then show decode on the CPUs feeding the GPU)")
     parser.add_argument("--compile", action="store_true", help="every stage's model under torch.compile "
                         "(SpinePipeline.compile; compiling happens in the untimed first pass)")
     args = parser.parse_args(argv)
@@ -124,15 +128,20 @@ def main(argv: list[str] | None = None) -> str:
 
         torch.set_num_threads(1)
         bare = min(bare_decode(files) for _ in range(args.repeats + 1))  # first pass warms the page cache
-        predict_once(pipeline, root, out, 0)  # untimed: warms the allocator (and compiles, with --compile)
+        # On a GPU the calling process must not touch CUDA before forking workers: worker runs only
+        on_gpu = args.device != "cpu"
+        if on_gpu and any(workers == 0 for workers, _ in args.runs):
+            raise SystemExit("--device cuda: time worker runs only (e.g. --runs 8:1 16:1)")
+        # untimed: warms the page cache and allocator (and compiles, with --compile)
+        predict_once(pipeline, root, out, args.runs[0][0] if on_gpu else 0, args.device)
         best: dict[tuple[int, int], float] = {}
         for _ in range(args.repeats):  # alternate, so drift on a shared machine hits every row alike
             for workers, threads in args.runs:
                 torch.set_num_threads(threads)
-                seconds = predict_once(pipeline, root, out, workers)
+                seconds = predict_once(pipeline, root, out, workers, args.device)
                 best[workers, threads] = min(best.get((workers, threads), float("inf")), seconds)
         torch.set_num_threads(1)
-        timer, reads = ExclusiveTimer(), collections.Counter()
+        timer, reads, single = ExclusiveTimer(), collections.Counter(), 0.0
         real_dcmread = pydicom.dcmread
 
         def counting(path, *args, **kwargs):
@@ -141,8 +150,9 @@ def main(argv: list[str] | None = None) -> str:
 
         pydicom.dcmread = counting
         try:
-            with timer.installed():
-                single = predict_once(pipeline, root, out, 0)
+            if not on_gpu:
+                with timer.installed():
+                    single = predict_once(pipeline, root, out, 0, args.device)
         finally:
             pydicom.dcmread = real_dcmread
 
@@ -153,10 +163,14 @@ def main(argv: list[str] | None = None) -> str:
     base = best.get((0, 1))
     for (workers, threads), seconds in best.items():
         label = "predict, 1 core" if (workers, threads) == (0, 1) else \
-            f"predict, {workers} decode workers + {threads} model threads"
+            f"predict, {workers} workers" if workers else f"predict, {threads} threads"
         speedup = f"{base / seconds:.2f}x" if base and (workers, threads) != (0, 1) else ""
         lines.append(f"| {label} | {seconds:.2f} | {n_studies / seconds:.1f} | {len(files) / seconds:.0f} | "
                      f"{seconds / bare:.1f}x | {speedup} |")
+    if not single:
+        text = "\n".join(lines)
+        print(text)
+        return text
     lines += ["", f"Where the 1-core run's time goes (one instrumented pass, {single:.2f} s; "
               f"{sum(reads.values()) / len(files):.1f} dcmread calls per file):", "",
               "| part | s | share |", "| --- | ---: | ---: |"]

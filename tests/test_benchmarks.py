@@ -71,7 +71,7 @@ def test_predict_throughput_benchmark_times_parts_and_counts_one_read_per_file(p
     spinemm.create_model("spine-tiny", num_slices=4, **{"vision.image_size": 32}).save_pretrained(tmp_path / "m")
     text = _benchmark("predict_throughput").main([str(tmp_path / "m"), "--root", str(phantom_root), "--runs", "0:1",
                                                   "2:1", "--repeats", "1"])
-    assert "| predict, 1 core |" in text and "| predict, 2 decode workers + 1 model threads |" in text
+    assert "| predict, 1 core |" in text and "| predict, 2 workers |" in text
     assert "1.0 dcmread calls per file" in text and "| decode |" in text and "| detect model |" in text
     assert text in capsys.readouterr().out
 
