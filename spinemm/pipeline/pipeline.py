@@ -32,6 +32,7 @@ from ..data.store import SeriesStore
 from ..errors import SpineDataError, SpineModelError
 from ..metrics import submission_frame
 from ..models.config import GraderConfig, LocatorConfig
+from ..models.names import PIPELINE_CONFIG, parse_model_name
 from .detect import DetectStage
 from .findings import Findings
 from .grade import GradeStage
@@ -39,7 +40,6 @@ from .locate import LocateStage
 
 __all__ = ["SpinePipeline", "PipelineResult", "load_pipeline", "PIPELINE_CONFIG"]
 
-PIPELINE_CONFIG = "pipeline.json"
 STAGE_ORDER = ("detect", "locate", "grade")
 
 
@@ -188,15 +188,17 @@ class SpinePipeline:
 
 
 def load_pipeline(source: str | os.PathLike) -> SpinePipeline:
-    """A pipeline folder (:meth:`SpinePipeline.save_pretrained`), or a single model folder / preset
-    name that ``spinemm.load_model`` reads (a pipeline of the detect stage alone)."""
+    """A pipeline by model name (:mod:`spinemm.models.names`): a pipeline folder
+    (:meth:`SpinePipeline.save_pretrained`) or ``hf-hub:`` repo holding one; else whatever
+    ``spinemm.load_model`` reads (a saved model, a preset), as a pipeline of the detect stage alone."""
     from safetensors.torch import load_model as load_weights
 
     from ..models.factory import load_model
 
-    folder = Path(source)
-    if not (folder / PIPELINE_CONFIG).is_file():
-        return SpinePipeline(load_model(source))
+    name = parse_model_name(source, setting="load_pipeline(source)")
+    folder = None if name.is_config else name.saved_folder("load_pipeline(source)")
+    if folder is None or not (folder / PIPELINE_CONFIG).is_file():
+        return SpinePipeline(load_model(folder if folder is not None else name.target))
     meta = json.loads((folder / PIPELINE_CONFIG).read_text())
     stages = meta.get("stages", ["detect"])
     unknown = sorted(set(stages) - set(STAGE_ORDER))
