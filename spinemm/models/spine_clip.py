@@ -38,6 +38,15 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
+def _describe(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return f"a {type(value).__name__} with keys {sorted(map(str, value))} (no input_ids)"
+    if isinstance(value, (list, tuple)):
+        kinds = sorted({type(v).__name__ for v in value})
+        return f"a {type(value).__name__} of {', '.join(kinds) or 'nothing'}"
+    return type(value).__name__
+
+
 class SpineCLIP(nn.Module):
     """Vision tower + text tower + query decoder + heads. Build with :func:`spinemm.create_model`."""
 
@@ -114,11 +123,41 @@ class SpineCLIP(nn.Module):
         embeds = self.image_proj(pooled[:, 0])
         return F.normalize(embeds, dim=-1) if normalize else embeds
 
-    def encode_text(self, texts: Sequence[str], normalize: bool = False) -> torch.Tensor:
-        """texts (N strings) -> [N, embed_dim]."""
-        _, _, pooled = self.text.encode(list(texts))
-        embeds = self.text_proj(pooled)
+    def encode_text(self, text: str | Sequence[str] | torch.Tensor | Mapping[str, Any],
+                    normalize: bool = False) -> torch.Tensor:
+        """Texts -> [N, embed_dim]. ``text``: N strings (or one); token ids [N, L] as
+        ``spinemm.get_tokenizer(name)(texts)`` gives them (pad ids are masked out); or a tokenizer's
+        output holding ``input_ids`` (and ``attention_mask``), e.g. ``model.tokenizer(texts,
+        padding=True, return_tensors="pt")``. Anything else is refused."""
+        embeds = self.text_proj(self._pooled_text(text))
         return F.normalize(embeds, dim=-1) if normalize else embeds
+
+    def _pooled_text(self, text: Any) -> torch.Tensor:
+        if isinstance(text, str):
+            text = [text]
+        if isinstance(text, (list, tuple)) and text and all(isinstance(t, str) for t in text):
+            return self.text.encode(list(text))[2]
+        if isinstance(text, Mapping) and "input_ids" in text:
+            ids, mask = text["input_ids"], text.get("attention_mask")
+        elif isinstance(text, torch.Tensor):
+            ids, mask = text, None
+        else:
+            raise SpineModelError(
+                "encode_text takes strings, token ids [N, L] (spinemm.get_tokenizer) or a tokenizer's output "
+                f"with input_ids; got {_describe(text)}"
+            )
+        try:
+            ids = torch.as_tensor(ids)
+        except (ValueError, TypeError) as err:
+            raise SpineModelError(f"encode_text: input_ids of unequal lengths; tokenize with padding=True ({err})") from None
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.ndim != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise SpineModelError(f"encode_text: token ids must be integers [N, L], got {ids.dtype} {tuple(ids.shape)}")
+        if not hasattr(self.text, "encode_ids") or self.tokenizer is None:
+            raise SpineModelError(f"{type(self.text).__name__} encodes strings only; pass the texts")
+        mask = ids != self.tokenizer.pad_token_id if mask is None else torch.as_tensor(mask).reshape(ids.shape)
+        return self.text.encode_ids(ids.long(), mask.long())[2]
 
     # ----------------------------------------------------------------------------------- fusion
     def encode_queries(self, texts: Sequence[Sequence[str]] | None, batch_size: int) -> torch.Tensor:
