@@ -16,7 +16,6 @@ Dual encoder: :meth:`encode_image` (pooled vision of single images -> ``image_pr
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from .base import SliceEncoder
 from .config import ModelConfig
 from .fusion import QueryDecoder, SlicePlaneEmbedding
 from .heads import LocationHead, SeverityHead, decode_location, pool_at_location
+from .hub_mixin import SpineHubMixin
 from .towers import TextTower
 
 CONFIG_NAME = "config.json"
@@ -47,8 +47,9 @@ def _describe(value: Any) -> str:
     return type(value).__name__
 
 
-class SpineCLIP(nn.Module):
-    """Vision tower + text tower + query decoder + heads. Build with :func:`spinemm.create_model`."""
+class SpineCLIP(nn.Module, SpineHubMixin):
+    """Vision tower + text tower + query decoder + heads. Build with :func:`spinemm.create_model`;
+    ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` as :mod:`spinemm.models.hub_mixin`."""
 
     def __init__(
         self,
@@ -224,13 +225,14 @@ class SpineCLIP(nn.Module):
         }
 
     # -------------------------------------------------------------------------------- save/load
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``config.json`` (model + preprocess config), ``model.safetensors`` and tokenizer files."""
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """Write ``config.json`` (model + preprocess config), ``model.safetensors`` and tokenizer files
+        (``save_pretrained`` adds the model card)."""
         from safetensors.torch import save_model
 
         from .. import __version__
 
-        out = Path(directory)
+        out = Path(save_directory)
         out.mkdir(parents=True, exist_ok=True)
         meta = {
             "spinemm_version": __version__,
@@ -241,4 +243,20 @@ class SpineCLIP(nn.Module):
         save_model(self, str(out / WEIGHTS_NAME))
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(str(out))
-        return out
+
+    @classmethod
+    def _load_folder(cls, folder: Path) -> SpineCLIP:
+        from .factory import load_model
+
+        return load_model(folder)
+
+    def card_facts(self) -> dict[str, Any]:
+        return {
+            "title": f"spinemm model ({self.config.name})",
+            "summary": "A SpineCLIP model: a vision tower over a study's three MRI series, a BERT text tower "
+                       "whose 25 finding queries attend to them, and heads that grade each finding "
+                       "(Normal/Mild, Moderate, Severe) and place it; also a CLIP-style dual encoder.",
+            "preset": self.config.name,
+            "loader": 'model = spinemm.load_model("hf-hub:ORG/NAME").eval()   # or a local folder\n'
+                      "with torch.no_grad():\n    outputs = model(batch)",
+        }
