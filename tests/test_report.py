@@ -14,6 +14,7 @@ import spinemm
 from spinemm import viz
 from spinemm.constants import LABEL_COLUMNS, SUBMISSION_COLUMNS, row_id
 from spinemm.models.config import GraderConfig, LocatorConfig
+from spinemm.models.crop_grader import CropGrader
 from spinemm.pipeline import GradeStage, LocateStage, SpinePipeline
 from spinemm.report import grade_table, grade_table_html, write_index
 from spinemm.text import finding_texts
@@ -31,6 +32,7 @@ def _clip_stage(tower: str | None = None) -> GradeStage:
 @pytest.mark.parametrize("tower", [None, "cnn", "unet3d"])
 def test_grader_attention_leaves_the_outputs_alone(tower):
     stage = _clip_stage(tower)
+    assert isinstance(stage.grader, CropGrader)
     crops, targets = torch.rand(3, 3, 32, 32), torch.tensor([0, 12, 24])
     texts = finding_texts(types.SimpleNamespace(pixel_spacing=(0.7, 0.7), slice_spacing=4.0,
                                                 normal=np.array([0.0, 0.0, 1.0])), targets.tolist())
