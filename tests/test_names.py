@@ -12,7 +12,6 @@ import torch
 import spinemm
 from spinemm.cli import main
 from spinemm.errors import SpineModelError
-from spinemm.models.names import parse_model_name
 
 
 @pytest.fixture()
@@ -39,6 +38,8 @@ def fake_hub_cache(cache, repo: str, saved_folder_writer) -> None:
 
 
 def test_names_are_classified_without_network(tmp_path, no_network):
+    from spinemm.models.names import parse_model_name
+
     model_dir = spinemm.create_model("spine-tiny").save_pretrained(tmp_path / "m")
     assert parse_model_name("spine-tiny").kind == "preset"
     assert parse_model_name("hf-hub:org/name").target == "org/name"

@@ -16,7 +16,6 @@ from spinemm.constants import LABEL_COLUMNS, SUBMISSION_COLUMNS, row_id
 from spinemm.models.config import GraderConfig, LocatorConfig
 from spinemm.models.crop_grader import CropGrader
 from spinemm.pipeline import GradeStage, LocateStage, SpinePipeline
-from spinemm.report import grade_table, grade_table_html, write_index
 from spinemm.text import finding_texts
 
 
@@ -90,6 +89,8 @@ def test_overlays_are_coloured_by_predicted_grade(graded_run, phantom_root, tmp_
 
 
 def test_grade_table_lays_out_levels_by_condition():
+    from spinemm.report import grade_table, grade_table_html
+
     probs = np.tile([0.7, 0.2, 0.1], (25, 1))
     probs[LABEL_COLUMNS.index("spinal_canal_stenosis_l4_l5")] = [0.1, 0.3, 0.6]
     submission = pd.DataFrame({"row_id": [row_id(7, c) for c in LABEL_COLUMNS],
@@ -106,6 +107,8 @@ def test_grade_table_lays_out_levels_by_condition():
 
 
 def test_stage_curves_and_the_page(tmp_path):
+    from spinemm.report import write_index
+
     history = [{"epoch": e, "train_loss": 1 / e, "score": 0.9 - 0.01 * e} for e in range(1, 4)]
     png = viz.stage_curves_png([{"title": "detect", "history": history, "keys": {"score": "val score"}},
                                 {"title": "grade", "history": history, "keys": {"score": "val score"}},
