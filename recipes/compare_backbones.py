@@ -11,11 +11,13 @@ run folder per backbone beside them.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 import pandas as pd
 from accelerate import PartialState
 
+from spinemm.cli import run_recipe
 from spinemm.training import compare_backbones, config_from_argv
 
 
@@ -27,5 +29,6 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
 
 
 if __name__ == "__main__":
-    main()
+    code = run_recipe(main)  # a bad input is one line on stderr and exit status 2; --debug shows the traceback
     PartialState().destroy_process_group()  # a no-op unless launched with several processes
+    sys.exit(code)

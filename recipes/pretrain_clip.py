@@ -17,11 +17,13 @@ Outputs under ``pretrain.output_dir``: ``config.yaml``, ``checkpoint-STEP/``, ``
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 from accelerate import PartialState
 
+from spinemm.cli import run_recipe
 from spinemm.training import config_from_argv, pretrain_clip
 
 
@@ -36,5 +38,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    code = run_recipe(main)  # a bad input is one line on stderr and exit status 2; --debug shows the traceback
     PartialState().destroy_process_group()  # a no-op unless launched with several processes
+    sys.exit(code)

@@ -18,11 +18,13 @@ accumulation, TensorBoard). Outputs under ``pipeline.output_dir``: ``config.yaml
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 from accelerate import PartialState
 
+from spinemm.cli import run_recipe
 from spinemm.training import config_from_argv, train_stages
 
 
@@ -43,5 +45,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    code = run_recipe(main)  # a bad input is one line on stderr and exit status 2; --debug shows the traceback
     PartialState().destroy_process_group()  # a no-op unless launched with several processes
+    sys.exit(code)

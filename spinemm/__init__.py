@@ -19,6 +19,8 @@ _LAZY = {
     "list_models": "spinemm.models.factory",
     "add_model_config": "spinemm.models.factory",
     "load_model": "spinemm.models.factory",
+    "create_model_and_transforms": "spinemm.models.preprocess",
+    "get_tokenizer": "spinemm.models.preprocess",
     "zero_shot_classify": "spinemm.zero_shot",
     "predict": "spinemm.inference",
     "load_pipeline": "spinemm.pipeline.pipeline",

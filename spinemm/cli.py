@@ -1,4 +1,9 @@
-"""The ``spinemm`` command: phantom, cache, inspect, predict, evaluate, zero-shot, demo."""
+"""The ``spinemm`` command: phantom, cache, inspect, predict, evaluate, zero-shot, demo.
+
+Exit codes: 0 done; 2 bad input (a usage error, or a file, folder, table, DICOM, model or config
+spinemm cannot use: one line that names it); 1 an unexpected error (one line; ``--debug`` shows
+the traceback); 130 interrupted (Ctrl-C).
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,15 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from .errors import SpineError
+
+EXIT_OK, EXIT_UNEXPECTED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+#: A model name as every command reads it (spinemm.models.names).
+MODEL_HELP = "a pipeline or model folder, a preset (e.g. spine-tiny), a .safetensors file or hf-hub:org/name"
 
 
 def _cmd_phantom(args: argparse.Namespace) -> None:
@@ -41,6 +51,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     from .pipeline import load_pipeline
 
     model = load_pipeline(args.model)
+    _note_if_preset(args.model)
     store = SeriesStore(args.data, args.split, cache_dir=args.cache_dir)  # the overlays read the same series
     submission, locations = predict(model, args.data, split=args.split, batch_size=args.batch_size,
                                     device=args.device, store=store, workers=args.workers)
@@ -57,6 +68,14 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         for path in location_overlays(args.data, locations, out / "overlays", split=args.split, max_studies=args.png,
                                       store=store):
             print(f"  overlay {path}")
+
+
+def _note_if_preset(name: str) -> None:
+    from .models.factory import list_models
+
+    if name in list_models():
+        print(f"note: {name} is a preset: its upstream towers are as configured, its fusion and heads are "
+              f"untrained (random), so its predictions only show the pipeline runs", file=sys.stderr)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
@@ -76,6 +95,7 @@ def _cmd_zero_shot(args: argparse.Namespace) -> None:
     from .zero_shot import zero_shot_classify
 
     model = load_model(args.model)
+    _note_if_preset(args.model)
     prompts = args.prompt or severity_prompts(args.condition, args.level)
     images = [str(p) for p in args.images]
     if args.at is not None:  # the crops the dual encoder was pretrained on, around one point
@@ -107,88 +127,127 @@ def _cmd_cache(args: argparse.Namespace) -> None:
         raise SpineError(f"{len(report.failed)} series could not be read, e.g. {next(iter(report.failed))}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="spinemm", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default, except where there is none to show (None, an off flag)."""
 
-    p = sub.add_parser("phantom", help="write the synthetic RSNA-layout phantom dataset")
-    p.add_argument("root")
-    p.add_argument("--n-studies", type=int, default=60)
-    p.add_argument("--n-test", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--label-noise", type=float, default=0.1)
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="spinemm", description=__doc__, formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
+    debug = argparse.ArgumentParser(add_help=False)  # --debug also after the command
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="on an error, show the full traceback")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, helptext: str, func: Callable[[argparse.Namespace], None]) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=helptext, description=helptext, parents=[debug], formatter_class=_HelpFormatter)
+        p.set_defaults(func=func)
+        return p
+
+    p = command("phantom", "write the synthetic RSNA-layout phantom dataset", _cmd_phantom)
+    p.add_argument("root", help="the folder to write (created)")
+    p.add_argument("--n-studies", type=int, default=60, help="train studies")
+    p.add_argument("--n-test", type=int, default=None, help="test studies (default: a fifth of --n-studies, at least 2)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes the same files")
+    p.add_argument("--image-size", type=int, default=128, help="pixels per side of each slice")
+    p.add_argument("--label-noise", type=float, default=0.1,
+                   help="fraction of recorded labels that differ from the true grade")
     p.add_argument("--workers", type=int, default=None,
                    help="processes writing studies (default: one per core, 8 studies or more each)")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=_cmd_phantom)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("cache", help="decode every series of a folder into a series cache, with all cores")
+    p = command("cache", "decode every series of a folder into a series cache, with all cores", _cmd_cache)
     p.add_argument("root", help="an RSNA-layout folder")
-    p.add_argument("--cache-dir", required=True, help="the cache folder (predict/train read it with --cache-dir)")
-    p.add_argument("--split", default="train", choices=["train", "test"])
+    p.add_argument("--cache-dir", required=True, help="the cache folder (predict and training read it as cache_dir)")
+    p.add_argument("--split", default="train", choices=["train", "test"], help="which split to cache")
     p.add_argument("--workers", type=int, default=None, help="processes (default: one per core; 0: this one)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cmd_cache)
 
-    p = sub.add_parser("inspect", help="summarise an RSNA-layout folder; --png draws one study")
-    p.add_argument("root")
-    p.add_argument("--split", default="train", choices=["train", "test"])
+    p = command("inspect", "summarise an RSNA-layout folder; --png draws one study", _cmd_inspect)
+    p.add_argument("root", help="an RSNA-layout folder (train.csv, *_series_descriptions.csv, *_images/)")
+    p.add_argument("--split", default="train", choices=["train", "test"], help="which split to summarise")
     p.add_argument("--png", help="write a montage of one study's three planes here")
     p.add_argument("--study", type=int, help="study for --png (default: the first)")
-    p.set_defaults(func=_cmd_inspect)
 
-    p = sub.add_parser("predict", help="write submission.csv and locations.csv for a folder")
-    p.add_argument("--model", required=True, help="a folder written by save_pretrained")
+    p = command("predict", "write submission.csv and locations.csv for a folder", _cmd_predict)
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--data", required=True, help="an RSNA-layout folder")
-    p.add_argument("--out", required=True)
-    p.add_argument("--split", default="test", choices=["train", "test"])
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--device", default=None)
+    p.add_argument("--out", required=True, help="folder for submission.csv, locations.csv (and overlays/)")
+    p.add_argument("--split", default="test", choices=["train", "test"], help="which split to predict")
+    p.add_argument("--batch-size", type=int, default=2, help="studies per forward pass")
+    p.add_argument("--device", default=None, help="torch device, e.g. cuda:0 (default: where the model is, the CPU)")
     p.add_argument("--workers", type=int, default=0,
-                   help="CPU processes, each predicting a share of the studies (0: this process alone)")
+                   help="processes, each predicting a share of the studies (0: this process alone)")
     p.add_argument("--cache-dir", default=None, help="a series cache folder (`spinemm cache` fills one)")
     p.add_argument("--png", type=int, nargs="?", const=3, default=0,
-                   help="also draw predicted locations for this many studies (default 3)")
-    p.set_defaults(func=_cmd_predict)
+                   help="also draw predicted locations for this many studies (3 when given without a number)")
 
-    p = sub.add_parser("evaluate", help="official score + accuracy/precision/recall of a submission")
-    p.add_argument("--solution", required=True)
-    p.add_argument("--submission", required=True)
+    p = command("evaluate", "official score + accuracy/precision/recall of a submission", _cmd_evaluate)
+    p.add_argument("--solution", required=True, help="solution CSV: row_id, the three severity columns, sample_weight")
+    p.add_argument("--submission", required=True, help="submission CSV: row_id and the three severity columns")
     p.add_argument("--json", help="also write the metrics here")
-    p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("zero-shot", help="score images (DICOM files) against prompts")
-    p.add_argument("--model", required=True)
-    p.add_argument("images", nargs="+")
-    p.add_argument("--prompt", action="append", help="a prompt (repeat); default: severity prompts")
-    p.add_argument("--condition", default="spinal_canal_stenosis")
-    p.add_argument("--level", default=None)
+    p = command("zero-shot", "score images (DICOM files) against prompts", _cmd_zero_shot)
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("images", nargs="+", help="DICOM files")
+    p.add_argument("--prompt", action="append", help="a prompt (repeat); default: the severity prompts")
+    p.add_argument("--condition", default="spinal_canal_stenosis", help="condition of the default severity prompts")
+    p.add_argument("--level", default=None, help="level of the default severity prompts, e.g. l4_l5 (default: none named)")
     p.add_argument("--at", nargs=2, type=float, metavar=("X", "Y"), default=None,
                    help="score a crop around this pixel (column, row), model.config.roi_side_mm wide, as "
-                        "pretraining cut them; default: the whole image")
-    p.set_defaults(func=_cmd_zero_shot)
+                        "pretraining cut them (default: the whole image)")
 
-    p = sub.add_parser("demo", help="phantom -> pretrain -> train -> evaluate -> predict -> report")
-    p.add_argument("--out", default="demo_out")
-    p.add_argument("--n-studies", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p = command("demo", "phantom -> pretrain -> train -> evaluate -> predict -> report", _cmd_demo)
+    p.add_argument("--out", default="demo_out", help="folder for the phantom, the runs and report/")
+    p.add_argument("--n-studies", type=int, default=None, help="phantom train studies (default: 160, 8 with --quick)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the phantom, the split and training")
     p.add_argument("--quick", action="store_true", help="a much smaller run, for smoke tests")
     p.add_argument("--grader", choices=["cnn", "clip-vit", "cnn-film"], default=None,
                    help="the grade stage's vision tower under the BERT queries: a conv tower (cnn, the "
                         "default), pretraining's ViT (clip-vit); or the earlier FiLM grader (cnn-film)")
-    p.set_defaults(func=_cmd_demo)
     return parser
+
+
+def run_guarded(func: Callable[[], Any], name: str, debug: bool) -> int:
+    """Call ``func``; turn an error into one line on stderr and an exit code (module docstring).
+    With ``debug`` the error propagates with its full traceback."""
+    try:
+        func()
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:
+        if debug:
+            raise
+        if isinstance(err, (SpineError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
+            print(f"{name}: error: {err}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        print(f"{name}: unexpected error: {type(err).__name__}: {err} (run with --debug for the traceback)",
+              file=sys.stderr)
+        return EXIT_UNEXPECTED
+    return EXIT_OK
+
+
+def run_recipe(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> int:
+    """What a recipe script's ``__main__`` runs: ``main(argv)`` with the CLI's error handling
+    (``--debug`` anywhere in ``argv`` shows tracebacks and is not passed on)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    args = [a for a in args if a != "--debug"]
+    return run_guarded(lambda: main(args), Path(sys.argv[0]).name, debug)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except SpineError as err:
-        print(f"spinemm {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_guarded(lambda: args.func(args), f"spinemm {args.command}", args.debug)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from .constants import SEVERITIES
+from .demo_report import report_pictures, write_report_page
 
 #: Settings of the full demo; ``quick`` shrinks them for smoke tests.
 DEMO = {"n_studies": 160, "n_test": 40, "phantom_size": 96, "image_size": 64, "num_slices": 8,
@@ -84,9 +85,10 @@ def run_demo(out: str | Path = "demo_out", n_studies: int | None = None, seed: i
     from .data.tables import load_tables
     from .inference import predict
     from .metrics import evaluate_frames, format_metrics, rsna_score
+    from .pipeline import load_pipeline
     from .training import pretrain_clip, train_severity, train_stages
     from .training.config import load_config
-    from .viz import confusion_matrix_png, location_overlays, training_curves_png
+    from .viz import confusion_matrix_png, training_curves_png
 
     start = time.perf_counter()
     seconds: dict[str, float] = {}  # wall time of each step, in metrics.json
@@ -140,7 +142,8 @@ def run_demo(out: str | Path = "demo_out", n_studies: int | None = None, seed: i
     step("locate+grade")
     print("[5/6] held-out predictions of the whole pipeline, and evaluation")
     store = SeriesStore(root, "test", cache_dir=out / "cache")  # predictions and overlays read each series once
-    result = predict(model_dir, root, split="test", store=store)
+    pipeline = load_pipeline(model_dir)
+    result = predict(pipeline, root, split="test", store=store)
     submission, locations = result.submission(), result.locations()
     submission.to_csv(report / "submission.csv", index=False)
     locations.to_csv(report / "locations.csv", index=False)
@@ -163,8 +166,11 @@ def run_demo(out: str | Path = "demo_out", n_studies: int | None = None, seed: i
                          title="held-out phantom studies")
     curves = [{"epoch": h["epoch"], **{k: h[k] for k in ("train_loss", "score") if k in h}} for h in trained["history"]]
     training_curves_png(curves, report / "training_curves.png")
-    truth = load_tables(root, "test")
-    overlays = location_overlays(root, locations, report, split="test", max_studies=1, truth=truth, store=store)
+    histories = {"pretrain": pretrained["history"], "detect": trained["history"],
+                 **{name: staged["stages"][name]["history"] for name in ("locate", "grade") if name in staged["stages"]}}
+    pictures = report_pictures(report, root, result, pipeline, store, solution, load_tables(root, "test"), histories)
+    write_report_page(report, summary, pictures, format_metrics(metrics))
+    overlays = pictures["overlays"]
     lines = [
         "# spinemm demo report", "",
         f"Held-out phantom studies: {settings['n_test']}. Official score (lower is better):", "",
@@ -177,7 +183,10 @@ def run_demo(out: str | Path = "demo_out", n_studies: int | None = None, seed: i
         *_locator_lines(graded.get("metrics") or {}),
         "```", format_metrics(metrics), "```", "",
         "![confusion matrix](confusion_matrix.png)", "![training curves](training_curves.png)",
+        "![every stage's curves](stage_curves.png)",
         *[f"![locations]({p.name})" for p in overlays],
+        *([f"![what the grader looked at]({pictures['attention'].name})"] if pictures["attention"] else []),
+        "", "The whole report, in order: index.html.",
     ]
     (report / "summary.md").write_text("\n".join(lines) + "\n")
     print(format_metrics(metrics))

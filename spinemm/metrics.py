@@ -6,7 +6,8 @@ the official sample weights 1 / 2 / 4 for a true Normal/Mild / Moderate / Severe
 
 Frames are Kaggle's: the solution has ``row_id, normal_mild, moderate, severe`` (one-hot) and
 ``sample_weight``; the submission has ``row_id, normal_mild, moderate, severe`` (probabilities).
-Everything here is numpy + pandas; no sklearn.
+Everything here is numpy + pandas. The generic classification metrics are checked against
+scikit-learn, their reference, in tests/test_metrics_sklearn.py (scikit-learn is a dev dependency only).
 """
 
 from __future__ import annotations

@@ -56,3 +56,31 @@ def build_tokenizer(texts: Iterable[str] | None = None):
         sep_token="[SEP]",
         mask_token="[MASK]",
     )
+
+
+class SpineTokenizer:
+    """open_clip-style tokenizer: ``tokenizer(texts) -> LongTensor [N, context_length]`` of token
+    ids, padded with the pad id and truncated to the text tower's ``max_length``; what
+    :func:`spinemm.get_tokenizer` returns and ``model.encode_text`` reads. ``.hf`` is the underlying
+    ``transformers`` tokenizer (the one ``model.tokenizer`` is)."""
+
+    def __init__(self, hf_tokenizer, context_length: int) -> None:
+        self.hf = hf_tokenizer
+        self.context_length = int(context_length)
+
+    @property
+    def pad_token_id(self) -> int:
+        return int(self.hf.pad_token_id)
+
+    def __call__(self, texts, context_length: int | None = None):
+        from .errors import SpineModelError
+
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not all(isinstance(t, str) for t in texts):
+            raise SpineModelError("the tokenizer takes a string or a list of strings")
+        length = self.context_length if context_length is None else int(context_length)
+        encoded = self.hf(texts, padding="max_length", truncation=True, max_length=length, return_tensors="pt")
+        return encoded["input_ids"]
+
+    def __repr__(self) -> str:
+        return f"SpineTokenizer({type(self.hf).__name__}, context_length={self.context_length})"

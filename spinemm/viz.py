@@ -25,6 +25,28 @@ CONDITION_COLORS = {
 }
 
 
+#: Predicted grade colours of the overlays and the grade tables: green, amber, red.
+GRADE_COLORS = {"Normal/Mild": "#2ca02c", "Moderate": "#ff9f1c", "Severe": "#d62728"}
+
+
+def predicted_grades(submission: pd.DataFrame) -> pd.DataFrame:
+    """A Kaggle submission frame -> one row per (study_id, condition, level) with the predicted
+    ``grade`` (argmax), its probability ``grade_prob`` and the three probabilities."""
+    from .constants import CONDITIONS, SUBMISSION_COLUMNS, parse_row_id
+
+    parsed = [parse_row_id(r) for r in submission.row_id]
+    probs = submission[list(SUBMISSION_COLUMNS)].to_numpy(dtype=np.float64)
+    probs = probs / probs.sum(axis=1, keepdims=True)
+    condition = [next(c for c in CONDITIONS if col.startswith(c + "_")) for _, col in parsed]
+    frame = pd.DataFrame({"study_id": [s for s, _ in parsed], "condition": condition,
+                          "level": [col[len(c) + 1:] for (_, col), c in zip(parsed, condition, strict=True)]})
+    for k, col in enumerate(SUBMISSION_COLUMNS):
+        frame[col] = probs[:, k]
+    frame["grade"] = [SEVERITIES[k] for k in probs.argmax(axis=1)]
+    frame["grade_prob"] = probs.max(axis=1)
+    return frame
+
+
 def _pyplot():
     try:
         import matplotlib
@@ -50,7 +72,7 @@ def _save(fig, out: str | Path) -> Path:
     return out
 
 
-def _short(column_condition: str, level: str) -> str:
+def finding_label(column_condition: str, level: str) -> str:
     cond = column_condition.replace("_neural_foraminal_narrowing", " NFN").replace("_subarticular_stenosis", " SS")
     cond = cond.replace("spinal_canal_stenosis", "SCS").replace("left", "L").replace("right", "R")
     return f"{cond} {LEVEL_NAMES[LEVELS.index(level)] if level in LEVELS else level}"
@@ -60,9 +82,11 @@ def plot_slices_with_points(
     panels: Sequence[Mapping[str, Any]], out: str | Path, title: str | None = None
 ) -> Path:
     """One panel per image: ``{"image": [H, W], "title": str, "points": [(x, y, label, color), ...],
-    "heatmap": optional [H, W] in [0, 1]}``. Points are in the image's own pixel coordinates."""
+    "heatmap": optional [H, W] in [0, 1], "legend": optional [(text, color), ...] listed under the
+    image}``. Points are in the image's own pixel coordinates."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.6), squeeze=False)
+    rows = max((len(panel.get("legend", ())) for panel in panels), default=0)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.6 + 0.16 * rows), squeeze=False)
     for ax, panel in zip(axes[0], panels, strict=True):
         ax.imshow(_display(np.asarray(panel["image"], dtype=np.float32)), cmap="gray")
         if panel.get("heatmap") is not None:
@@ -70,6 +94,8 @@ def plot_slices_with_points(
         for x, y, label, color in panel.get("points", ()):
             ax.scatter([x], [y], s=60, facecolors="none", edgecolors=color, linewidths=1.8)
             ax.annotate(label, (x, y), xytext=(4, -4), textcoords="offset points", color=color, fontsize=7)
+        for i, (text, color) in enumerate(panel.get("legend", ())):
+            ax.text(0.0, -0.03 - 0.045 * i, text, color=color, fontsize=7.5, transform=ax.transAxes, va="top")
         ax.set_title(panel.get("title", ""), fontsize=9)
         ax.axis("off")
     if title:
@@ -103,7 +129,7 @@ def study_montage(root: str | Path, study_id: int, out: str | Path, split: str =
         else:
             index, instance = len(series.volume) // 2, int(series.instance_numbers[len(series.volume) // 2])
         points = [
-            (r.x, r.y, _short(r.condition, r.level), CONDITION_COLORS[r.condition])
+            (r.x, r.y, finding_label(r.condition, r.level), CONDITION_COLORS[r.condition])
             for r in labelled.itertuples()
             if int(r.instance_number) == instance
         ]
@@ -149,6 +175,35 @@ def training_curves_png(history: Sequence[Mapping[str, float]], out: str | Path,
     return _save(fig, out)
 
 
+def stage_curves_png(stages: Sequence[Mapping[str, Any]], out: str | Path) -> Path:
+    """Training curves of several stages side by side. Each stage: ``{"title": str, "history":
+    [{"epoch": .., "train_loss": .., key: ..}], "keys": {key: label}}``: the training loss on the
+    left axis, the validation ``keys`` on the right one (a stage with no record is left out)."""
+    plt = _pyplot()
+    stages = [st for st in stages if st["history"]]
+    if not stages:
+        raise ValueError("stage_curves_png needs at least one stage with a history")
+    fig, axes = plt.subplots(1, len(stages), figsize=(4.3 * len(stages), 3.6), squeeze=False)
+    for ax, stage in zip(axes[0], stages, strict=True):
+        history = stage["history"]
+        epochs = [h["epoch"] for h in history]
+        ax.plot(epochs, [h.get("train_loss", np.nan) for h in history], color="#555555", marker=".",
+                label="train loss")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("train loss", fontsize=8)
+        right = ax.twinx()
+        for (key, label), color in zip(stage["keys"].items(), ("#1f77b4", "#d62728", "#2ca02c"), strict=False):
+            rows = [(h["epoch"], h[key]) for h in history if isinstance(h.get(key), (int, float)) and np.isfinite(h[key])]
+            if rows:
+                right.plot(*zip(*rows, strict=True), color=color, marker="o", label=label)
+        lines = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
+        ax.legend(lines, [ln.get_label() for ln in lines], fontsize=7, loc="best")
+        ax.set_title(stage["title"], fontsize=9)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
 def bar_chart_png(table: Mapping[str, Mapping[str, float]], metrics: Sequence[str], out: str | Path,
                   title: str = "") -> Path:
     """Grouped bars: ``table[row][metric]``, one panel per metric (e.g. backbones x scores)."""
@@ -167,25 +222,36 @@ def bar_chart_png(table: Mapping[str, Mapping[str, float]], metrics: Sequence[st
 
 __all__ = [
     "CONDITION_COLORS",
+    "GRADE_COLORS",
+    "attention_png",
     "bar_chart_png",
     "confusion_matrix_png",
+    "location_overlays",
     "plot_slices_with_points",
+    "predicted_grades",
+    "stage_curves_png",
     "study_montage",
     "training_curves_png",
 ]
 
 
 def location_overlays(root: str | Path, locations: pd.DataFrame, out_dir: str | Path, split: str = "test",
-                      max_studies: int = 3, truth: pd.DataFrame | None = None, store: Any = None) -> list[Path]:
+                      max_studies: int = 3, truth: pd.DataFrame | None = None, store: Any = None,
+                      submission: pd.DataFrame | None = None) -> list[Path]:
     """One PNG per study: each plane's most-predicted slice with predicted points (and true ones if given).
 
     ``locations`` is the frame of :func:`spinemm.predict`; ``truth`` the long frame of
-    :func:`spinemm.data.load_tables`, whose label points are drawn as small white crosses;
+    :func:`spinemm.data.load_tables`, whose label points are drawn as small white circles;
     ``store``: the :class:`~spinemm.data.store.SeriesStore` to read from (default: a new one).
+    With ``submission`` (the same run's) each point is coloured by its predicted grade
+    (:data:`GRADE_COLORS`) and labelled with the grade's probability; else by condition.
     """
     from .data.store import SeriesStore
 
     store = store if store is not None else SeriesStore(root, split)
+    grades = None
+    if submission is not None:
+        grades = predicted_grades(submission).set_index(["study_id", "condition", "level"])
     out_dir = Path(out_dir)
     paths = []
     for study_id in list(dict.fromkeys(locations.study_id))[:max_studies]:
@@ -200,13 +266,58 @@ def location_overlays(root: str | Path, locations: pd.DataFrame, out_dir: str | 
             series = store.get(int(study_id), series_id)
             instance = int(plane_rows.instance_number.mode().iloc[0])
             on_slice = plane_rows[plane_rows.instance_number == instance]
-            points = [(r.x, r.y, _short(r.condition, r.level), CONDITION_COLORS[r.condition]) for r in on_slice.itertuples()]
+            points = [_overlay_point(r, grades) for r in on_slice.itertuples()]
+            legend = [] if grades is None else [(f"{finding_label(r.condition, r.level)}: {label}", color)
+                                                for r, (_, _, label, color) in zip(on_slice.itertuples(), points,
+                                                                                   strict=True)]
             if truth is not None:
                 t = truth[(truth.study_id == study_id) & (truth.series_id == series_id) & (truth.instance_number == instance)]
                 points += [(r.x, r.y, "", "white") for r in t.itertuples()]
             panels.append({"image": series.volume[series.instance_to_index[instance]], "points": points,
-                           "title": f"{plane} · instance {instance}"})
+                           "title": f"{plane} · instance {instance}", "legend": legend})
         if panels:
-            paths.append(plot_slices_with_points(panels, out_dir / f"study_{int(study_id)}.png",
-                                                 title=f"study {int(study_id)}: predicted locations"))
+            title = f"study {int(study_id)}: predicted locations" + (
+                ", coloured by predicted grade (green Normal/Mild, amber Moderate, red Severe)" if grades is not None
+                else "")
+            paths.append(plot_slices_with_points(panels, out_dir / f"study_{int(study_id)}.png", title=title))
     return paths
+
+
+def _overlay_point(row: Any, grades: pd.DataFrame | None) -> tuple[float, float, str, str]:
+    if grades is None:
+        return row.x, row.y, finding_label(row.condition, row.level), CONDITION_COLORS[row.condition]
+    grade = grades.loc[(row.study_id, row.condition, row.level)]  # the point says its level; the legend the rest
+    return row.x, row.y, f"{LEVEL_NAMES[LEVELS.index(row.level)]} {grade.grade} {grade.grade_prob:.0%}", \
+        GRADE_COLORS[grade.grade]
+
+
+def attention_png(items: Sequence[Mapping[str, Any]], out: str | Path, title: str | None = None) -> Path:
+    """What a grader looked at: one column per finding, its crop (the finding's slice: the crop's
+    middle channel) above the same crop under the query's cross-attention over the crop's tokens,
+    upsampled and shaded from the map's lowest to its highest token weight (both printed).
+    ``items``: ``{"crop": [C, H, W], "attention": [slices, h, w] or [h, w], "title": str}``."""
+    import torch
+    import torch.nn.functional as F
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, len(items), figsize=(3.2 * len(items), 7.0), squeeze=False)
+    for column, item in enumerate(items):
+        crop = torch.as_tensor(item["crop"]).float()
+        image = crop[crop.shape[0] // 2].numpy()
+        weights = torch.as_tensor(item["attention"]).float()
+        weights = weights.sum(0) if weights.ndim == 3 else weights  # a volumetric tower: over its slices
+        heat = F.interpolate(weights[None, None], size=image.shape, mode="bilinear", align_corners=False)[0, 0]
+        low, high = float(weights.min()), float(weights.max())
+        top, bottom = axes[0][column], axes[1][column]
+        top.imshow(_display(image), cmap="gray")
+        top.set_title(item.get("title", ""), fontsize=8)
+        bottom.imshow(_display(image), cmap="gray")
+        # min..max of this map: a near-uniform map would otherwise look like no attention at all
+        bottom.imshow(heat.numpy(), cmap="inferno", alpha=0.5, vmin=low, vmax=max(high, low + 1e-12))
+        bottom.set_title(f"token weights {low:.1%} .. {high:.1%}", fontsize=8)
+        for ax in (top, bottom):
+            ax.scatter([image.shape[1] / 2 - 0.5], [image.shape[0] / 2 - 0.5], marker="+", color="cyan", s=60)
+            ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, out)

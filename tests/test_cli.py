@@ -106,8 +106,15 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     right = zero_shot["accuracy"] * zero_shot["n_crops"]
     assert right == pytest.approx(round(right))
     assert f"zero-shot balanced accuracy {zero_shot['balanced_accuracy']:.3f}" in out
-    for name in ("summary.md", "confusion_matrix.png", "training_curves.png", "submission.csv", "locations.csv"):
+    for name in ("summary.md", "confusion_matrix.png", "training_curves.png", "submission.csv", "locations.csv",
+                 "stage_curves.png", "grader_attention.png", "index.html"):
         assert (report / name).stat().st_size > 0, name
+    page = (report / "index.html").read_text()
+    order = ["Held-out score", "Training curves of every stage", "Confusion matrix", "Where each finding is",
+             "What the grader looked at", "Grades per level", "All metrics"]
+    assert [page.index(h) for h in order] == sorted(page.index(h) for h in order)
+    for picture in ("stage_curves.png", "grader_attention.png", "confusion_matrix.png"):
+        assert f'src="{picture}"' in page
     assert list(report.glob("study_*.png")), "no location overlay"
     submission = pd.read_csv(report / "submission.csv")
     assert len(submission) == len(pd.read_csv(tmp_path / "demo" / "phantom" / "sample_submission.csv"))

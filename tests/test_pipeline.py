@@ -135,7 +135,7 @@ def test_pipeline_folder_round_trip_gives_the_same_predictions(phantom_root, tmp
     pipeline = _untrained_pipeline()
     reference = pipeline.run(phantom_root, "test", progress=False)
     pipeline.save_pretrained(tmp_path / "p")
-    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["detect", "grade.safetensors",
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["README.md", "detect", "grade.safetensors",
                                                                   "locate.safetensors", "pipeline.json"]
     loaded = spinemm.load_pipeline(tmp_path / "p")
     assert repr(loaded) == "SpinePipeline(stages=['detect', 'locate', 'grade'])"

@@ -281,7 +281,12 @@ def to_hf_dataset(frame: pd.DataFrame) -> datasets.Dataset:
     ``candidate_series`` becomes a list of int64, ``severity`` a nullable string; missing
     coordinates are nulls that read back as NaN. Extra columns keep their inferred types.
     """
-    import datasets  # imported lazily: it is slow to import and only this function needs it
+    try:
+        import datasets  # imported lazily: it is slow to import and only this function needs it
+    except ModuleNotFoundError as err:
+        raise ModuleNotFoundError(
+            "to_hf_dataset needs the Hugging Face 'datasets' package: pip install 'spinemm[datasets]'"
+        ) from err
     import pyarrow as pa
 
     data = frame.reset_index(drop=True).copy()

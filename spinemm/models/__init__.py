@@ -10,6 +10,8 @@ _LAZY = {
     "list_models": "spinemm.models.factory",
     "add_model_config": "spinemm.models.factory",
     "load_model": "spinemm.models.factory",
+    "create_model_and_transforms": "spinemm.models.preprocess",
+    "get_tokenizer": "spinemm.models.preprocess",
     "SpineCLIP": "spinemm.models.spine_clip",
     "add_lora": "spinemm.models.lora",
     "merge_lora": "spinemm.models.lora",

@@ -97,9 +97,12 @@ class CropGrader(nn.Module):
         return self.query_proj(pooled)[index]
 
     def forward(self, crops: torch.Tensor, targets: torch.Tensor, texts: Sequence[str] | None = None,
-                queries: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                queries: torch.Tensor | None = None, need_attention: bool = False) -> dict[str, torch.Tensor]:
         """-> ``{"logits": [N, classes], "offset": [N, 3]}``; ``queries``: :meth:`encode_queries`,
-        if at hand (the grade stage encodes a whole record's texts once)."""
+        if at hand (the grade stage encodes a whole record's texts once). ``need_attention`` adds
+        ``"attention"``: each decoder layer's cross-attention of the query over the memory,
+        head-averaged, ``[N, layers, 1 + T]`` (index 0 the pooled embedding, then the tokens; see
+        :meth:`token_grid`). The outputs are the same maths either way (float rounding aside)."""
         expected = 1 + 2 * int(self.config.context)
         if crops.ndim != 4 or crops.shape[1] != expected:
             raise SpineModelError(f"grader crops must be [N, {expected}, H, W], got {tuple(crops.shape)}")
@@ -107,7 +110,19 @@ class CropGrader(nn.Module):
         if queries is None:
             queries = self.encode_queries(texts, targets.to(memory.device))
         query = queries[:, None]  # [N, 1, dim]
+        weights = []
         for layer in self.layers:
-            query, _ = layer(query, memory, None)
+            query, attention = layer(query, memory, None, need_weights=need_attention)
+            weights.append(attention)
         query = self.norm(query[:, 0])
-        return {"logits": self.head(query), "offset": self.offset(query)}
+        out = {"logits": self.head(query), "offset": self.offset(query)}
+        if need_attention:
+            out["attention"] = torch.stack([w[:, 0] for w in weights], dim=1)  # [N, layers, 1 + T]
+        return out
+
+    def token_grid(self) -> tuple[int, int, int]:
+        """How the T memory tokens lie over the crop: (slices, h, w), so ``attention[..., 1:]``
+        reshapes to ``[..., slices, h, w]`` (slices is 1 for a 2-D tower)."""
+        vision = self.encoder.vision
+        h, w = vision.grid_size
+        return (1 + 2 * int(self.config.context) if vision.volumetric else 1), h, w

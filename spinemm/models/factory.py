@@ -24,7 +24,8 @@ from typing import Any
 
 from ..errors import SpineModelError
 from .config import ModelConfig, merge_overrides
-from .hub import PICKLE_SUFFIXES, TOKENIZER_FILES, MissingHubFiles, refuse_pickle, resolve_files
+from .hub import PICKLE_SUFFIXES, MissingHubFiles, refuse_pickle, resolve_files
+from .names import PIPELINE_CONFIG, parse_model_name
 from .registry import TEXT_BUILDERS, VISION_BUILDERS, BuildContext, register_text, register_vision
 from .spine_clip import CONFIG_NAME, WEIGHTS_NAME, SpineCLIP
 
@@ -123,46 +124,73 @@ def _lookup(table: dict[str, Any], kind: str, name: str) -> Any:
 
 
 def create_model(
-    name: str, pretrained: bool | str | os.PathLike | None = None, **overrides: Any
+    name: str | os.PathLike, pretrained: bool | str | os.PathLike | None = None, **overrides: Any
 ) -> SpineCLIP:
-    """A :class:`SpineCLIP` from a named config (see the module docstring for the arguments)."""
-    data = merge_overrides(get_model_config(name), overrides)
-    data.setdefault("name", Path(name).stem if name.endswith(".json") else name)
-    config = ModelConfig.from_dict(data)
+    """A :class:`SpineCLIP` from a model name (:mod:`spinemm.models.names`; the module docstring
+    explains ``pretrained`` and ``overrides``). A saved folder or ``hf-hub:`` repo gives its own
+    architecture and, unless ``pretrained=False``, its own weights."""
+    source = parse_model_name(name, setting="create_model(name)")
+    folder = None if source.is_config else source.saved_folder("create_model(name)")
+    if folder is None:
+        data = get_model_config(source.target)
+        data.setdefault("name", Path(source.target).stem if source.kind == "file" else source.target)
+    else:
+        data = _saved_config(folder)["model_cfg"]
+        if pretrained is None or pretrained is True:
+            pretrained = folder
+    config = ModelConfig.from_dict(merge_overrides(data, overrides))
     if pretrained is None or isinstance(pretrained, bool):
-        return build_model(config, load_pretrained=pretrained is not False)
-    path = Path(pretrained)
-    if path.is_file():
-        weights, folder = path, None
-    else:  # a saved folder or hub repo: its tokenizer files come along with the weights
-        found = resolve_files(pretrained, [WEIGHTS_NAME], optional=TOKENIZER_FILES, setting="pretrained")
-        weights = found[WEIGHTS_NAME]
-        folder = weights.parent
-    model = build_model(config, load_pretrained=False, source_dir=folder)
+        return build_model(config, load_pretrained=pretrained is not False, source_dir=folder)
+    weights = _weights_file(pretrained)
+    model = build_model(config, load_pretrained=False, source_dir=weights.parent)
     _load_weights(model, weights)
     return model
 
 
 def load_model(source: str | os.PathLike) -> SpineCLIP:
-    """A model saved by ``save_pretrained``: a local folder or a hub repo id."""
-    path = Path(source)
-    if path.is_file():
-        refuse_pickle(path)
-        raise SpineModelError(f"{path} is a file; load_model takes the folder written by save_pretrained")
-    if path.is_dir() and not (path / WEIGHTS_NAME).is_file():
-        pickles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    """A model by name (:mod:`spinemm.models.names`): a saved folder, its ``model.safetensors`` or
+    an ``hf-hub:`` repo gives the saved model; a preset or JSON config gives ``create_model(name)``
+    (upstream tower weights as configured, fusion and heads untrained)."""
+    name = parse_model_name(source, setting="load_model(source)")
+    if name.is_config:
+        return create_model(name.target)
+    return _load_saved(name.saved_folder("load_model(source)"))
+
+
+def _load_saved(folder: Path) -> SpineCLIP:
+    """The model ``save_pretrained`` wrote to ``folder``."""
+    meta = _saved_config(folder)
+    model = build_model(ModelConfig.from_dict(meta["model_cfg"]), load_pretrained=False, source_dir=folder)
+    _load_weights(model, folder / WEIGHTS_NAME)
+    return model
+
+
+def _saved_config(folder: Path) -> dict[str, Any]:
+    """``config.json`` of a saved model folder, after refusing pickles and pointing pipeline
+    folders at ``load_pipeline``."""
+    if (folder / PIPELINE_CONFIG).is_file():
+        raise SpineModelError(
+            f"{folder} is a pipeline folder ({PIPELINE_CONFIG}); load it with spinemm.load_pipeline, or its "
+            f"first stage with load_model({str(folder / 'detect')!r})"
+        )
+    if not (folder / WEIGHTS_NAME).is_file():
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
         if pickles:
-            refuse_pickle(path / pickles[0])
-    found = resolve_files(
-        source, [CONFIG_NAME, WEIGHTS_NAME], optional=TOKENIZER_FILES, setting="load_model(source)"
-    )
-    folder = found[CONFIG_NAME].parent
+            refuse_pickle(folder / pickles[0])
+    found = resolve_files(folder, [CONFIG_NAME, WEIGHTS_NAME], setting=str(folder))
     meta = json.loads(found[CONFIG_NAME].read_text())
     if "model_cfg" not in meta:
         raise SpineModelError(f"{found[CONFIG_NAME]} is not a spinemm config (no 'model_cfg')")
-    model = build_model(ModelConfig.from_dict(meta["model_cfg"]), load_pretrained=False, source_dir=folder)
-    _load_weights(model, found[WEIGHTS_NAME])
-    return model
+    return meta
+
+
+def _weights_file(pretrained: str | os.PathLike) -> Path:
+    """The ``model.safetensors`` that ``pretrained`` (a folder, a file or ``hf-hub:``) names."""
+    path = Path(pretrained).expanduser()
+    if path.is_file():
+        return path
+    folder = parse_model_name(pretrained, setting="pretrained").saved_folder("pretrained")
+    return resolve_files(folder, [WEIGHTS_NAME], setting="pretrained")[WEIGHTS_NAME]
 
 
 def _load_weights(model: SpineCLIP, path: Path) -> None:

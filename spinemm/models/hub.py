@@ -100,7 +100,8 @@ def _from_hub(
     offline = hub_offline()
     found: dict[str, Path] = {}
     missing: list[tuple[str, ...]] = []
-    reason = ""
+    # no network: say so now rather than after huggingface_hub's retries (minutes per file)
+    reason = "" if offline else unreachable_reason()
     for spec, required in [(f, True) for f in files] + [(f, False) for f in optional]:
         names = _alternatives(spec)
         hit = None
@@ -115,6 +116,9 @@ def _from_hub(
                 try:
                     hit = hf_hub_download(repo, name, cache_dir=cache)
                     break
+                except LocalEntryNotFoundError as exc:  # an EntryNotFoundError subclass: the network failed
+                    reason = f"download failed: {type(exc).__name__}: {exc}"
+                    break
                 except EntryNotFoundError:  # this alternative is not in the repo; try the next
                     continue
                 except Exception as exc:  # network down, unknown repo, auth: no point asking again
@@ -125,7 +129,9 @@ def _from_hub(
         elif required:
             missing.append(names)
     if missing:
-        raise MissingHubFiles({repo: missing}, {repo: setting}, cache, reason or "offline (HF_HUB_OFFLINE=1)")
+        if not reason:
+            reason = OFFLINE_REASON if offline else f"{repo} has none of them"
+        raise MissingHubFiles({repo: missing}, {repo: setting}, cache, reason)
     return found
 
 
@@ -201,3 +207,75 @@ def load_upstream_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict):
         raise SpineModelError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+# ------------------------------------------------------------------------ whole repos, fail fast
+OFFLINE_REASON = "HF_HUB_OFFLINE=1 is set"
+#: Seconds to wait for the hub (or the HTTPS proxy) to accept a connection before calling it unreachable.
+PROBE_TIMEOUT_S = 3.0
+
+
+def unreachable_reason(timeout: float = PROBE_TIMEOUT_S) -> str:
+    """``""`` when the hub endpoint (through the environment's HTTPS proxy, if any) accepts a TCP
+    connection within ``timeout`` seconds, else why not, e.g.
+    ``"cannot reach https://huggingface.co ([Errno -2] Name or service not known)"``.
+
+    huggingface_hub retries a dead network for about 23 s per file; asking once first lets a
+    loader fail in seconds with a message true to what it saw.
+    """
+    import socket
+    import threading
+    from urllib.parse import urlsplit
+    from urllib.request import getproxies, proxy_bypass
+
+    from huggingface_hub import constants
+
+    endpoint = constants.ENDPOINT
+    host = urlsplit(endpoint).hostname or endpoint
+    proxy = None if proxy_bypass(host) else getproxies().get("https")
+    if proxy and "://" not in proxy:
+        proxy = f"http://{proxy}"
+    target = urlsplit(proxy or endpoint)
+    port = target.port or (443 if target.scheme == "https" else 80)
+    outcome: list[str] = []
+
+    def connect() -> None:  # in a thread: a name lookup has no timeout of its own
+        try:
+            socket.create_connection((target.hostname, port), timeout=timeout).close()
+            outcome.append("")
+        except OSError as exc:
+            outcome.append(str(exc))
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    if outcome and not outcome[0]:
+        return ""
+    why = outcome[0] if outcome else f"no answer within {timeout:g} s"
+    via = f" through the proxy {proxy}" if proxy else ""
+    return f"cannot reach {endpoint}{via} ({why})"
+
+
+def download_repo(repo: str, *, setting: str) -> Path:
+    """A whole spinemm model or pipeline repo (``hf-hub:org/name``) as a local folder: downloaded
+    into the hub cache when the hub is reachable, else the cache's copy, else a
+    :class:`~spinemm.errors.SpineModelError` that says why and what to download."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    cache = hub_cache_dir()
+    reason = OFFLINE_REASON if hub_offline() else unreachable_reason()
+    if not reason:
+        try:
+            return Path(snapshot_download(repo, cache_dir=cache))
+        except Exception as exc:  # unknown repo, auth, network: the message names it; the cache may still hold it
+            reason = f"download failed: {type(exc).__name__}: {exc}"
+    try:
+        return Path(snapshot_download(repo, cache_dir=cache, local_files_only=True))
+    except LocalEntryNotFoundError:
+        raise SpineModelError(
+            f"{setting}: cannot get hf-hub:{repo}: {reason}, and the hub cache {cache} has no copy.\n"
+            f"To fix, on a machine with network run:\n    hf download {repo} --cache-dir {cache}\n"
+            f"and bring {cache} here (or set HF_HUB_CACHE to a copy), or give the folder the repo was "
+            f"downloaded to (hf download {repo} --local-dir FOLDER)."
+        ) from None

@@ -16,7 +16,6 @@ Dual encoder: :meth:`encode_image` (pooled vision of single images -> ``image_pr
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,14 +31,25 @@ from .base import SliceEncoder
 from .config import ModelConfig
 from .fusion import QueryDecoder, SlicePlaneEmbedding
 from .heads import LocationHead, SeverityHead, decode_location, pool_at_location
+from .hub_mixin import SpineHubMixin
 from .towers import TextTower
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
-class SpineCLIP(nn.Module):
-    """Vision tower + text tower + query decoder + heads. Build with :func:`spinemm.create_model`."""
+def _describe(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return f"a {type(value).__name__} with keys {sorted(map(str, value))} (no input_ids)"
+    if isinstance(value, (list, tuple)):
+        kinds = sorted({type(v).__name__ for v in value})
+        return f"a {type(value).__name__} of {', '.join(kinds) or 'nothing'}"
+    return type(value).__name__
+
+
+class SpineCLIP(nn.Module, SpineHubMixin):
+    """Vision tower + text tower + query decoder + heads. Build with :func:`spinemm.create_model`;
+    ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` as :mod:`spinemm.models.hub_mixin`."""
 
     def __init__(
         self,
@@ -114,11 +124,41 @@ class SpineCLIP(nn.Module):
         embeds = self.image_proj(pooled[:, 0])
         return F.normalize(embeds, dim=-1) if normalize else embeds
 
-    def encode_text(self, texts: Sequence[str], normalize: bool = False) -> torch.Tensor:
-        """texts (N strings) -> [N, embed_dim]."""
-        _, _, pooled = self.text.encode(list(texts))
-        embeds = self.text_proj(pooled)
+    def encode_text(self, text: str | Sequence[str] | torch.Tensor | Mapping[str, Any],
+                    normalize: bool = False) -> torch.Tensor:
+        """Texts -> [N, embed_dim]. ``text``: N strings (or one); token ids [N, L] as
+        ``spinemm.get_tokenizer(name)(texts)`` gives them (pad ids are masked out); or a tokenizer's
+        output holding ``input_ids`` (and ``attention_mask``), e.g. ``model.tokenizer(texts,
+        padding=True, return_tensors="pt")``. Anything else is refused."""
+        embeds = self.text_proj(self._pooled_text(text))
         return F.normalize(embeds, dim=-1) if normalize else embeds
+
+    def _pooled_text(self, text: Any) -> torch.Tensor:
+        if isinstance(text, str):
+            text = [text]
+        if isinstance(text, (list, tuple)) and text and all(isinstance(t, str) for t in text):
+            return self.text.encode(list(text))[2]
+        if isinstance(text, Mapping) and "input_ids" in text:
+            ids, mask = text["input_ids"], text.get("attention_mask")
+        elif isinstance(text, torch.Tensor):
+            ids, mask = text, None
+        else:
+            raise SpineModelError(
+                "encode_text takes strings, token ids [N, L] (spinemm.get_tokenizer) or a tokenizer's output "
+                f"with input_ids; got {_describe(text)}"
+            )
+        try:
+            ids = torch.as_tensor(ids)
+        except (ValueError, TypeError) as err:
+            raise SpineModelError(f"encode_text: input_ids of unequal lengths; tokenize with padding=True ({err})") from None
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.ndim != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise SpineModelError(f"encode_text: token ids must be integers [N, L], got {ids.dtype} {tuple(ids.shape)}")
+        if not hasattr(self.text, "encode_ids") or self.tokenizer is None:
+            raise SpineModelError(f"{type(self.text).__name__} encodes strings only; pass the texts")
+        mask = ids != self.tokenizer.pad_token_id if mask is None else torch.as_tensor(mask).reshape(ids.shape)
+        return self.text.encode_ids(ids.long(), mask.long())[2]
 
     # ----------------------------------------------------------------------------------- fusion
     def encode_queries(self, texts: Sequence[Sequence[str]] | None, batch_size: int) -> torch.Tensor:
@@ -204,13 +244,14 @@ class SpineCLIP(nn.Module):
         }
 
     # -------------------------------------------------------------------------------- save/load
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``config.json`` (model + preprocess config), ``model.safetensors`` and tokenizer files."""
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """Write ``config.json`` (model + preprocess config), ``model.safetensors`` and tokenizer files
+        (``save_pretrained`` adds the model card)."""
         from safetensors.torch import save_model
 
         from .. import __version__
 
-        out = Path(directory)
+        out = Path(save_directory)
         out.mkdir(parents=True, exist_ok=True)
         meta = {
             "spinemm_version": __version__,
@@ -221,4 +262,20 @@ class SpineCLIP(nn.Module):
         save_model(self, str(out / WEIGHTS_NAME))
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(str(out))
-        return out
+
+    @classmethod
+    def _load_folder(cls, folder: Path) -> SpineCLIP:
+        from .factory import load_model
+
+        return load_model(folder)
+
+    def card_facts(self) -> dict[str, Any]:
+        return {
+            "title": f"spinemm model ({self.config.name})",
+            "summary": "A SpineCLIP model: a vision tower over a study's three MRI series, a BERT text tower "
+                       "whose 25 finding queries attend to them, and heads that grade each finding "
+                       "(Normal/Mild, Moderate, Severe) and place it; also a CLIP-style dual encoder.",
+            "preset": self.config.name,
+            "loader": 'model = spinemm.load_model("hf-hub:ORG/NAME").eval()   # or a local folder\n'
+                      "with torch.no_grad():\n    outputs = model(batch)",
+        }

@@ -80,8 +80,14 @@ class BertTextTower(TextTower):
         enc = self.tokenizer(
             list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         )
+        return self.encode_ids(enc["input_ids"], enc["attention_mask"])
+
+    def encode_ids(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Token ids [N, L] and attention mask [N, L] (1 = real token) -> as :meth:`encode`."""
         device = self.bert.embeddings.word_embeddings.weight.device
-        ids, attention = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        ids, attention = input_ids.to(device), attention_mask.to(device)
         tokens = self.bert(input_ids=ids, attention_mask=attention).last_hidden_state
         mask = attention.bool()
         if self.pooler == "cls":

@@ -177,6 +177,37 @@ class GradeStage(torch.nn.Module):
                                                                                                    strict=True)])
         return Grades(log_probs, out)
 
+    @torch.no_grad()
+    def attention(self, graded: Findings, store: SeriesStore, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        """What the clip grader looked at, for findings ``rows`` of a graded record (the run's
+        ``result.graded``, whose points are where the final grades were read): ``{"crops": [N, C,
+        size, size], "attention": [N, slices, h, w] (the last layer's cross-attention of the
+        query over the crop's tokens), "pooled": [N] (its weight on the pooled embedding),
+        "log_probs": [N, 3] (the stage's grades of those findings, without the study context)}``."""
+        if not isinstance(self.grader, CropGrader):
+            raise SpineModelError("attention maps need the clip grader (grader.backbone='clip'); "
+                                  f"this stage's grader is {type(self.grader).__name__}")
+        rows = np.asarray(rows, dtype=np.int64)
+        parts = []
+        for row in rows:
+            series = store.get(int(graded.study_id[row]), int(graded.series_id[row]))
+            parts.append((series, row[None], np.array([series.instance_to_index[int(graded.instance_number[row])]])))
+        points = [np.array([[graded.x[row], graded.y[row]]]) for row in rows]
+        crops = self._cut(parts, [k for _, _, k in parts], points)
+        targets = torch.from_numpy(graded.target[rows])
+        texts = [text for series, group, _ in parts for text in finding_texts(series, graded.target[group])]
+        device = next(self.grader.parameters()).device
+        was_training = self.training
+        self.eval()
+        try:
+            queries = self.grader.encode_queries(texts, targets.to(device))
+            out = self.grader(crops.to(device), targets.to(device), queries=queries, need_attention=True)
+        finally:
+            self.train(was_training)
+        last = out["attention"][:, -1].float().cpu()  # [N, 1 + T]
+        return {"crops": crops, "attention": last[:, 1:].unflatten(-1, self.grader.token_grid()),
+                "pooled": last[:, 0], "log_probs": out["logits"].float().log_softmax(-1).cpu()}
+
     def _cut(self, parts: list, slices: list[np.ndarray], points: list[np.ndarray]) -> torch.Tensor:
         """The crops of every part at its (slice, x, y), concatenated: ``[N, 1 + 2 context, size, size]``."""
         cfg = self.config

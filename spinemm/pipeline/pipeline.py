@@ -32,6 +32,8 @@ from ..data.store import SeriesStore
 from ..errors import SpineDataError, SpineModelError
 from ..metrics import submission_frame
 from ..models.config import GraderConfig, LocatorConfig
+from ..models.hub_mixin import SpineHubMixin
+from ..models.names import PIPELINE_CONFIG, parse_model_name
 from .detect import DetectStage
 from .findings import Findings
 from .grade import GradeStage
@@ -39,7 +41,6 @@ from .locate import LocateStage
 
 __all__ = ["SpinePipeline", "PipelineResult", "load_pipeline", "PIPELINE_CONFIG"]
 
-PIPELINE_CONFIG = "pipeline.json"
 STAGE_ORDER = ("detect", "locate", "grade")
 
 
@@ -112,13 +113,15 @@ def submission_from_probs(study_ids: list[int], probs: np.ndarray, order: list[s
     return frame.set_index("row_id").loc[order].reset_index()
 
 
-class SpinePipeline:
-    """The stages in order: ``detect`` (required), then ``locate`` and ``grade`` when present."""
+class SpinePipeline(SpineHubMixin):
+    """The stages in order: ``detect`` (required), then ``locate`` and ``grade`` when present.
+    ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` as :mod:`spinemm.models.hub_mixin`."""
 
     def __init__(self, detect: DetectStage | torch.nn.Module, locate: LocateStage | None = None,
                  grade: GradeStage | None = None) -> None:
         self.detect = detect if isinstance(detect, DetectStage) else DetectStage(detect)
         self.locate, self.grade = locate, grade
+        self._hub_mixin_config = None  # pipeline.json describes the folder; no mixin config.json beside it
 
     @property
     def stages(self) -> list[str]:
@@ -208,13 +211,13 @@ class SpinePipeline:
         return result
 
     # ---------------------------------------------------------------------------- save / load
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write the pipeline folder (module docstring); returns it."""
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """Write the pipeline folder (module docstring); ``save_pretrained`` adds the model card."""
         from safetensors.torch import save_model
 
         from .. import __version__
 
-        out = Path(directory)
+        out = Path(save_directory)
         out.mkdir(parents=True, exist_ok=True)
         self.detect.model.save_pretrained(out / "detect")
         meta: dict[str, Any] = {"spinemm_version": __version__, "stages": self.stages}
@@ -225,23 +228,36 @@ class SpinePipeline:
             meta["grade"] = self.grade.config_dict()
             self.grade.save_to(out)
         (out / PIPELINE_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
-        return out
 
     @classmethod
-    def from_pretrained(cls, source: str | os.PathLike) -> SpinePipeline:
-        return load_pipeline(source)
+    def _load_folder(cls, folder: Path) -> SpinePipeline:
+        return load_pipeline(folder)
+
+    def card_facts(self) -> dict[str, Any]:
+        return {
+            "title": f"spinemm pipeline ({self.detect.model.config.name})",
+            "summary": "A staged spinemm pipeline for the RSNA 2024 lumbar spine task: detect (a SpineCLIP model "
+                       "grades and places the 25 findings of a study), then the stages listed below. "
+                       "spinemm.predict writes a Kaggle submission and the finding locations.",
+            "preset": self.detect.model.config.name,
+            "stages": " -> ".join(self.stages),
+            "loader": 'pipeline = spinemm.load_pipeline("hf-hub:ORG/NAME")   # or a local folder\n'
+                      'submission, locations = spinemm.predict(pipeline, "/path/to/rsna", split="test")',
+        }
 
 
 def load_pipeline(source: str | os.PathLike) -> SpinePipeline:
-    """A pipeline folder (:meth:`SpinePipeline.save_pretrained`), or a single model folder / preset
-    name that ``spinemm.load_model`` reads (a pipeline of the detect stage alone)."""
+    """A pipeline by model name (:mod:`spinemm.models.names`): a pipeline folder
+    (:meth:`SpinePipeline.save_pretrained`) or ``hf-hub:`` repo holding one; else whatever
+    ``spinemm.load_model`` reads (a saved model, a preset), as a pipeline of the detect stage alone."""
     from safetensors.torch import load_model as load_weights
 
     from ..models.factory import load_model
 
-    folder = Path(source)
-    if not (folder / PIPELINE_CONFIG).is_file():
-        return SpinePipeline(load_model(source))
+    name = parse_model_name(source, setting="load_pipeline(source)")
+    folder = None if name.is_config else name.saved_folder("load_pipeline(source)")
+    if folder is None or not (folder / PIPELINE_CONFIG).is_file():
+        return SpinePipeline(load_model(folder if folder is not None else name.target))
     meta = json.loads((folder / PIPELINE_CONFIG).read_text())
     stages = meta.get("stages", ["detect"])
     unknown = sorted(set(stages) - set(STAGE_ORDER))

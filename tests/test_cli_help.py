@@ -1,0 +1,84 @@
+"""The command line explains itself: help and defaults for every option, --version, one-line errors,
+tracebacks only with --debug, documented exit codes; the recipes' errors are one line too."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import spinemm
+from spinemm import cli
+from spinemm.cli import build_parser, main
+from spinemm.errors import SpineModelError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def subcommands() -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+@pytest.mark.parametrize("name", sorted(subcommands()))
+def test_every_option_has_help_and_shows_its_default(name):
+    parser = subcommands()[name]
+    text = " ".join(parser.format_help().split())  # argparse wraps lines
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        assert action.help, f"spinemm {name}: {action.dest} has no help"
+        if action.default not in (None, False, argparse.SUPPRESS):
+            assert f"(default: {action.default})" in text, f"spinemm {name}: {action.dest} hides its default"
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"spinemm {spinemm.__version__}"
+
+
+def test_exit_codes_are_documented():
+    text = build_parser().format_help()
+    for code in ("0 done", "2 bad input", "1 an unexpected error", "130 interrupted"):
+        assert code in " ".join(text.split())
+
+
+def test_bad_model_is_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
+    args = ["predict", "--model", "no-such-model", "--data", str(tmp_path), "--out", str(tmp_path / "o")]
+    assert main(args) == cli.EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("spinemm predict: error: unknown model 'no-such-model'") and "\n" not in err
+    for debug in (["--debug", *args], [*args, "--debug"]):  # before or after the command
+        with pytest.raises(SpineModelError):
+            main(debug)
+
+
+def test_unexpected_error_is_one_line_with_exit_1(monkeypatch, capsys):
+    def broken(args):
+        raise RuntimeError("something inside broke")
+
+    monkeypatch.setattr(cli, "_cmd_evaluate", broken)
+    assert main(["evaluate", "--solution", "s.csv", "--submission", "p.csv"]) == cli.EXIT_UNEXPECTED
+    err = capsys.readouterr().err.strip()
+    assert "RuntimeError: something inside broke" in err and "--debug" in err and "\n" not in err
+
+
+def run_recipe_script(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "recipes" / "train_stages.py"), *args], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_bad_recipe_key_is_one_line_error():
+    done = run_recipe_script("--config", str(ROOT / "recipes" / "configs" / "tiny.yaml"), "trian.epochs=3")
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "trian" in lines[0] and "Traceback" not in done.stderr
+    debug = run_recipe_script("trian.epochs=3", "--debug")
+    assert "Traceback" in debug.stderr and "SpineModelError" in debug.stderr and debug.returncode == 1
