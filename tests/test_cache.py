@@ -201,7 +201,7 @@ def test_unreadable_series_raises_and_is_not_cached(tmp_path):
     cache = SeriesCache(tmp_path / "cache")
     bad = tmp_path / "bad"
     bad.mkdir()
-    with pytest.raises(SpineDataError, match="no .dcm files"):
+    with pytest.raises(SpineDataError, match="no DICOM files"):
         cache.load(bad, 4, 16)
     (bad / "1.dcm").write_bytes(b"not a dicom file")
     with pytest.raises(SpineDataError, match="1.dcm"):

@@ -37,25 +37,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as save_tensors
 
-from spinemm.errors import SpineDataError
-
-from .series import Series
+from .series import Series, series_files
 from .transforms import INTENSITY_PERCENTILES, PreprocessedSeries, preprocess_series
 
 #: Bump when the preprocessing or the entry layout changes: old entries are then never read.
 FORMAT_VERSION = 2  # 2: stacks are made from the float16 windowed series of SeriesStore
 _RACY_NS = 2_000_000_000
 _ARRAYS = ("image", "indices", "instance_numbers", "source_instance_numbers")
-
-
-def series_files(series_dir: Path) -> list[Path]:
-    """The DICOM files of a series directory (``*.dcm``, as ``read_series`` reads), sorted by name."""
-    if not series_dir.is_dir():
-        raise SpineDataError(f"{series_dir}: not a series folder")
-    files = sorted(p for p in series_dir.glob("*.dcm") if p.is_file())
-    if not files:
-        raise SpineDataError(f"{series_dir}: no .dcm files in series directory")
-    return files
 
 
 def stat_signature(files: list[Path]) -> list[list[Any]]:

@@ -1,6 +1,7 @@
 """Read one DICOM series folder into a float32 volume with its patient-space geometry.
 
-A series folder holds one ``{instance_number}.dcm`` file per slice (RSNA 2024 layout). InstanceNumber
+A series folder holds one ``{instance_number}.dcm`` file per slice (RSNA 2024 layout); files named
+otherwise are read too when they are DICOM (see :func:`~spinemm.data.series.series_files`). InstanceNumber
 is not a reliable geometric order, so slices are sorted by the projection of ImagePositionPatient on
 the slice normal (``cross(row_cos, col_cos)``), and the InstanceNumber -> sorted index map is kept
 because labels are keyed by instance number.
@@ -18,8 +19,14 @@ Policy for awkward series (each case warns or raises; nothing is silently droppe
   the first file (by name), whose orientation the Series reports; positions stay exact per slice;
 - a file without ImagePositionPatient / ImageOrientationPatient: the whole series falls back to
   InstanceNumber order with nominal geometry (origin 0, axial orientation), with a warning;
+- slices whose PixelSpacing differs: the first slice's spacing is used, with a warning naming the files;
 - multi-frame, colour, non-DICOM, truncated, empty or pixel-less files, duplicate instance numbers
   and empty folders raise :class:`~spinemm.errors.SpineDataError` naming the path;
+- so does an inconsistent pixel module (checked before decoding, naming the tag): an empty or
+  unreadable Rows / Columns / SamplesPerPixel / BitsAllocated / BitsStored / PixelRepresentation,
+  BitsStored outside 1..BitsAllocated, an unknown TransferSyntaxUID, PixelSpacing of 0 or below, or
+  a modality LUT that maps a storable value outside float32 (it would read as inf); any other failure
+  inside pydicom (e.g. a header element of unknown VR, converted lazily) is a SpineDataError too;
 - a compressed file whose decoder is missing raises SpineDataError saying ``pip install "spinemm[dicom]"``.
 """
 
@@ -42,7 +49,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from spinemm.errors import SpineDataError
 
-from .series import NOMINAL_ORIENTATION, Series, map_point
+from .series import NOMINAL_ORIENTATION, Series, map_point, series_files
 
 __all__ = ["Series", "read_series", "map_point"]
 
@@ -64,20 +71,16 @@ class _Slice:
 
 
 def read_series(series_dir: str | os.PathLike) -> Series:
-    """Read every ``*.dcm`` in ``series_dir`` into a :class:`Series` (policy: module docstring).
+    """Read every DICOM file of ``series_dir`` into a :class:`Series` (policy: module docstring).
 
     Each file is read once by ``dcmread``; uncompressed little-endian pixels are used in place,
     anything else goes through ``pixel_array``. The float32 volume is allocated once and filled in
     sorted order. Raises SpineDataError naming the file or folder at fault.
     """
     series_dir = Path(series_dir)
-    if not series_dir.is_dir():
-        raise SpineDataError(f"{series_dir}: not a series folder")
-    paths = sorted(series_dir.glob("*.dcm"))
-    if not paths:
-        raise SpineDataError(f"{series_dir}: no .dcm files in series folder")
-    slices = [_read_slice(path) for path in paths]
+    slices = [_read_slice(path) for path in series_files(series_dir)]
     _check_unique_instances(slices, series_dir)
+    _check_common_spacing(slices, series_dir)
 
     geometric = all(s.position is not None and s.orientation is not None for s in slices)
     if geometric:
@@ -129,14 +132,24 @@ def _read_slice(path: Path) -> _Slice:
         raise SpineDataError(f"{path}: not a DICOM file ({exc})") from exc
     except Exception as exc:  # truncated headers and garbage raise many kinds inside pydicom
         raise SpineDataError(f"{path}: cannot parse DICOM file ({type(exc).__name__}: {exc})") from exc
+    try:
+        return _parse_slice(ds, path)
+    except SpineDataError:
+        raise
+    except Exception as exc:  # pydicom converts elements lazily: a malformed one fails only when read
+        raise SpineDataError(f"{path}: malformed DICOM header ({type(exc).__name__}: {exc})") from exc
+
+
+def _parse_slice(ds: pydicom.Dataset, path: Path) -> _Slice:
     if _TAG["PixelData"] not in ds:
         raise SpineDataError(f"{path}: DICOM file has no pixel data")
     frames = _int(ds, "NumberOfFrames", path) or 1
     if frames > 1:
         raise SpineDataError(f"{path}: multi-frame DICOM ({frames} frames) is not supported; expected one slice per file")
     photometric = (_tokens(ds, "PhotometricInterpretation") or ["MONOCHROME2"])[0].upper()
-    if int(ds.get("SamplesPerPixel", 1)) != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+    if _pixel_tag(ds, "SamplesPerPixel", path, 1) != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise SpineDataError(f"{path}: colour DICOM ({photometric}) is not supported; expected greyscale MRI")
+    bits_stored, signed = _check_pixel_module(ds, path)
     pixels = _decode(ds, path)
     if pixels.ndim != 2:
         raise SpineDataError(f"{path}: expected a 2-D greyscale slice, got pixel array of shape {pixels.shape}")
@@ -144,15 +157,20 @@ def _read_slice(path: Path) -> _Slice:
     slope = _float(ds, "RescaleSlope", path) or 1.0  # 0 is not a valid slope: treat it as absent
     intercept = _float(ds, "RescaleIntercept", path) or 0.0
     lut_dataset = ds if _TAG["ModalityLUTSequence"] in ds else None
-    mirror = None
-    if photometric == "MONOCHROME1":
-        bits = int(ds.get("BitsStored", pixels.dtype.itemsize * 8))
-        signed = int(ds.get("PixelRepresentation", 0)) == 1
-        ends = np.array([-(1 << (bits - 1)), (1 << (bits - 1)) - 1] if signed else [0, (1 << bits) - 1])
-        mapped = ends * slope + intercept if lut_dataset is None else apply_modality_lut(ends, lut_dataset)
-        mirror = float(np.sum(mapped))
+    # The ends of the storable range, mapped: the LUT is monotonic in practice and linear when it is
+    # a rescale, so finite ends mean every pixel maps to a finite float32 (checked without a pass).
+    ends = np.array([-(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1] if signed else [0, (1 << bits_stored) - 1])
+    mapped = ends * slope + intercept if lut_dataset is None else apply_modality_lut(ends, lut_dataset)
+    if not np.all(np.abs(mapped) < _FLOAT32_MAX):
+        raise SpineDataError(
+            f"{path}: modality LUT (RescaleSlope {slope}, RescaleIntercept {intercept}) maps stored values "
+            f"{ends.tolist()} to {np.asarray(mapped).tolist()}, outside float32: intensities would be inf"
+        )
+    mirror = float(np.sum(mapped)) if photometric == "MONOCHROME1" else None
     orientation = _numbers(ds, "ImageOrientationPatient", 6, path)
     spacing = _numbers(ds, "PixelSpacing", 2, path) or (1.0, 1.0)
+    if min(spacing) <= 0:
+        raise SpineDataError(f"{path}: PixelSpacing {list(spacing)} must be positive (mm per pixel)")
     thickness = _float(ds, "SpacingBetweenSlices", path) or _float(ds, "SliceThickness", path) or 1.0
     position = _numbers(ds, "ImagePositionPatient", 3, path)
     return _Slice(
@@ -168,6 +186,46 @@ def _read_slice(path: Path) -> _Slice:
         mirror=mirror,
         lut_dataset=lut_dataset,
     )
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _pixel_tag(ds: pydicom.Dataset, keyword: str, path: Path, default: int | None = None) -> int:
+    """One integer (US) element of the pixel module: ``default`` when absent; empty, multi-valued
+    or unreadable (e.g. an unknown VR, which pydicom only trips over on conversion) raises."""
+    if keyword not in ds:
+        if default is None:
+            raise SpineDataError(f"{path}: {keyword} ({tag_for_keyword(keyword):08X}) is missing")
+        return default
+    try:
+        value = ds[keyword].value
+    except Exception as exc:
+        raise SpineDataError(f"{path}: cannot read {keyword} ({type(exc).__name__}: {exc})") from exc
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpineDataError(f"{path}: {keyword} must be one integer, got {value!r}")
+    return value
+
+
+def _check_pixel_module(ds: pydicom.Dataset, path: Path) -> tuple[int, bool]:
+    """Validate the tags that say how to read the pixel bytes, before decoding; returns
+    (BitsStored, signed). pydicom would otherwise fail with raw errors or decode silently wrong."""
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    if syntax is not None and not pydicom.uid.UID(syntax).is_transfer_syntax:
+        raise SpineDataError(f"{path}: TransferSyntaxUID {str(syntax)!r} is not a known transfer syntax")
+    for keyword in ("Rows", "Columns"):
+        if _pixel_tag(ds, keyword, path) < 1:
+            raise SpineDataError(f"{path}: {keyword} must be at least 1, got {ds[keyword].value}")
+    allocated = _pixel_tag(ds, "BitsAllocated", path)
+    if allocated not in (8, 16, 32):
+        raise SpineDataError(f"{path}: BitsAllocated {allocated} is not supported; expected 8, 16 or 32")
+    stored = _pixel_tag(ds, "BitsStored", path, allocated)
+    if not 1 <= stored <= allocated:
+        raise SpineDataError(f"{path}: BitsStored {stored} must lie in 1..BitsAllocated ({allocated})")
+    representation = _pixel_tag(ds, "PixelRepresentation", path, 0)
+    if representation not in (0, 1):
+        raise SpineDataError(f"{path}: PixelRepresentation {representation} must be 0 (unsigned) or 1 (signed)")
+    return stored, representation == 1
 
 
 def _decode(ds: pydicom.Dataset, path: Path) -> np.ndarray:
@@ -303,6 +361,18 @@ def _unit_normal(orientation: np.ndarray, path: Path) -> np.ndarray:
     if norm < 1e-6:
         raise SpineDataError(f"{path}: ImageOrientationPatient rows and columns are parallel")
     return normal / norm
+
+
+def _check_common_spacing(slices: list[_Slice], series_dir: Path) -> None:
+    # The Series has one PixelSpacing; a slice that differs would be measured with the wrong one.
+    spacing = np.array(slices[0].spacing)
+    odd = [s.path.name for s in slices if not np.allclose(s.spacing, spacing, rtol=1e-3)]
+    if odd:
+        warnings.warn(
+            f"{series_dir}: slices {odd[:5]}{' ...' if len(odd) > 5 else ''} have a PixelSpacing other than "
+            f"{slices[0].path.name}'s {spacing.tolist()}; the series uses {spacing.tolist()} mm",
+            stacklevel=3,
+        )
 
 
 def _check_unique_instances(slices: list[_Slice], series_dir: Path) -> None:

@@ -7,12 +7,15 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Series", "map_point"]
+from spinemm.errors import SpineDataError
+
+__all__ = ["Series", "map_point", "series_files"]
 
 NOMINAL_ORIENTATION = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
 
@@ -94,3 +97,39 @@ def _as_points(points: np.ndarray) -> np.ndarray:
     if pts.ndim != 2 or pts.shape[1] != 3:
         raise ValueError(f"points must have shape [N, 3], got {tuple(pts.shape)}")
     return pts
+
+
+def series_files(series_dir: Path) -> list[Path]:
+    """The DICOM files of a series folder, sorted by name: what ``read_series`` reads and the cache hashes.
+
+    A file named ``*.dcm`` in any case is taken as DICOM (a broken one then fails loudly when read);
+    any other file is taken when it carries the DICOM preamble (``DICM`` at byte 128), so slices named
+    ``1.DCM`` or ``1`` are not lost. Other files and subfolders are left out with a warning naming them.
+    """
+    series_dir = Path(series_dir)
+    if not series_dir.is_dir():
+        raise SpineDataError(f"{series_dir}: not a series folder")
+    files, ignored = [], []
+    for path in sorted(series_dir.iterdir()):
+        if path.is_file() and (path.suffix.lower() == ".dcm" or _has_dicom_preamble(path)):
+            files.append(path)
+        else:
+            ignored.append(path.name)
+    if not files:
+        raise SpineDataError(f"{series_dir}: no DICOM files in series folder" + (f" (found {ignored[:5]})" if ignored else ""))
+    if ignored:
+        warnings.warn(
+            f"{series_dir}: ignoring {len(ignored)} entries that are not DICOM files: {ignored[:5]}"
+            f"{' ...' if len(ignored) > 5 else ''}",
+            stacklevel=3,
+        )
+    return files
+
+
+def _has_dicom_preamble(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return head[128:132] == b"DICM"
