@@ -68,6 +68,8 @@ HEADER_FAULTS = {
     "intercept overflows float32": (_rescale("1", "-3.5e38"), "RescaleIntercept"),
     "PixelSpacing 0": (_set("PixelSpacing", [0, 0.5]), "PixelSpacing"),
     "PixelSpacing negative": (_set("PixelSpacing", [0.5, -0.5]), "PixelSpacing"),
+    # found by the fuzz (tests/test_fuzz.py): an int64 overflow while ordering the slices
+    "InstanceNumber past int64": (_set("InstanceNumber", "1e38"), "InstanceNumber"),
 }
 
 

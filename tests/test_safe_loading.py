@@ -3,6 +3,7 @@ resume restores every saved state or fails: nothing is skipped with only a log l
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import random
@@ -79,6 +80,19 @@ def test_corrupt_config_is_refused(saved_model, tmp_path):
     config = folder / "config.json"
     config.write_text(config.read_text()[:-20])
     with pytest.raises(SpineModelError, match=rf"{config}: not a valid JSON file"):
+        load_model(folder)
+
+
+def test_malformed_tokenizer_is_refused(saved_model, tmp_path):
+    """Found by the fuzz: valid JSON that the tokenizers library refuses with a bare Exception."""
+    from spinemm.models.factory import load_model
+
+    folder = _copy(saved_model, tmp_path)
+    tokenizer = folder / "tokenizer.json"
+    data = json.loads(tokenizer.read_text())
+    data["normalizer"] = {"type": "NoSuchNormalizer"}
+    tokenizer.write_text(json.dumps(data))
+    with pytest.raises(SpineModelError, match=rf"{folder}: cannot load the tokenizer files"):
         load_model(folder)
 
 

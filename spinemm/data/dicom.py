@@ -289,11 +289,13 @@ def _decoder_available(syntax: pydicom.uid.UID) -> bool:
 def _instance_number(ds: pydicom.Dataset, path: Path) -> int:
     """InstanceNumber tag, else the file stem when it is a plain integer (RSNA names files by it)."""
     instance = _int(ds, "InstanceNumber", path)
-    if instance is not None:
-        return instance
-    if re.fullmatch(r"[0-9]+", path.stem):
-        return int(path.stem)
-    raise SpineDataError(f"{path}: no InstanceNumber tag and the file name is not an integer")
+    if instance is None and re.fullmatch(r"[0-9]+", path.stem):
+        instance = int(path.stem)
+    if instance is None:
+        raise SpineDataError(f"{path}: no InstanceNumber tag and the file name is not an integer")
+    if not -(1 << 31) <= instance < (1 << 31):  # the range of an IS value; labels key on it as int64
+        raise SpineDataError(f"{path}: InstanceNumber {instance} is outside the range of a DICOM IS value")
+    return instance
 
 
 # Tags read on every file. Their values are parsed from the raw bytes (below) because pydicom's
