@@ -31,10 +31,10 @@ from safetensors import safe_open
 from safetensors.torch import save as save_tensors
 
 from ..errors import SpineDataError
-from .cache import FORMAT_VERSION, SeriesCache, write_atomic
+from .cache import FORMAT_VERSION, SeriesCache, key_context, write_atomic
 from .series import Series
 from .tables import series_path
-from .transforms import INTENSITY_PERCENTILES, PreprocessedSeries, intensity_window, to_unit_range
+from .transforms import PreprocessedSeries, intensity_window, to_unit_range
 
 __all__ = ["SeriesStore", "windowed"]
 
@@ -160,7 +160,7 @@ class SeriesStore:
 
 def _entry_key(content: str) -> str:
     """Cache key of a whole windowed series (distinct from every low-resolution stack key)."""
-    params = {"version": FORMAT_VERSION, "kind": "windowed-series", "percentiles": list(INTENSITY_PERCENTILES)}
+    params = {**key_context(), "kind": "windowed-series"}
     blob = content + json.dumps(params, sort_keys=True)
     return hashlib.blake2b(blob.encode(), digest_size=20).hexdigest()
 
