@@ -15,8 +15,11 @@ Policy for awkward series (each case warns or raises; nothing is silently droppe
 
 - slices of differing size: resampled (bilinear, same field of view) to the most common shape, with a
   warning naming the files; their geometry is taken as that of the common grid;
-- slices with differing orientation (e.g. axial blocks angled per disc): sorted along the normal of
-  the first file (by name), whose orientation the Series reports; positions stay exact per slice;
+- slices with differing orientation (axial blocks angled per disc): grouped into blocks of one
+  orientation, sorted within a block along its own normal and the blocks along the body axis; the
+  Series keeps each slice's orientation (``Series.orientations``) and maps points through each
+  slice's own plane. Blocks more than 60 degrees apart (e.g. sagittal and axial slices in one
+  series) raise SpineDataError;
 - a file without ImagePositionPatient / ImageOrientationPatient: the whole series falls back to
   InstanceNumber order with nominal geometry (origin 0, axial orientation), with a warning;
 - slices whose PixelSpacing differs: the first slice's spacing is used, with a warning naming the files;
@@ -42,13 +45,13 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.datadict import tag_for_keyword
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, get_decoder
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from spinemm.errors import SpineDataError
 
+from .dicom_tags import FLOAT32_MAX, TAG, check_pixel_module, integer, number, numbers, pixel_tag, tokens
 from .series import NOMINAL_ORIENTATION, Series, map_point, series_files
 
 __all__ = ["Series", "read_series", "map_point"]
@@ -83,12 +86,11 @@ def read_series(series_dir: str | os.PathLike) -> Series:
     _check_common_spacing(slices, series_dir)
 
     geometric = all(s.position is not None and s.orientation is not None for s in slices)
+    orientations = None
     if geometric:
+        slices, orientations, gaps = _geometric_order(slices, series_dir)
         orientation = slices[0].orientation
         normal = _unit_normal(orientation, slices[0].path)
-        # Sort by depth along the normal; InstanceNumber breaks ties (repeated positions).
-        # Depth rounded to 1 µm so float noise does not outrank the tie-break.
-        slices.sort(key=lambda s: (round(float(s.position @ normal), 3), s.instance))
         positions = np.stack([s.position for s in slices])
     else:
         missing = [s.path.name for s in slices if s.position is None or s.orientation is None]
@@ -100,9 +102,8 @@ def read_series(series_dir: str | os.PathLike) -> Series:
         slices.sort(key=lambda s: s.instance)
         orientation = NOMINAL_ORIENTATION.copy()
         normal = np.array([0.0, 0.0, 1.0])
-        positions = None
+        positions, gaps = None, np.empty(0)
 
-    gaps = np.diff(positions @ normal) if positions is not None else np.empty(0)
     slice_spacing = float(np.median(gaps)) if len(gaps) else 0.0
     if slice_spacing <= 0:  # one slice, all at one position, or no geometry: fall back to the tags
         slice_spacing = slices[0].thickness
@@ -121,7 +122,50 @@ def read_series(series_dir: str | os.PathLike) -> Series:
         pixel_spacing=slices[0].spacing,
         slice_spacing=slice_spacing,
         files=[s.path for s in slices],
+        orientations=orientations,
     )
+
+
+#: Blocks whose slice normals differ by more than this are not per-level oblique planes of one
+#: series (lumbar discs differ by up to ~40 degrees of lordosis; sagittal vs axial is 90).
+_MAX_BLOCK_ANGLE = 60.0
+
+
+def _geometric_order(slices: list[_Slice], series_dir: Path) -> tuple[list[_Slice], np.ndarray | None, np.ndarray]:
+    """Sort slices into blocks of one orientation each: within a block along its own normal
+    (InstanceNumber breaks ties of repeated positions), blocks along the body axis (the mean of
+    their normals). Returns (sorted slices, per-slice orientations [S, 2, 3] or None when there is
+    one block, gaps between neighbouring slices of each block). A series whose blocks lie more than
+    ``_MAX_BLOCK_ANGLE`` apart raises SpineDataError."""
+    groups: list[list[_Slice]] = []
+    for s in slices:
+        group = next((g for g in groups if np.allclose(g[0].orientation, s.orientation, atol=1e-4)), None)
+        if group is None:
+            groups.append([s])
+        else:
+            group.append(s)
+    normals = [_unit_normal(g[0].orientation, g[0].path) for g in groups]
+    for group, normal in zip(groups, normals, strict=True):
+        angle = math.degrees(math.acos(min(1.0, abs(float(normal @ normals[0])))))
+        if angle > _MAX_BLOCK_ANGLE:
+            raise SpineDataError(
+                f"{series_dir}: slice {group[0].path.name} lies in a plane {angle:.0f} degrees from "
+                f"{groups[0][0].path.name}'s; the series is not a set of parallel or per-level oblique planes"
+            )
+    axis = sum(n * np.sign(float(n @ normals[0]) or 1.0) for n in normals)
+    axis = axis / np.linalg.norm(axis)
+    gaps = []
+    for group, normal in zip(groups, normals, strict=True):
+        # Depth rounded to 1 µm so float noise does not outrank the tie-break.
+        group.sort(key=lambda s, n=normal: (round(float(s.position @ n), 3), s.instance))
+        gaps.append(np.diff([float(s.position @ normal) for s in group]))
+    order = np.argsort([np.mean([s.position @ axis for s in g]) for g in groups], kind="stable")
+    ordered = [s for b in order for s in groups[b]]
+    if len(groups) == 1:
+        return ordered, None, gaps[0]
+    # Each slice carries its block's orientation exactly, so the blocks are unambiguous downstream.
+    orientations = np.stack([groups[b][0].orientation for b in order for _ in groups[b]]).astype(np.float64)
+    return ordered, orientations, np.concatenate(gaps)
 
 
 def _read_slice(path: Path) -> _Slice:
@@ -141,38 +185,38 @@ def _read_slice(path: Path) -> _Slice:
 
 
 def _parse_slice(ds: pydicom.Dataset, path: Path) -> _Slice:
-    if _TAG["PixelData"] not in ds:
+    if TAG["PixelData"] not in ds:
         raise SpineDataError(f"{path}: DICOM file has no pixel data")
-    frames = _int(ds, "NumberOfFrames", path) or 1
+    frames = integer(ds, "NumberOfFrames", path) or 1
     if frames > 1:
         raise SpineDataError(f"{path}: multi-frame DICOM ({frames} frames) is not supported; expected one slice per file")
-    photometric = (_tokens(ds, "PhotometricInterpretation") or ["MONOCHROME2"])[0].upper()
-    if _pixel_tag(ds, "SamplesPerPixel", path, 1) != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+    photometric = (tokens(ds, "PhotometricInterpretation") or ["MONOCHROME2"])[0].upper()
+    if pixel_tag(ds, "SamplesPerPixel", path, 1) != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise SpineDataError(f"{path}: colour DICOM ({photometric}) is not supported; expected greyscale MRI")
-    bits_stored, signed = _check_pixel_module(ds, path)
+    bits_stored, signed = check_pixel_module(ds, path)
     pixels = _decode(ds, path)
     if pixels.ndim != 2:
         raise SpineDataError(f"{path}: expected a 2-D greyscale slice, got pixel array of shape {pixels.shape}")
 
-    slope = _float(ds, "RescaleSlope", path) or 1.0  # 0 is not a valid slope: treat it as absent
-    intercept = _float(ds, "RescaleIntercept", path) or 0.0
-    lut_dataset = ds if _TAG["ModalityLUTSequence"] in ds else None
+    slope = number(ds, "RescaleSlope", path) or 1.0  # 0 is not a valid slope: treat it as absent
+    intercept = number(ds, "RescaleIntercept", path) or 0.0
+    lut_dataset = ds if TAG["ModalityLUTSequence"] in ds else None
     # The ends of the storable range, mapped: the LUT is monotonic in practice and linear when it is
     # a rescale, so finite ends mean every pixel maps to a finite float32 (checked without a pass).
     ends = np.array([-(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1] if signed else [0, (1 << bits_stored) - 1])
     mapped = ends * slope + intercept if lut_dataset is None else apply_modality_lut(ends, lut_dataset)
-    if not np.all(np.abs(mapped) < _FLOAT32_MAX):
+    if not np.all(np.abs(mapped) < FLOAT32_MAX):
         raise SpineDataError(
             f"{path}: modality LUT (RescaleSlope {slope}, RescaleIntercept {intercept}) maps stored values "
             f"{ends.tolist()} to {np.asarray(mapped).tolist()}, outside float32: intensities would be inf"
         )
     mirror = float(np.sum(mapped)) if photometric == "MONOCHROME1" else None
-    orientation = _numbers(ds, "ImageOrientationPatient", 6, path)
-    spacing = _numbers(ds, "PixelSpacing", 2, path) or (1.0, 1.0)
+    orientation = numbers(ds, "ImageOrientationPatient", 6, path)
+    spacing = numbers(ds, "PixelSpacing", 2, path) or (1.0, 1.0)
     if min(spacing) <= 0:
         raise SpineDataError(f"{path}: PixelSpacing {list(spacing)} must be positive (mm per pixel)")
-    thickness = _float(ds, "SpacingBetweenSlices", path) or _float(ds, "SliceThickness", path) or 1.0
-    position = _numbers(ds, "ImagePositionPatient", 3, path)
+    thickness = number(ds, "SpacingBetweenSlices", path) or number(ds, "SliceThickness", path) or 1.0
+    position = numbers(ds, "ImagePositionPatient", 3, path)
     return _Slice(
         path=path,
         pixels=pixels,
@@ -186,46 +230,6 @@ def _parse_slice(ds: pydicom.Dataset, path: Path) -> _Slice:
         mirror=mirror,
         lut_dataset=lut_dataset,
     )
-
-
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
-
-
-def _pixel_tag(ds: pydicom.Dataset, keyword: str, path: Path, default: int | None = None) -> int:
-    """One integer (US) element of the pixel module: ``default`` when absent; empty, multi-valued
-    or unreadable (e.g. an unknown VR, which pydicom only trips over on conversion) raises."""
-    if keyword not in ds:
-        if default is None:
-            raise SpineDataError(f"{path}: {keyword} ({tag_for_keyword(keyword):08X}) is missing")
-        return default
-    try:
-        value = ds[keyword].value
-    except Exception as exc:
-        raise SpineDataError(f"{path}: cannot read {keyword} ({type(exc).__name__}: {exc})") from exc
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise SpineDataError(f"{path}: {keyword} must be one integer, got {value!r}")
-    return value
-
-
-def _check_pixel_module(ds: pydicom.Dataset, path: Path) -> tuple[int, bool]:
-    """Validate the tags that say how to read the pixel bytes, before decoding; returns
-    (BitsStored, signed). pydicom would otherwise fail with raw errors or decode silently wrong."""
-    syntax = ds.file_meta.get("TransferSyntaxUID")
-    if syntax is not None and not pydicom.uid.UID(syntax).is_transfer_syntax:
-        raise SpineDataError(f"{path}: TransferSyntaxUID {str(syntax)!r} is not a known transfer syntax")
-    for keyword in ("Rows", "Columns"):
-        if _pixel_tag(ds, keyword, path) < 1:
-            raise SpineDataError(f"{path}: {keyword} must be at least 1, got {ds[keyword].value}")
-    allocated = _pixel_tag(ds, "BitsAllocated", path)
-    if allocated not in (8, 16, 32):
-        raise SpineDataError(f"{path}: BitsAllocated {allocated} is not supported; expected 8, 16 or 32")
-    stored = _pixel_tag(ds, "BitsStored", path, allocated)
-    if not 1 <= stored <= allocated:
-        raise SpineDataError(f"{path}: BitsStored {stored} must lie in 1..BitsAllocated ({allocated})")
-    representation = _pixel_tag(ds, "PixelRepresentation", path, 0)
-    if representation not in (0, 1):
-        raise SpineDataError(f"{path}: PixelRepresentation {representation} must be 0 (unsigned) or 1 (signed)")
-    return stored, representation == 1
 
 
 def _decode(ds: pydicom.Dataset, path: Path) -> np.ndarray:
@@ -261,7 +265,7 @@ def _native_pixels(ds: pydicom.Dataset) -> np.ndarray | None:
         return None
     rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
     bits, signed = int(ds.get("BitsAllocated", 0)), int(ds.get("PixelRepresentation", 0))
-    data = ds.get_item(_TAG["PixelData"]).value
+    data = ds.get_item(TAG["PixelData"]).value
     if bits not in (8, 16, 32) or signed not in (0, 1) or not isinstance(data, bytes):
         return None
     dtype = np.dtype(f"<{'ui'[signed]}{bits // 8}")
@@ -288,7 +292,7 @@ def _decoder_available(syntax: pydicom.uid.UID) -> bool:
 
 def _instance_number(ds: pydicom.Dataset, path: Path) -> int:
     """InstanceNumber tag, else the file stem when it is a plain integer (RSNA names files by it)."""
-    instance = _int(ds, "InstanceNumber", path)
+    instance = integer(ds, "InstanceNumber", path)
     if instance is None and re.fullmatch(r"[0-9]+", path.stem):
         instance = int(path.stem)
     if instance is None:
@@ -296,65 +300,6 @@ def _instance_number(ds: pydicom.Dataset, path: Path) -> int:
     if not -(1 << 31) <= instance < (1 << 31):  # the range of an IS value; labels key on it as int64
         raise SpineDataError(f"{path}: InstanceNumber {instance} is outside the range of a DICOM IS value")
     return instance
-
-
-# Tags read on every file. Their values are parsed from the raw bytes (below) because pydicom's
-# validating conversion costs ~10 us per tag: as much as 20% of decoding a 512x512 slice.
-_TAG = {
-    keyword: tag_for_keyword(keyword)
-    for keyword in (
-        "PixelData", "ModalityLUTSequence", "NumberOfFrames", "PhotometricInterpretation", "InstanceNumber",
-        "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SpacingBetweenSlices",
-        "SliceThickness", "RescaleSlope", "RescaleIntercept",
-    )
-}
-
-
-def _tokens(ds: pydicom.Dataset, keyword: str) -> list[str] | None:
-    """The backslash-separated values of a text element (CS, DS, IS), None when absent or empty.
-
-    These VRs are ASCII in every transfer syntax, so the raw bytes can be split directly.
-    """
-    elem = ds.get_item(_TAG[keyword])
-    value = None if elem is None else elem.value
-    if value is None:
-        return None
-    if isinstance(value, bytes):  # still raw: the common case straight after dcmread
-        text = value.decode("ascii", "replace")
-    elif isinstance(value, str | int | float):
-        text = str(value)
-    else:  # already converted to a MultiValue
-        text = "\\".join(str(v) for v in value)
-    tokens = [t.strip(" \0") for t in text.split("\\")]
-    return None if tokens == [""] else tokens
-
-
-def _numbers(ds: pydicom.Dataset, keyword: str, count: int, path: Path) -> list[float] | None:
-    """A numeric text element as ``count`` finite floats, None if absent; malformed values raise."""
-    tokens = _tokens(ds, keyword)
-    if tokens is None:
-        return None
-    try:
-        values = [float(t) for t in tokens]
-    except ValueError as exc:
-        raise SpineDataError(f"{path}: {keyword} is not numeric ({tokens!r})") from exc
-    if len(values) != count or not all(math.isfinite(v) for v in values):
-        raise SpineDataError(f"{path}: {keyword} must hold {count} finite numbers, got {tokens!r}")
-    return values
-
-
-def _float(ds: pydicom.Dataset, keyword: str, path: Path) -> float | None:
-    """A single-valued numeric text element, None if absent."""
-    value = _numbers(ds, keyword, 1, path)
-    return None if value is None else value[0]
-
-
-def _int(ds: pydicom.Dataset, keyword: str, path: Path) -> int | None:
-    """A single-valued integer text element (IS), None if absent."""
-    value = _float(ds, keyword, path)
-    if value is not None and not value.is_integer():
-        raise SpineDataError(f"{path}: {keyword} must be an integer, got {value}")
-    return None if value is None else int(value)
 
 
 def _unit_normal(orientation: np.ndarray, path: Path) -> np.ndarray:

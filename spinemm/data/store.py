@@ -51,7 +51,7 @@ def windowed(series: Series) -> Series:
     return Series(volume=unit, instance_numbers=series.instance_numbers, instance_to_index=series.instance_to_index,
                   positions=series.positions, orientation=series.orientation, normal=series.normal,
                   pixel_spacing=series.pixel_spacing, slice_spacing=series.slice_spacing, files=series.files,
-                  windowed=True)
+                  orientations=series.orientations, windowed=True)
 
 
 class SeriesStore:
@@ -173,6 +173,8 @@ def _write_entry(path: Path, series: Series) -> None:
         "orientation": torch.from_numpy(np.ascontiguousarray(series.orientation, dtype=np.float64)),
         "normal": torch.from_numpy(np.ascontiguousarray(series.normal, dtype=np.float64)),
     }
+    if series.orientations is not None:  # blocks of differing orientation (per-level oblique axials)
+        tensors["orientations"] = torch.from_numpy(np.ascontiguousarray(series.orientations, dtype=np.float64))
     meta = {"version": FORMAT_VERSION, "pixel_spacing": list(series.pixel_spacing),
             "slice_spacing": series.slice_spacing, "files": [p.name for p in series.files]}
     write_atomic(path, save_tensors(tensors, metadata={"spinemm": json.dumps(meta)}))
@@ -193,12 +195,16 @@ def _read_entry(path: Path, series_dir: Path) -> Series | None:
             raise ValueError("geometry does not match the volume")
         if any(Path(name).name != name for name in meta["files"]):
             raise ValueError("file names with a folder part")
+        orientations = arrays.get("orientations")
+        if orientations is not None and orientations.shape != (len(volume), 2, 3):
+            raise ValueError(f"orientations of shape {orientations.shape} for {len(volume)} slices")
         return Series(volume=volume, instance_numbers=instances,
                       instance_to_index={int(n): i for i, n in enumerate(instances)},
                       positions=arrays["positions"], orientation=arrays["orientation"], normal=arrays["normal"],
                       pixel_spacing=tuple(float(v) for v in meta["pixel_spacing"]),
                       slice_spacing=float(meta["slice_spacing"]),
-                      files=[series_dir / name for name in meta["files"]], windowed=True)
+                      files=[series_dir / name for name in meta["files"]], orientations=orientations,
+                      windowed=True)
     except Exception as err:  # safetensors raises its own error types; any failure means "rebuild"
         warnings.warn(f"corrupt cache entry {path} ({type(err).__name__}: {err}); rebuilding it", stacklevel=3)
         return None
