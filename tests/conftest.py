@@ -38,3 +38,23 @@ def count_reads(monkeypatch):
 
     monkeypatch.setattr(pydicom, "dcmread", counting)
     return reads
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--fuzz-long",
+        action="store_true",
+        default=False,
+        help="run the fuzz tests (tests/test_fuzz.py) with 10,000 cases each instead of a short CI run; "
+        "SPINEMM_FUZZ_LONG=1 does the same",
+    )
+
+
+@pytest.fixture(scope="session")
+def fuzz_examples(request) -> int:
+    """Cases per fuzz target: a short deterministic run by default, 10,000 with --fuzz-long
+    (SPINEMM_FUZZ_EXAMPLES=N sets any other count)."""
+    if os.environ.get("SPINEMM_FUZZ_EXAMPLES"):
+        return int(os.environ["SPINEMM_FUZZ_EXAMPLES"])
+    long = request.config.getoption("--fuzz-long") or os.environ.get("SPINEMM_FUZZ_LONG") == "1"
+    return 10_000 if long else 60

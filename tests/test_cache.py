@@ -201,7 +201,7 @@ def test_unreadable_series_raises_and_is_not_cached(tmp_path):
     cache = SeriesCache(tmp_path / "cache")
     bad = tmp_path / "bad"
     bad.mkdir()
-    with pytest.raises(SpineDataError, match="no .dcm files"):
+    with pytest.raises(SpineDataError, match="no DICOM files"):
         cache.load(bad, 4, 16)
     (bad / "1.dcm").write_bytes(b"not a dicom file")
     with pytest.raises(SpineDataError, match="1.dcm"):
@@ -241,3 +241,67 @@ def test_second_epoch_decodes_no_dicom(phantom_root, tmp_path, monkeypatch):
         for key in ("image", "plane_mask", "label", "location", "location_mask"):
             assert torch.equal(a[key], b[key]) and torch.equal(a[key], c[key]), key
         assert a["meta"]["series_ids"] == c["meta"]["series_ids"]
+
+
+# --- issue 14: verify mode, and what else invalidates an entry ---------------------------------------
+
+
+def _rewrite_keeping_stat(path: Path, pixels: np.ndarray, instance: int, z: float) -> None:
+    """Rewrite a slice with new pixels but its old size and mtime (as ``cp -p`` or a restore would)."""
+    st = path.stat()
+    write_slice(path, pixels, instance, z)
+    assert path.stat().st_size == st.st_size
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_verify_mode_sees_a_rewrite_the_stat_signature_misses(tmp_path, series_dir):
+    cache = SeriesCache(tmp_path / "cache")
+    before = cache.load(series_dir, 5, 16)
+    _rewrite_keeping_stat(series_dir / "13.dcm", np.full((20, 24), 900), 13, 8.0)
+    # the documented trade-off: the signature matches, so the old entry is served
+    assert_same(cache.load(series_dir, 5, 16), before)
+    assert cache.hits == 1
+    checking = SeriesCache(tmp_path / "cache", verify=True)
+    after = checking.load(series_dir, 5, 16)
+    assert checking.misses == 1 and checking.hashes == 1 and not torch.equal(before.image[2], after.image[2])
+    assert_same(after, preprocess_series(dicom.read_series(series_dir), 5, 16, "2.5d"))
+
+
+def test_verify_reports_and_repairs_stale_index_records(tmp_path, series_dir):
+    other = tmp_path / "data" / "1" / "3"
+    write_series(other, seed=1)
+    age(other)
+    cache = SeriesCache(tmp_path / "cache")
+    cache.load(series_dir, 5, 16)
+    assert cache.verify([series_dir, other]) == {"ok": [str(series_dir)], "stale": [], "new": [str(other)]}
+    _rewrite_keeping_stat(series_dir / "13.dcm", np.full((20, 24), 900), 13, 8.0)
+    with pytest.warns(UserWarning, match=rf"{series_dir}: files changed without a change of name, size or mtime"):
+        report = cache.verify([series_dir, other])
+    assert report == {"ok": [str(other)], "stale": [str(series_dir)], "new": []} and cache.stale == 1
+    # the repaired record makes a plain (stat-trusting) cache find the new content
+    plain = SeriesCache(tmp_path / "cache")
+    assert_same(plain.load(series_dir, 5, 16), preprocess_series(dicom.read_series(series_dir), 5, 16, "2.5d"))
+    assert plain.misses == 1 and plain.hashes == 0
+
+
+@pytest.mark.parametrize("change", ["spinemm", "pydicom", "percentiles", "format"])
+def test_a_new_library_version_or_window_invalidates_entries(tmp_path, series_dir, monkeypatch, change):
+    import spinemm
+    from spinemm.data import cache as cache_mod
+    from spinemm.data import transforms
+    from spinemm.data.store import _entry_key as whole_series_key
+
+    cache = SeriesCache(tmp_path / "cache")
+    cache.load(series_dir, 4, 16)
+    whole_before = whole_series_key("abc")
+    if change == "spinemm":
+        monkeypatch.setattr(spinemm, "__version__", spinemm.__version__ + ".post1")
+    elif change == "pydicom":
+        monkeypatch.setattr(cache_mod, "_pydicom_version", lambda: "0.0.1")
+    elif change == "percentiles":
+        monkeypatch.setattr(transforms, "INTENSITY_PERCENTILES", (1.0, 99.0))
+    else:
+        monkeypatch.setattr(cache_mod, "FORMAT_VERSION", cache_mod.FORMAT_VERSION + 1)
+    cache.load(series_dir, 4, 16)
+    assert cache.misses == 2 and cache.hits == 0
+    assert whole_series_key("abc") != whole_before  # SeriesStore's full-resolution entries too

@@ -8,13 +8,20 @@ Layout under ``cache_dir``::
     ab/abcdef....safetensors    one entry: arrays + a JSON metadata string in the safetensors header
     index/<path hash>.json      per series dir: stat signature -> content hash (skips re-hashing)
 
-* Key = blake2b(content hash of the series' files, preprocessing parameters, format version). A
-  changed file changes the content hash, so a stale entry is never found (old entries stay on disk
-  until the directory is deleted).
+* Key = blake2b(content hash of the series' files, preprocessing parameters, and what else decides
+  an entry's values: the format version, the spinemm and pydicom versions and the intensity
+  percentiles; :func:`key_context`). A changed file, setting or library version gives a new key, so a
+  stale entry is never found (old entries stay on disk until the directory is deleted).
 * The stat index lets a hit skip reading the DICOM bytes: if file names, sizes and mtimes match the
   recorded ones, the recorded content hash is reused; otherwise the files are hashed again. Like
   git's "racy" check, a signature recorded within two seconds of a file's mtime is not trusted (a
   same-size rewrite inside one timestamp tick would otherwise go unseen).
+* The trade-off: a file rewritten with the same size *and* its old mtime (``cp -p``, ``rsync -t``,
+  ``touch -r``, a restored backup, a filesystem with coarse timestamps) looks unchanged, and its old
+  entry is served. ``SeriesCache(..., verify=True)`` trusts no signature: every lookup re-reads and
+  re-hashes the files (the cost of reading the bytes, which the index exists to save), and
+  :meth:`SeriesCache.verify` re-hashes given series folders once, reporting and repairing records
+  the signature had let go stale.
 * Safe formats only (safetensors + JSON, never pickle). Every write goes to a temp file in the same
   directory and is published with ``os.replace``, so DataLoader workers racing on one entry each
   see a complete file. A truncated or malformed entry is a miss: warned about and rewritten.
@@ -28,7 +35,10 @@ import os
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from functools import lru_cache
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any
 
@@ -37,25 +47,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as save_tensors
 
-from spinemm.errors import SpineDataError
-
-from .series import Series
-from .transforms import INTENSITY_PERCENTILES, PERCENTILE_SAMPLES, PreprocessedSeries, preprocess_series
+from . import transforms
+from .series import Series, series_files
+from .transforms import PreprocessedSeries, preprocess_series
 
 #: Bump when the preprocessing or the entry layout changes: old entries are then never read.
-FORMAT_VERSION = 2  # 2: stacks are made from the float16 windowed series of SeriesStore
+FORMAT_VERSION = 3  # 2: stacks from SeriesStore's float16 series; 3: per-slice orientations
 _RACY_NS = 2_000_000_000
 _ARRAYS = ("image", "indices", "instance_numbers", "source_instance_numbers")
-
-
-def series_files(series_dir: Path) -> list[Path]:
-    """The DICOM files of a series directory (``*.dcm``, as ``read_series`` reads), sorted by name."""
-    if not series_dir.is_dir():
-        raise SpineDataError(f"{series_dir}: not a series folder")
-    files = sorted(p for p in series_dir.glob("*.dcm") if p.is_file())
-    if not files:
-        raise SpineDataError(f"{series_dir}: no .dcm files in series directory")
-    return files
 
 
 def stat_signature(files: list[Path]) -> list[list[Any]]:
@@ -78,15 +77,36 @@ def content_digest(files: list[Path]) -> str:
     return h.hexdigest()
 
 
+@lru_cache(maxsize=1)
+def _pydicom_version() -> str:
+    try:
+        return package_version("pydicom")
+    except PackageNotFoundError:  # pragma: no cover - pydicom is a dependency
+        return "unknown"
+
+
+def key_context() -> dict[str, Any]:
+    """What decides an entry's values besides the files and the call's settings: the entry format,
+    the spinemm version (its preprocessing), the pydicom version (its decoders) and the intensity
+    window. Read at each call, so a change takes effect without a restart."""
+    import spinemm
+
+    return {
+        "version": FORMAT_VERSION,
+        "spinemm": spinemm.__version__,
+        "pydicom": _pydicom_version(),
+        "percentiles": list(transforms.INTENSITY_PERCENTILES),
+        "percentile_samples": transforms.PERCENTILE_SAMPLES,
+    }
+
+
 def entry_key(content: str, num_slices: int, image_size: int, channels: str) -> str:
     """Cache key of one series' content under one set of preprocessing parameters."""
     params = {
-        "version": FORMAT_VERSION,
+        **key_context(),
         "num_slices": int(num_slices),
         "image_size": int(image_size),
         "channels": channels,
-        "percentiles": list(INTENSITY_PERCENTILES),
-        "percentile_samples": PERCENTILE_SAMPLES,
     }
     blob = content + json.dumps(params, sort_keys=True)
     return hashlib.blake2b(blob.encode(), digest_size=20).hexdigest()
@@ -108,19 +128,24 @@ def write_atomic(path: Path, data: bytes) -> None:
 class SeriesCache:
     """Content-keyed store of :class:`PreprocessedSeries` (see the module docstring).
 
+    ``verify=True``: re-hash the files on every lookup instead of trusting the stat index (see the
+    module docstring for the trade-off).
+
     Counters (per process: each DataLoader worker holds its own copy): ``hits``, ``misses``,
-    ``decodes`` (``read_series`` calls), ``hashes`` (series whose bytes were hashed) and
-    ``corrupt`` (unreadable entries replaced).
+    ``decodes`` (``read_series`` calls), ``hashes`` (series whose bytes were hashed) and ``corrupt``
+    (unreadable entries replaced), as :meth:`stats`; plus ``stale``: index records whose signature
+    matched files whose content had changed (found only when verifying).
     """
 
-    def __init__(self, cache_dir: str | os.PathLike) -> None:
+    def __init__(self, cache_dir: str | os.PathLike, *, verify: bool = False) -> None:
         self.cache_dir = Path(cache_dir)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.verify_content = bool(verify)
         self.reset_stats()
 
     def reset_stats(self) -> None:
         """Set every counter to zero."""
-        self.hits = self.misses = self.decodes = self.hashes = self.corrupt = 0
+        self.hits = self.misses = self.decodes = self.hashes = self.corrupt = self.stale = 0
 
     def stats(self) -> dict[str, int]:
         """The counters as a dict."""
@@ -128,7 +153,22 @@ class SeriesCache:
 
     def __repr__(self) -> str:
         counts = ", ".join(f"{k}={v}" for k, v in self.stats().items())
-        return f"SeriesCache({str(self.cache_dir)!r}, {counts})"
+        verify = ", verify=True" if self.verify_content else ""
+        return f"SeriesCache({str(self.cache_dir)!r}{verify}, {counts})"
+
+    def verify(self, series_dirs: Iterable[str | os.PathLike]) -> dict[str, list[str]]:
+        """Re-hash each series folder's files, whatever the stat index says, and repair its record.
+
+        Returns the folders by outcome: ``"ok"`` (the record held this content), ``"stale"`` (the
+        record's signature matched but the content had changed: a rewrite the stat check cannot
+        see; a warning names it, and later lookups now find the right entry), ``"new"`` (no
+        trusted record yet). Unreadable folders raise SpineDataError as in :meth:`load`.
+        """
+        out: dict[str, list[str]] = {"ok": [], "stale": [], "new": []}
+        for series_dir in series_dirs:
+            outcome = self._rehash(Path(series_dir))[1]
+            out[outcome].append(str(series_dir))
+        return out
 
     def load(
         self, series_dir: str | os.PathLike, num_slices: int, image_size: int, channels: str = "2.5d",
@@ -158,20 +198,47 @@ class SeriesCache:
         return entry
 
     def content_hash(self, series_dir: Path) -> str:
-        """Hash of the series' files, reusing the recorded one while the stat signature matches."""
+        """Hash of the series' files, reusing the recorded one while the stat signature matches
+        (always re-hashed with ``verify=True``)."""
+        if self.verify_content:
+            return self._rehash(series_dir)[0]
         files = series_files(series_dir)
         signature = stat_signature(files)  # taken before reading: a concurrent edit forces a re-hash
-        index = (
-            self.cache_dir
-            / "index"
-            / (hashlib.blake2b(str(series_dir.resolve()).encode(), digest_size=16).hexdigest() + ".json")
-        )
+        record = self._record(series_dir)
+        if record is not None and record["signature"] == signature and record["trusted"]:
+            return str(record["content"])
+        return self._hash_and_record(series_dir, files, signature)
+
+    def _index_path(self, series_dir: Path) -> Path:
+        name = hashlib.blake2b(str(series_dir.resolve()).encode(), digest_size=16).hexdigest()
+        return self.cache_dir / "index" / f"{name}.json"
+
+    def _record(self, series_dir: Path) -> dict[str, Any] | None:
         try:
-            record = json.loads(index.read_text())
-            if record["signature"] == signature and record["trusted"]:
-                return str(record["content"])
+            record = json.loads(self._index_path(series_dir).read_text())
+            return {k: record[k] for k in ("signature", "content", "trusted")}
         except (OSError, ValueError, KeyError, TypeError):
-            pass  # no record yet, or an unreadable one: hash the bytes and write a fresh record
+            return None  # no record yet, or an unreadable one: the caller hashes the bytes
+
+    def _rehash(self, series_dir: Path) -> tuple[str, str]:
+        """(content hash, outcome) for :meth:`verify`: the bytes hashed whatever the index says."""
+        files = series_files(series_dir)
+        signature = stat_signature(files)
+        record = self._record(series_dir)
+        content = self._hash_and_record(series_dir, files, signature)
+        if record is None or not record["trusted"] or record["signature"] != signature:
+            return content, "new"
+        if record["content"] == content:
+            return content, "ok"
+        self.stale += 1
+        warnings.warn(
+            f"{series_dir}: files changed without a change of name, size or mtime; the cache index "
+            f"had recorded their old content (now re-hashed and repaired)",
+            stacklevel=3,
+        )
+        return content, "stale"
+
+    def _hash_and_record(self, series_dir: Path, files: list[Path], signature: list[list[Any]]) -> str:
         content = content_digest(files)
         self.hashes += 1
         now = time.time_ns()
@@ -181,7 +248,7 @@ class SeriesCache:
             "content": content,
             "trusted": all(now - mtime > _RACY_NS for _, _, mtime in signature),
         }
-        write_atomic(index, json.dumps(record).encode())
+        write_atomic(self._index_path(series_dir), json.dumps(record).encode())
         return content
 
     def _write(self, path: Path, entry: PreprocessedSeries, series_dir: Path) -> None:

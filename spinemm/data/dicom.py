@@ -1,6 +1,7 @@
 """Read one DICOM series folder into a float32 volume with its patient-space geometry.
 
-A series folder holds one ``{instance_number}.dcm`` file per slice (RSNA 2024 layout). InstanceNumber
+A series folder holds one ``{instance_number}.dcm`` file per slice (RSNA 2024 layout); files named
+otherwise are read too when they are DICOM (see :func:`~spinemm.data.series.series_files`). InstanceNumber
 is not a reliable geometric order, so slices are sorted by the projection of ImagePositionPatient on
 the slice normal (``cross(row_cos, col_cos)``), and the InstanceNumber -> sorted index map is kept
 because labels are keyed by instance number.
@@ -14,12 +15,21 @@ Policy for awkward series (each case warns or raises; nothing is silently droppe
 
 - slices of differing size: resampled (bilinear, same field of view) to the most common shape, with a
   warning naming the files; their geometry is taken as that of the common grid;
-- slices with differing orientation (e.g. axial blocks angled per disc): sorted along the normal of
-  the first file (by name), whose orientation the Series reports; positions stay exact per slice;
+- slices with differing orientation (axial blocks angled per disc): grouped into blocks of one
+  orientation, sorted within a block along its own normal and the blocks along the body axis; the
+  Series keeps each slice's orientation (``Series.orientations``) and maps points through each
+  slice's own plane. Blocks more than 60 degrees apart (e.g. sagittal and axial slices in one
+  series) raise SpineDataError;
 - a file without ImagePositionPatient / ImageOrientationPatient: the whole series falls back to
   InstanceNumber order with nominal geometry (origin 0, axial orientation), with a warning;
+- slices whose PixelSpacing differs: the first slice's spacing is used, with a warning naming the files;
 - multi-frame, colour, non-DICOM, truncated, empty or pixel-less files, duplicate instance numbers
   and empty folders raise :class:`~spinemm.errors.SpineDataError` naming the path;
+- so does an inconsistent pixel module (checked before decoding, naming the tag): an empty or
+  unreadable Rows / Columns / SamplesPerPixel / BitsAllocated / BitsStored / PixelRepresentation,
+  BitsStored outside 1..BitsAllocated, an unknown TransferSyntaxUID, PixelSpacing of 0 or below, or
+  a modality LUT that maps a storable value outside float32 (it would read as inf); any other failure
+  inside pydicom (e.g. a header element of unknown VR, converted lazily) is a SpineDataError too;
 - a compressed file whose decoder is missing raises SpineDataError saying ``pip install "spinemm[dicom]"``.
 """
 
@@ -35,14 +45,14 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.datadict import tag_for_keyword
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, get_decoder
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from spinemm.errors import SpineDataError
 
-from .series import NOMINAL_ORIENTATION, Series, map_point
+from .dicom_tags import FLOAT32_MAX, TAG, check_pixel_module, integer, number, numbers, pixel_tag, tokens
+from .series import NOMINAL_ORIENTATION, Series, map_point, series_files
 
 __all__ = ["Series", "read_series", "map_point"]
 
@@ -64,28 +74,23 @@ class _Slice:
 
 
 def read_series(series_dir: str | os.PathLike) -> Series:
-    """Read every ``*.dcm`` in ``series_dir`` into a :class:`Series` (policy: module docstring).
+    """Read every DICOM file of ``series_dir`` into a :class:`Series` (policy: module docstring).
 
     Each file is read once by ``dcmread``; uncompressed little-endian pixels are used in place,
     anything else goes through ``pixel_array``. The float32 volume is allocated once and filled in
     sorted order. Raises SpineDataError naming the file or folder at fault.
     """
     series_dir = Path(series_dir)
-    if not series_dir.is_dir():
-        raise SpineDataError(f"{series_dir}: not a series folder")
-    paths = sorted(series_dir.glob("*.dcm"))
-    if not paths:
-        raise SpineDataError(f"{series_dir}: no .dcm files in series folder")
-    slices = [_read_slice(path) for path in paths]
+    slices = [_read_slice(path) for path in series_files(series_dir)]
     _check_unique_instances(slices, series_dir)
+    _check_common_spacing(slices, series_dir)
 
     geometric = all(s.position is not None and s.orientation is not None for s in slices)
+    orientations = None
     if geometric:
+        slices, orientations, gaps = _geometric_order(slices, series_dir)
         orientation = slices[0].orientation
         normal = _unit_normal(orientation, slices[0].path)
-        # Sort by depth along the normal; InstanceNumber breaks ties (repeated positions).
-        # Depth rounded to 1 µm so float noise does not outrank the tie-break.
-        slices.sort(key=lambda s: (round(float(s.position @ normal), 3), s.instance))
         positions = np.stack([s.position for s in slices])
     else:
         missing = [s.path.name for s in slices if s.position is None or s.orientation is None]
@@ -97,9 +102,8 @@ def read_series(series_dir: str | os.PathLike) -> Series:
         slices.sort(key=lambda s: s.instance)
         orientation = NOMINAL_ORIENTATION.copy()
         normal = np.array([0.0, 0.0, 1.0])
-        positions = None
+        positions, gaps = None, np.empty(0)
 
-    gaps = np.diff(positions @ normal) if positions is not None else np.empty(0)
     slice_spacing = float(np.median(gaps)) if len(gaps) else 0.0
     if slice_spacing <= 0:  # one slice, all at one position, or no geometry: fall back to the tags
         slice_spacing = slices[0].thickness
@@ -118,7 +122,50 @@ def read_series(series_dir: str | os.PathLike) -> Series:
         pixel_spacing=slices[0].spacing,
         slice_spacing=slice_spacing,
         files=[s.path for s in slices],
+        orientations=orientations,
     )
+
+
+#: Blocks whose slice normals differ by more than this are not per-level oblique planes of one
+#: series (lumbar discs differ by up to ~40 degrees of lordosis; sagittal vs axial is 90).
+_MAX_BLOCK_ANGLE = 60.0
+
+
+def _geometric_order(slices: list[_Slice], series_dir: Path) -> tuple[list[_Slice], np.ndarray | None, np.ndarray]:
+    """Sort slices into blocks of one orientation each: within a block along its own normal
+    (InstanceNumber breaks ties of repeated positions), blocks along the body axis (the mean of
+    their normals). Returns (sorted slices, per-slice orientations [S, 2, 3] or None when there is
+    one block, gaps between neighbouring slices of each block). A series whose blocks lie more than
+    ``_MAX_BLOCK_ANGLE`` apart raises SpineDataError."""
+    groups: list[list[_Slice]] = []
+    for s in slices:
+        group = next((g for g in groups if np.allclose(g[0].orientation, s.orientation, atol=1e-4)), None)
+        if group is None:
+            groups.append([s])
+        else:
+            group.append(s)
+    normals = [_unit_normal(g[0].orientation, g[0].path) for g in groups]
+    for group, normal in zip(groups, normals, strict=True):
+        angle = math.degrees(math.acos(min(1.0, abs(float(normal @ normals[0])))))
+        if angle > _MAX_BLOCK_ANGLE:
+            raise SpineDataError(
+                f"{series_dir}: slice {group[0].path.name} lies in a plane {angle:.0f} degrees from "
+                f"{groups[0][0].path.name}'s; the series is not a set of parallel or per-level oblique planes"
+            )
+    axis = sum(n * np.sign(float(n @ normals[0]) or 1.0) for n in normals)
+    axis = axis / np.linalg.norm(axis)
+    gaps = []
+    for group, normal in zip(groups, normals, strict=True):
+        # Depth rounded to 1 µm so float noise does not outrank the tie-break.
+        group.sort(key=lambda s, n=normal: (round(float(s.position @ n), 3), s.instance))
+        gaps.append(np.diff([float(s.position @ normal) for s in group]))
+    order = np.argsort([np.mean([s.position @ axis for s in g]) for g in groups], kind="stable")
+    ordered = [s for b in order for s in groups[b]]
+    if len(groups) == 1:
+        return ordered, None, gaps[0]
+    # Each slice carries its block's orientation exactly, so the blocks are unambiguous downstream.
+    orientations = np.stack([groups[b][0].orientation for b in order for _ in groups[b]]).astype(np.float64)
+    return ordered, orientations, np.concatenate(gaps)
 
 
 def _read_slice(path: Path) -> _Slice:
@@ -129,32 +176,47 @@ def _read_slice(path: Path) -> _Slice:
         raise SpineDataError(f"{path}: not a DICOM file ({exc})") from exc
     except Exception as exc:  # truncated headers and garbage raise many kinds inside pydicom
         raise SpineDataError(f"{path}: cannot parse DICOM file ({type(exc).__name__}: {exc})") from exc
-    if _TAG["PixelData"] not in ds:
+    try:
+        return _parse_slice(ds, path)
+    except SpineDataError:
+        raise
+    except Exception as exc:  # pydicom converts elements lazily: a malformed one fails only when read
+        raise SpineDataError(f"{path}: malformed DICOM header ({type(exc).__name__}: {exc})") from exc
+
+
+def _parse_slice(ds: pydicom.Dataset, path: Path) -> _Slice:
+    if TAG["PixelData"] not in ds:
         raise SpineDataError(f"{path}: DICOM file has no pixel data")
-    frames = _int(ds, "NumberOfFrames", path) or 1
+    frames = integer(ds, "NumberOfFrames", path) or 1
     if frames > 1:
         raise SpineDataError(f"{path}: multi-frame DICOM ({frames} frames) is not supported; expected one slice per file")
-    photometric = (_tokens(ds, "PhotometricInterpretation") or ["MONOCHROME2"])[0].upper()
-    if int(ds.get("SamplesPerPixel", 1)) != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+    photometric = (tokens(ds, "PhotometricInterpretation") or ["MONOCHROME2"])[0].upper()
+    if pixel_tag(ds, "SamplesPerPixel", path, 1) != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise SpineDataError(f"{path}: colour DICOM ({photometric}) is not supported; expected greyscale MRI")
+    bits_stored, signed = check_pixel_module(ds, path)
     pixels = _decode(ds, path)
     if pixels.ndim != 2:
         raise SpineDataError(f"{path}: expected a 2-D greyscale slice, got pixel array of shape {pixels.shape}")
 
-    slope = _float(ds, "RescaleSlope", path) or 1.0  # 0 is not a valid slope: treat it as absent
-    intercept = _float(ds, "RescaleIntercept", path) or 0.0
-    lut_dataset = ds if _TAG["ModalityLUTSequence"] in ds else None
-    mirror = None
-    if photometric == "MONOCHROME1":
-        bits = int(ds.get("BitsStored", pixels.dtype.itemsize * 8))
-        signed = int(ds.get("PixelRepresentation", 0)) == 1
-        ends = np.array([-(1 << (bits - 1)), (1 << (bits - 1)) - 1] if signed else [0, (1 << bits) - 1])
-        mapped = ends * slope + intercept if lut_dataset is None else apply_modality_lut(ends, lut_dataset)
-        mirror = float(np.sum(mapped))
-    orientation = _numbers(ds, "ImageOrientationPatient", 6, path)
-    spacing = _numbers(ds, "PixelSpacing", 2, path) or (1.0, 1.0)
-    thickness = _float(ds, "SpacingBetweenSlices", path) or _float(ds, "SliceThickness", path) or 1.0
-    position = _numbers(ds, "ImagePositionPatient", 3, path)
+    slope = number(ds, "RescaleSlope", path) or 1.0  # 0 is not a valid slope: treat it as absent
+    intercept = number(ds, "RescaleIntercept", path) or 0.0
+    lut_dataset = ds if TAG["ModalityLUTSequence"] in ds else None
+    # The ends of the storable range, mapped: the LUT is monotonic in practice and linear when it is
+    # a rescale, so finite ends mean every pixel maps to a finite float32 (checked without a pass).
+    ends = np.array([-(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1] if signed else [0, (1 << bits_stored) - 1])
+    mapped = ends * slope + intercept if lut_dataset is None else apply_modality_lut(ends, lut_dataset)
+    if not np.all(np.abs(mapped) < FLOAT32_MAX):
+        raise SpineDataError(
+            f"{path}: modality LUT (RescaleSlope {slope}, RescaleIntercept {intercept}) maps stored values "
+            f"{ends.tolist()} to {np.asarray(mapped).tolist()}, outside float32: intensities would be inf"
+        )
+    mirror = float(np.sum(mapped)) if photometric == "MONOCHROME1" else None
+    orientation = numbers(ds, "ImageOrientationPatient", 6, path)
+    spacing = numbers(ds, "PixelSpacing", 2, path) or (1.0, 1.0)
+    if min(spacing) <= 0:
+        raise SpineDataError(f"{path}: PixelSpacing {list(spacing)} must be positive (mm per pixel)")
+    thickness = number(ds, "SpacingBetweenSlices", path) or number(ds, "SliceThickness", path) or 1.0
+    position = numbers(ds, "ImagePositionPatient", 3, path)
     return _Slice(
         path=path,
         pixels=pixels,
@@ -203,7 +265,7 @@ def _native_pixels(ds: pydicom.Dataset) -> np.ndarray | None:
         return None
     rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
     bits, signed = int(ds.get("BitsAllocated", 0)), int(ds.get("PixelRepresentation", 0))
-    data = ds.get_item(_TAG["PixelData"]).value
+    data = ds.get_item(TAG["PixelData"]).value
     if bits not in (8, 16, 32) or signed not in (0, 1) or not isinstance(data, bytes):
         return None
     dtype = np.dtype(f"<{'ui'[signed]}{bits // 8}")
@@ -230,71 +292,14 @@ def _decoder_available(syntax: pydicom.uid.UID) -> bool:
 
 def _instance_number(ds: pydicom.Dataset, path: Path) -> int:
     """InstanceNumber tag, else the file stem when it is a plain integer (RSNA names files by it)."""
-    instance = _int(ds, "InstanceNumber", path)
-    if instance is not None:
-        return instance
-    if re.fullmatch(r"[0-9]+", path.stem):
-        return int(path.stem)
-    raise SpineDataError(f"{path}: no InstanceNumber tag and the file name is not an integer")
-
-
-# Tags read on every file. Their values are parsed from the raw bytes (below) because pydicom's
-# validating conversion costs ~10 us per tag: as much as 20% of decoding a 512x512 slice.
-_TAG = {
-    keyword: tag_for_keyword(keyword)
-    for keyword in (
-        "PixelData", "ModalityLUTSequence", "NumberOfFrames", "PhotometricInterpretation", "InstanceNumber",
-        "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SpacingBetweenSlices",
-        "SliceThickness", "RescaleSlope", "RescaleIntercept",
-    )
-}
-
-
-def _tokens(ds: pydicom.Dataset, keyword: str) -> list[str] | None:
-    """The backslash-separated values of a text element (CS, DS, IS), None when absent or empty.
-
-    These VRs are ASCII in every transfer syntax, so the raw bytes can be split directly.
-    """
-    elem = ds.get_item(_TAG[keyword])
-    value = None if elem is None else elem.value
-    if value is None:
-        return None
-    if isinstance(value, bytes):  # still raw: the common case straight after dcmread
-        text = value.decode("ascii", "replace")
-    elif isinstance(value, str | int | float):
-        text = str(value)
-    else:  # already converted to a MultiValue
-        text = "\\".join(str(v) for v in value)
-    tokens = [t.strip(" \0") for t in text.split("\\")]
-    return None if tokens == [""] else tokens
-
-
-def _numbers(ds: pydicom.Dataset, keyword: str, count: int, path: Path) -> list[float] | None:
-    """A numeric text element as ``count`` finite floats, None if absent; malformed values raise."""
-    tokens = _tokens(ds, keyword)
-    if tokens is None:
-        return None
-    try:
-        values = [float(t) for t in tokens]
-    except ValueError as exc:
-        raise SpineDataError(f"{path}: {keyword} is not numeric ({tokens!r})") from exc
-    if len(values) != count or not all(math.isfinite(v) for v in values):
-        raise SpineDataError(f"{path}: {keyword} must hold {count} finite numbers, got {tokens!r}")
-    return values
-
-
-def _float(ds: pydicom.Dataset, keyword: str, path: Path) -> float | None:
-    """A single-valued numeric text element, None if absent."""
-    value = _numbers(ds, keyword, 1, path)
-    return None if value is None else value[0]
-
-
-def _int(ds: pydicom.Dataset, keyword: str, path: Path) -> int | None:
-    """A single-valued integer text element (IS), None if absent."""
-    value = _float(ds, keyword, path)
-    if value is not None and not value.is_integer():
-        raise SpineDataError(f"{path}: {keyword} must be an integer, got {value}")
-    return None if value is None else int(value)
+    instance = integer(ds, "InstanceNumber", path)
+    if instance is None and re.fullmatch(r"[0-9]+", path.stem):
+        instance = int(path.stem)
+    if instance is None:
+        raise SpineDataError(f"{path}: no InstanceNumber tag and the file name is not an integer")
+    if not -(1 << 31) <= instance < (1 << 31):  # the range of an IS value; labels key on it as int64
+        raise SpineDataError(f"{path}: InstanceNumber {instance} is outside the range of a DICOM IS value")
+    return instance
 
 
 def _unit_normal(orientation: np.ndarray, path: Path) -> np.ndarray:
@@ -303,6 +308,18 @@ def _unit_normal(orientation: np.ndarray, path: Path) -> np.ndarray:
     if norm < 1e-6:
         raise SpineDataError(f"{path}: ImageOrientationPatient rows and columns are parallel")
     return normal / norm
+
+
+def _check_common_spacing(slices: list[_Slice], series_dir: Path) -> None:
+    # The Series has one PixelSpacing; a slice that differs would be measured with the wrong one.
+    spacing = np.array(slices[0].spacing)
+    odd = [s.path.name for s in slices if not np.allclose(s.spacing, spacing, rtol=1e-3)]
+    if odd:
+        warnings.warn(
+            f"{series_dir}: slices {odd[:5]}{' ...' if len(odd) > 5 else ''} have a PixelSpacing other than "
+            f"{slices[0].path.name}'s {spacing.tolist()}; the series uses {spacing.tolist()} mm",
+            stacklevel=3,
+        )
 
 
 def _check_unique_instances(slices: list[_Slice], series_dir: Path) -> None:

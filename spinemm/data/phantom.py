@@ -151,8 +151,10 @@ def _write_study(
     rng: np.random.Generator,
     image_size: int,
     seed: int,
+    oblique_axial: bool = False,
 ) -> dict[str, tuple]:
-    """Scan one study and write its series.
+    """Scan one study and write its series (the axial ones as per-level oblique blocks when
+    ``oblique_axial``).
 
     Returns, per plane, ``(series_id, plan, anatomy)`` of its first series: the one labelled.
     """
@@ -161,7 +163,7 @@ def _write_study(
     primary: dict[str, tuple] = {}
     for number, (series_id, description) in enumerate(series, start=1):
         if description == "Axial T2":
-            plan = plan_axial(rng, anat, image_size)
+            plan = plan_axial(rng, anat, image_size, oblique=oblique_axial)
         else:
             plan = plan_sagittal(rng, anat, description, image_size)
         stored, slope, intercept = acquire(rng, anat, plan)
@@ -183,8 +185,9 @@ def _write_study(
 def _study_job(job: tuple) -> list[tuple]:
     """Write one study (a worker's unit: every study has its own random stream, so the output does
     not depend on which process writes it); returns its coordinate rows (none for a test study)."""
-    root, split, study_id, series, severity, stream, image_size, seed, labelled = job
-    primary = _write_study(root, split, study_id, series, severity, np.random.default_rng(stream), image_size, seed)
+    root, split, study_id, series, severity, stream, image_size, seed, labelled, oblique = job
+    primary = _write_study(root, split, study_id, series, severity, np.random.default_rng(stream), image_size, seed,
+                           oblique)
     return [] if labelled is None else _coordinate_rows(study_id, primary, labelled)
 
 
@@ -260,6 +263,7 @@ def make_phantom(
     label_noise: float = 0.1,
     progress: bool = True,
     workers: int | None = 1,
+    oblique_axial: float = 0.0,
 ) -> Path:
     """Write a synthetic RSNA 2024 Lumbar Spine dataset under ``root`` and return ``root``.
 
@@ -275,12 +279,17 @@ def make_phantom(
       official scores of the oracle (``P(recorded | true)`` per row) and of the training prior.
 
     Studies are written by ``workers`` processes (1: in this process; None: one per available core,
-    8 studies or more each). Worker processes are spawned, so a script that asks for them must
+    8 studies or more each). ``oblique_axial``: the share of studies whose Axial T2 series are
+    acquired as one block per level, each perpendicular to the spine at its own disc (so the slices
+    of one series differ in orientation, as in many real studies); 0 keeps one orientation per
+    series (and the output of earlier versions). Worker processes are spawned, so a script that asks for them must
     call ``make_phantom`` under ``if __name__ == "__main__":``, as for a DataLoader's workers. Same arguments give byte-identical tables and identical pixels, whatever ``workers``. ``root`` must not already hold
     phantom outputs (else SpineDataError). Raises ValueError on bad arguments.
     """
     n_test = max(2, n_studies // 5) if n_test is None else n_test
     _check_args(n_studies, n_test, image_size, label_noise, workers)
+    if not 0.0 <= float(oblique_axial) <= 1.0:
+        raise ValueError(f"oblique_axial must be in [0, 1], got {oblique_axial!r}")
     root = Path(root)
     clash = [name for name in _OUTPUTS if (root / name).exists()]
     if clash:
@@ -299,9 +308,11 @@ def make_phantom(
     labelled = (recorded != MISSING_LABEL) & (coord_rng.random(recorded.shape) >= MISSING_COORDINATE_RATE)
 
     study_ss = images_ss.spawn(n_total)  # one stream per study: its anatomy, scans and file order
+    # a stream of its own, so the other studies come out as without the option
+    oblique = np.random.default_rng([seed, 14]).random(n_total) < oblique_axial
     jobs = [
         (root, str(split[i]), int(study_ids[i]), series[i], severity[i], study_ss[i], image_size, seed,
-         labelled[i] if split[i] == "train" else None)
+         labelled[i] if split[i] == "train" else None, bool(oblique[i]))
         for i in range(n_total)
     ]
     coord_rows: list[tuple] = []
@@ -368,5 +379,8 @@ def make_phantom(
         ],
         **scores,
     }
+    if oblique_axial:
+        info["oblique_axial"] = float(oblique_axial)
+        info["studies_oblique_axial"] = sorted(int(study_ids[i]) for i in np.flatnonzero(oblique))
     (root / "phantom_info.json").write_text(json.dumps(info, indent=2) + "\n")
     return root

@@ -35,10 +35,18 @@ class SeriesPlan:
     gap: float  # SpacingBetweenSlices, mm
     size: int
     instance_numbers: np.ndarray  # int64 [S]
+    # float64 [S, 2, 3]: each slice's own cosines, for blocks angled per level; None: all ``orientation``
+    orientations: np.ndarray | None = None
 
     @property
     def normal(self) -> np.ndarray:
         return np.cross(self.orientation[0], self.orientation[1])
+
+    def slice_orientations(self) -> np.ndarray:
+        """float64 [S, 2, 3]: every slice's (row, column) cosines."""
+        if self.orientations is not None:
+            return self.orientations
+        return np.broadcast_to(self.orientation, (len(self.positions), 2, 3))
 
     @property
     def sequence(self) -> str:
@@ -83,42 +91,56 @@ def plan_sagittal(rng: np.random.Generator, anat: Anatomy, description: str, siz
     )
 
 
-def plan_axial(rng: np.random.Generator, anat: Anatomy, size: int) -> SeriesPlan:
-    """3-5 parallel slices centred on the canal at each graded disc; one oblique orientation.
+def plan_axial(rng: np.random.Generator, anat: Anatomy, size: int, oblique: bool = False) -> SeriesPlan:
+    """3-5 parallel slices centred on the canal at each graded disc.
 
-    The stack is perpendicular to the spine between L3/L4 and L4/L5 (tilted a few degrees), so
-    every level's slices cut the canal at its disc. Instance numbers follow the levels in a random
+    ``oblique=False``: one orientation, perpendicular to the spine between L3/L4 and L4/L5 (tilted
+    a few degrees), so every level's slices cut the canal at its disc. ``oblique=True``: each
+    level's block is perpendicular to the spine at its own disc (as real protocols angle each
+    block), so the series holds five orientations. Instance numbers follow the levels in a random
     order, so they are not in geometric order.
     """
     mid = 0.5 * (anat.disc_s[-3] + anat.disc_s[-2])
-    tangent, posterior = curve_frame(anat, mid)
     beta = np.deg2rad(rng.uniform(-4.0, 4.0))
-    col = np.cos(beta) * posterior + np.sin(beta) * tangent
-    orientation = np.round(np.stack([np.array([1.0, 0.0, 0.0]), col]), 6)
-    normal = np.cross(orientation[0], orientation[1])  # towards the head
     gap = round(rng.uniform(3.0, 4.0), 4)
     spacing = round(rng.uniform(150.0, 200.0) / size, 6)
-    origin = to_patient(anat, mid, 10 * anat.scale + rng.uniform(-8, 8), rng.uniform(-8, 8))
-    in_plane = origin - (origin @ normal) * normal  # image centre, common to all slices
-
-    blocks = []
+    shift = (10 * anat.scale + rng.uniform(-8, 8), rng.uniform(-8, 8))  # image centre off the canal
+    # per level: (orientation, centre of the image plane through the origin, depth of the canal)
+    frames = []
     for level in range(5):
-        target = finding_point(anat, 0, level) @ normal
+        s_level = anat.disc_s[-5 + level] if oblique else mid
+        tangent, posterior = curve_frame(anat, s_level)
+        col = np.cos(beta) * posterior + np.sin(beta) * tangent
+        orientation = np.round(np.stack([np.array([1.0, 0.0, 0.0]), col]), 6)
+        normal = np.cross(orientation[0], orientation[1])  # towards the head
+        origin = to_patient(anat, s_level, *shift)
+        frames.append((orientation, origin - (origin @ normal) * normal, finding_point(anat, 0, level) @ normal))
+
+    centres, per_slice, blocks = [], [], []
+    for orientation, in_plane, target in frames:
+        normal = np.cross(orientation[0], orientation[1])
         m = int(rng.integers(3, 6))
-        blocks.append(target + (np.arange(m)[::-1] - (m - 1) / 2) * gap)  # head first
-    depth = np.concatenate(blocks)
-    starts = np.cumsum([0] + [len(b) for b in blocks])
+        depth = target + (np.arange(m)[::-1] - (m - 1) / 2) * gap  # head first
+        centres.append(in_plane + depth[:, None] * normal)
+        per_slice += [orientation] * m
+        blocks.append(m)
+    starts = np.cumsum([0, *blocks])
     direction = 1 if rng.random() < 0.5 else -1
     order = np.concatenate([np.arange(starts[b], starts[b + 1])[::direction] for b in rng.permutation(5)])
+    orientations = np.stack(per_slice)
+    positions = np.concatenate(
+        [_stack(c, o, spacing, size) for c, o in zip(centres, (f[0] for f in frames), strict=True)]
+    )
     return SeriesPlan(
         description="Axial T2",
-        positions=_stack(in_plane + depth[:, None] * normal, orientation, spacing, size),
-        orientation=orientation,
+        positions=positions,
+        orientation=orientations[0],
         pixel_spacing=spacing,
         thickness=round(gap * rng.uniform(0.85, 1.0), 4),
         gap=gap,
         size=size,
         instance_numbers=_numbering(rng, order),
+        orientations=orientations if oblique else None,
     )
 
 
@@ -126,12 +148,11 @@ def _pixel_points(plan: SeriesPlan) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     """Patient coordinates (x, y, z), each float32 ``[S, H, W]``, of every pixel centre."""
     idx = np.arange(plan.size, dtype=np.float32) * np.float32(plan.pixel_spacing)
     rows, cols = idx[None, :, None], idx[None, None, :]
+    cosines = plan.slice_orientations().astype(np.float32)[:, :, :, None, None]  # [S, 2, 3, 1, 1]
     out = []
     for d in range(3):
         origin = plan.positions[:, d].astype(np.float32)[:, None, None]
-        out.append(
-            origin + cols * np.float32(plan.orientation[0, d]) + rows * np.float32(plan.orientation[1, d])
-        )
+        out.append(origin + cols * cosines[:, 0, d] + rows * cosines[:, 1, d])
     return out[0], out[1], out[2]
 
 
@@ -168,14 +189,19 @@ def acquire(rng: np.random.Generator, anat: Anatomy, plan: SeriesPlan) -> tuple[
 
 
 def locate(plan: SeriesPlan, point: np.ndarray) -> tuple[int, float, float]:
-    """The slice nearest ``point`` (patient mm) and its (x = column, y = row) in that slice's pixels."""
-    k = int(np.argmin(np.abs((point - plan.positions) @ plan.normal)))
-    delta = point - plan.positions[k]
-    return (
-        k,
-        float(delta @ plan.orientation[0] / plan.pixel_spacing),
-        float(delta @ plan.orientation[1] / plan.pixel_spacing),
-    )
+    """The slice nearest ``point`` (patient mm) and its (x = column, y = row) in that slice's pixels.
+
+    Distances are to each slice's own plane, among the slices whose image holds the point's
+    projection (the planes of other levels' blocks extend far beyond their images)."""
+    cosines = plan.slice_orientations()
+    delta = point - plan.positions  # [S, 3]
+    normals = np.cross(cosines[:, 0], cosines[:, 1])
+    x = np.einsum("sd,sd->s", delta, cosines[:, 0]) / plan.pixel_spacing
+    y = np.einsum("sd,sd->s", delta, cosines[:, 1]) / plan.pixel_spacing
+    inside = (x >= -0.5) & (x <= plan.size - 0.5) & (y >= -0.5) & (y <= plan.size - 0.5)
+    distance = np.abs(np.einsum("sd,sd->s", delta, normals)) + np.where(inside, 0.0, 1e6)
+    k = int(np.argmin(distance))
+    return k, float(x[k]), float(y[k])
 
 
 def make_uid(*parts: object) -> str:
@@ -256,6 +282,9 @@ def write_series(
         ds.SOPInstanceUID = sop_uid
         ds.InstanceNumber = instance
         ds.ImagePositionPatient = _ds(plan.positions[k])
+        if plan.orientations is not None:
+            ds.ImageOrientationPatient = _ds(plan.orientations[k])
+            normal = np.cross(plan.orientations[k][0], plan.orientations[k][1])
         ds.SliceLocation = _ds([plan.positions[k] @ normal])[0]
         ds.PixelData = np.ascontiguousarray(stored[k]).tobytes()
         dcmwrite(path, ds, enforce_file_format=True)

@@ -7,12 +7,15 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Series", "map_point"]
+from spinemm.errors import SpineDataError
+
+__all__ = ["Series", "map_point", "series_files"]
 
 NOMINAL_ORIENTATION = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
 
@@ -34,48 +37,123 @@ class Series:
     pixel_spacing: tuple[float, float]  # (row_mm, col_mm) = PixelSpacing
     slice_spacing: float  # median gap between slices along the normal, mm
     files: list[Path] = field(default_factory=list)  # in sorted order
+    # float64 [S, 2, 3]: each slice's own (row, column) cosines when the series has blocks of
+    # differing orientation; None when every slice has ``orientation``.
+    orientations: np.ndarray | None = None
     # False: ``volume`` holds physical intensities (read_series). True: it holds the series'
     # 0.5/99.5 percentile window mapped to [0, 1] as float16, the form every stage reads
     # (:class:`~spinemm.data.store.SeriesStore` keeps series this way).
     windowed: bool = False
 
-    def _slice_origin(self, k: np.ndarray) -> np.ndarray:
-        """Patient position of pixel (0, 0) at fractional slice index ``k`` [N] -> [N, 3].
+    def blocks(self) -> list[np.ndarray]:
+        """Indices of each block of parallel slices, in order (one block unless ``orientations``)."""
+        if self.orientations is None or len(self.orientations) < 2:
+            return [np.arange(len(self.positions))]
+        change = np.abs(np.diff(self.orientations.reshape(len(self.orientations), 6), axis=0)).max(axis=1) > 1e-6
+        return np.split(np.arange(len(self.positions)), np.flatnonzero(change) + 1)
+
+    def slice_orientations(self) -> np.ndarray:
+        """float64 [S, 2, 3]: every slice's (row, column) cosines."""
+        if self.orientations is not None:
+            return self.orientations
+        return np.broadcast_to(self.orientation, (len(self.positions), 2, 3))
+
+    def voxel_to_patient(self, points: np.ndarray) -> np.ndarray:
+        """Map voxel points ``[N, 3]`` as (x=col, y=row, k=slice) to patient LPS mm ``[N, 3]``.
+
+        A fractional ``k`` lies between the two slices around it (linear in their positions) when
+        both are of one block; otherwise on the nearest slice's plane, moved along its normal.
+        """
+        pts = _as_points(points)
+        out = np.empty_like(pts)
+        for block in self.blocks():
+            first, last = int(block[0]), int(block[-1])
+            k = pts[:, 2]
+            near = np.clip(np.rint(k), 0, len(self.positions) - 1)
+            mine = (near >= first) & (near <= last)
+            if mine.any():
+                out[mine] = self._block_to_patient(pts[mine], first, last)
+        return out
+
+    def patient_to_voxel(self, points: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`voxel_to_patient`: patient LPS mm ``[N, 3]`` -> (x, y, k) floats ``[N, 3]``.
+
+        With several blocks, a point goes to the block whose extent along its own normal (half a gap
+        beyond its end slices) holds it, nearest slice first; a point outside every block goes to
+        the block with the nearest slice plane.
+        """
+        pts = _as_points(points)
+        blocks = self.blocks()
+        if len(blocks) == 1:
+            return self._patient_to_block(pts, 0, len(self.positions) - 1)
+        candidates = [self._patient_to_block(pts, int(b[0]), int(b[-1])) for b in blocks]
+        # rank: outside the block's extent after every inside one, then by distance to the nearest slice
+        ranks = np.stack([self._block_distance(pts, int(b[0]), int(b[-1])) for b in blocks])  # [B, N]
+        best = np.argmin(ranks, axis=0)
+        return np.stack([candidates[b][i] for i, b in enumerate(best)]) if len(pts) else pts.copy()
+
+    # ------------------------------------------------------------------------- one block
+    def _block_frame(self, first: int) -> tuple[np.ndarray, np.ndarray]:
+        """(orientation [2, 3], unit normal [3]) of the block starting at slice ``first``."""
+        orientation = self.slice_orientations()[first]
+        if self.orientations is None:
+            return orientation, self.normal
+        normal = np.cross(orientation[0], orientation[1])
+        return orientation, normal / np.linalg.norm(normal)
+
+    def _block_gap(self, first: int, last: int, normal: np.ndarray) -> float:
+        if last > first:
+            gaps = np.diff(self.positions[first : last + 1] @ normal)
+            if np.median(gaps) > 0:
+                return float(np.median(gaps))
+        return self.slice_spacing
+
+    def _slice_origin(self, k: np.ndarray, first: int, last: int, normal: np.ndarray) -> np.ndarray:
+        """Patient position of pixel (0, 0) at fractional slice index ``k`` [N] -> [N, 3] of the block.
 
         Linear interpolation between the actual slice positions (so non-uniform gaps are exact at
-        every slice); beyond either end the end segment is extended.
+        every slice); beyond either end of the block the end segment is extended.
         """
-        if len(self.positions) == 1:
-            return self.positions[0] + k[:, None] * self.slice_spacing * self.normal
-        seg = np.clip(np.floor(k).astype(np.int64), 0, len(self.positions) - 2)
+        if last == first:
+            return self.positions[first] + (k - first)[:, None] * self._block_gap(first, last, normal) * normal
+        seg = np.clip(np.floor(k).astype(np.int64), first, last - 1)
         t = (k - seg)[:, None]
         return self.positions[seg] + t * (self.positions[seg + 1] - self.positions[seg])
 
-    def voxel_to_patient(self, points: np.ndarray) -> np.ndarray:
-        """Map voxel points ``[N, 3]`` as (x=col, y=row, k=slice) to patient LPS mm ``[N, 3]``."""
-        pts = _as_points(points)
+    def _block_to_patient(self, pts: np.ndarray, first: int, last: int) -> np.ndarray:
+        orientation, normal = self._block_frame(first)
         row_mm, col_mm = self.pixel_spacing
         # x walks along the row direction by the column spacing, y along the column direction.
-        in_plane = pts[:, :1] * col_mm * self.orientation[0] + pts[:, 1:2] * row_mm * self.orientation[1]
-        return self._slice_origin(pts[:, 2]) + in_plane
+        in_plane = pts[:, :1] * col_mm * orientation[0] + pts[:, 1:2] * row_mm * orientation[1]
+        return self._slice_origin(pts[:, 2], first, last, normal) + in_plane
 
-    def patient_to_voxel(self, points: np.ndarray) -> np.ndarray:
-        """Inverse of :meth:`voxel_to_patient`: patient LPS mm ``[N, 3]`` -> (x, y, k) floats ``[N, 3]``."""
-        pts = _as_points(points)
-        depth = pts @ self.normal  # [N] distance along the normal
-        proj = self.positions @ self.normal  # [S], ascending by construction
+    def _patient_to_block(self, pts: np.ndarray, first: int, last: int) -> np.ndarray:
+        orientation, normal = self._block_frame(first)
+        depth = pts @ normal  # [N] distance along the normal
+        proj = self.positions[first : last + 1] @ normal  # ascending by construction
         if len(proj) == 1:
-            k = (depth - proj[0]) / self.slice_spacing
+            k = first + (depth - proj[0]) / self._block_gap(first, last, normal)
         else:
             seg = np.clip(np.searchsorted(proj, depth, side="right") - 1, 0, len(proj) - 2)
             gap = proj[seg + 1] - proj[seg]
             safe = np.where(gap == 0, 1.0, gap)  # duplicate positions: stay on the first of the two
-            k = seg + np.where(gap == 0, 0.0, (depth - proj[seg]) / safe)
-        delta = pts - self._slice_origin(k)
+            k = first + seg + np.where(gap == 0, 0.0, (depth - proj[seg]) / safe)
+        delta = pts - self._slice_origin(k, first, last, normal)
         row_mm, col_mm = self.pixel_spacing
-        x = delta @ self.orientation[0] / col_mm
-        y = delta @ self.orientation[1] / row_mm
+        x = delta @ orientation[0] / col_mm
+        y = delta @ orientation[1] / row_mm
         return np.stack([x, y, k], axis=1)
+
+    def _block_distance(self, pts: np.ndarray, first: int, last: int) -> np.ndarray:
+        """[N] distance (mm) from each point to the block's nearest slice plane, plus a large
+        penalty when the point lies beyond the block's extent along its normal."""
+        _, normal = self._block_frame(first)
+        depth = pts @ normal
+        proj = self.positions[first : last + 1] @ normal
+        half = self._block_gap(first, last, normal) / 2
+        nearest = np.abs(depth[:, None] - proj[None, :]).min(axis=1)
+        outside = (depth < proj.min() - half) | (depth > proj.max() + half)
+        return nearest + np.where(outside, 1e6, 0.0)
 
 
 def map_point(src: Series, x: float, y: float, k: float, dst: Series) -> tuple[float, float, float]:
@@ -94,3 +172,39 @@ def _as_points(points: np.ndarray) -> np.ndarray:
     if pts.ndim != 2 or pts.shape[1] != 3:
         raise ValueError(f"points must have shape [N, 3], got {tuple(pts.shape)}")
     return pts
+
+
+def series_files(series_dir: Path) -> list[Path]:
+    """The DICOM files of a series folder, sorted by name: what ``read_series`` reads and the cache hashes.
+
+    A file named ``*.dcm`` in any case is taken as DICOM (a broken one then fails loudly when read);
+    any other file is taken when it carries the DICOM preamble (``DICM`` at byte 128), so slices named
+    ``1.DCM`` or ``1`` are not lost. Other files and subfolders are left out with a warning naming them.
+    """
+    series_dir = Path(series_dir)
+    if not series_dir.is_dir():
+        raise SpineDataError(f"{series_dir}: not a series folder")
+    files, ignored = [], []
+    for path in sorted(series_dir.iterdir()):
+        if path.is_file() and (path.suffix.lower() == ".dcm" or _has_dicom_preamble(path)):
+            files.append(path)
+        else:
+            ignored.append(path.name)
+    if not files:
+        raise SpineDataError(f"{series_dir}: no DICOM files in series folder" + (f" (found {ignored[:5]})" if ignored else ""))
+    if ignored:
+        warnings.warn(
+            f"{series_dir}: ignoring {len(ignored)} entries that are not DICOM files: {ignored[:5]}"
+            f"{' ...' if len(ignored) > 5 else ''}",
+            stacklevel=3,
+        )
+    return files
+
+
+def _has_dicom_preamble(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return head[128:132] == b"DICM"

@@ -31,16 +31,10 @@ from safetensors import safe_open
 from safetensors.torch import save as save_tensors
 
 from ..errors import SpineDataError
-from .cache import FORMAT_VERSION, SeriesCache, write_atomic
+from .cache import FORMAT_VERSION, SeriesCache, key_context, write_atomic
 from .series import Series
 from .tables import series_path
-from .transforms import (
-    INTENSITY_PERCENTILES,
-    PERCENTILE_SAMPLES,
-    PreprocessedSeries,
-    intensity_window,
-    to_unit_float16,
-)
+from .transforms import PreprocessedSeries, intensity_window, to_unit_float16
 
 __all__ = ["SeriesStore", "windowed"]
 
@@ -56,7 +50,7 @@ def windowed(series: Series) -> Series:
     return Series(volume=unit, instance_numbers=series.instance_numbers, instance_to_index=series.instance_to_index,
                   positions=series.positions, orientation=series.orientation, normal=series.normal,
                   pixel_spacing=series.pixel_spacing, slice_spacing=series.slice_spacing, files=series.files,
-                  windowed=True)
+                  orientations=series.orientations, windowed=True)
 
 
 class SeriesStore:
@@ -179,8 +173,7 @@ class SeriesStore:
 
 def _entry_key(content: str) -> str:
     """Cache key of a whole windowed series (distinct from every low-resolution stack key)."""
-    params = {"version": FORMAT_VERSION, "kind": "windowed-series", "percentiles": list(INTENSITY_PERCENTILES),
-              "percentile_samples": PERCENTILE_SAMPLES}
+    params = {**key_context(), "kind": "windowed-series"}
     blob = content + json.dumps(params, sort_keys=True)
     return hashlib.blake2b(blob.encode(), digest_size=20).hexdigest()
 
@@ -193,6 +186,8 @@ def _write_entry(path: Path, series: Series) -> None:
         "orientation": torch.from_numpy(np.ascontiguousarray(series.orientation, dtype=np.float64)),
         "normal": torch.from_numpy(np.ascontiguousarray(series.normal, dtype=np.float64)),
     }
+    if series.orientations is not None:  # blocks of differing orientation (per-level oblique axials)
+        tensors["orientations"] = torch.from_numpy(np.ascontiguousarray(series.orientations, dtype=np.float64))
     meta = {"version": FORMAT_VERSION, "pixel_spacing": list(series.pixel_spacing),
             "slice_spacing": series.slice_spacing, "files": [p.name for p in series.files]}
     write_atomic(path, save_tensors(tensors, metadata={"spinemm": json.dumps(meta)}))
@@ -213,12 +208,16 @@ def _read_entry(path: Path, series_dir: Path) -> Series | None:
             raise ValueError("geometry does not match the volume")
         if any(Path(name).name != name for name in meta["files"]):
             raise ValueError("file names with a folder part")
+        orientations = arrays.get("orientations")
+        if orientations is not None and orientations.shape != (len(volume), 2, 3):
+            raise ValueError(f"orientations of shape {orientations.shape} for {len(volume)} slices")
         return Series(volume=volume, instance_numbers=instances,
                       instance_to_index={int(n): i for i, n in enumerate(instances)},
                       positions=arrays["positions"], orientation=arrays["orientation"], normal=arrays["normal"],
                       pixel_spacing=tuple(float(v) for v in meta["pixel_spacing"]),
                       slice_spacing=float(meta["slice_spacing"]),
-                      files=[series_dir / name for name in meta["files"]], windowed=True)
+                      files=[series_dir / name for name in meta["files"]], orientations=orientations,
+                      windowed=True)
     except Exception as err:  # safetensors raises its own error types; any failure means "rebuild"
         warnings.warn(f"corrupt cache entry {path} ({type(err).__name__}: {err}); rebuilding it", stacklevel=3)
         return None

@@ -67,6 +67,9 @@ def read_csv(path: Path, columns: Iterable[str]) -> pd.DataFrame:
         with warnings.catch_warnings():
             warnings.simplefilter("error", pd.errors.ParserWarning)
             frame = pd.read_csv(path, dtype=str, na_filter=False, skip_blank_lines=False, index_col=False)
+            # pandas renames a repeated header ("x", "x.1"), so one copy would win silently: read
+            # the header as written to catch it.
+            header = pd.read_csv(path, dtype=str, header=None, nrows=1, na_filter=False, index_col=False)
     except pd.errors.EmptyDataError as err:
         raise SpineDataError(f"{path}: file is empty (expected a header line)") from err
     except pd.errors.ParserWarning as err:
@@ -74,6 +77,14 @@ def read_csv(path: Path, columns: Iterable[str]) -> pd.DataFrame:
     except (pd.errors.ParserError, UnicodeDecodeError, OSError) as err:
         raise SpineDataError(f"{path}: cannot parse as CSV: {err}") from err
     frame.columns = [str(c).strip() for c in frame.columns]
+    written = [str(c).strip() for c in header.iloc[0]] if len(header) else []
+    repeated = sorted({c for c in written if written.count(c) > 1})
+    if repeated:
+        raise SpineDataError(
+            f"{path}: line 1 (header) repeats column {repeated[0]!r}"
+            + (f" (and {len(repeated) - 1} more)" if len(repeated) > 1 else "")
+            + "; each column must appear once"
+        )
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise SpineDataError(

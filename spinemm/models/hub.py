@@ -7,6 +7,7 @@ them and the folder the loader will then read, plus the config key that takes a 
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -55,7 +56,35 @@ def resolve_files(
     ``source`` is a local folder, a local file (when exactly one file is asked for), or a hub repo
     id. Returns ``{first alternative of each spec: local path}``. ``setting`` is the config key
     (e.g. ``"vision.pretrained"``) a user can point at a local folder instead; it goes in the error.
+    Each file found is checked for its format (:func:`check_file_format`) before it is handed out.
     """
+    found = _resolve(source, files, setting=setting, optional=optional)
+    for path in found.values():
+        check_file_format(path)
+    return found
+
+
+def check_file_format(path: Path) -> None:
+    """Raise SpineModelError naming ``path`` when a ``.safetensors`` file has no valid safetensors
+    header (e.g. a pickle renamed, a truncated download) or a ``.json`` file is not JSON. Both
+    checks read only the header or the small JSON file; other files pass unchecked."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt"):  # parses the header, checks the offsets
+                pass
+        elif suffix == ".json":
+            json.loads(path.read_text(encoding="utf-8"))
+    except Exception as exc:  # safetensors raises its own error type; json and decoding raise ValueErrors
+        kind = "safetensors" if suffix == ".safetensors" else "JSON"
+        raise SpineModelError(f"{path}: not a valid {kind} file ({type(exc).__name__}: {exc})") from exc
+
+
+def _resolve(
+    source: str | os.PathLike, files: Sequence[FileSpec], *, setting: str, optional: Sequence[FileSpec]
+) -> dict[str, Path]:
     path = Path(source).expanduser()
     if path.is_file():
         if len(files) != 1:

@@ -104,7 +104,10 @@ class BertTextTower(TextTower):
 def _load_tokenizer(folder: Path) -> Any:
     from transformers import BertTokenizerFast
 
-    return BertTokenizerFast.from_pretrained(str(folder))
+    try:
+        return BertTokenizerFast.from_pretrained(str(folder))
+    except Exception as exc:  # the tokenizers library raises a bare Exception for a malformed file
+        raise SpineModelError(f"{folder}: cannot load the tokenizer files ({type(exc).__name__}: {exc})") from exc
 
 
 def _saved_tokenizer(ctx: BuildContext) -> Any:

@@ -6,12 +6,19 @@ as safetensors, optimizer, scheduler, per-process RNG states, GradScaler) plus `
 ``checkpoint-STEP.tmp`` first and renamed into place only once complete, so a kill during a save
 leaves the previous checkpoint as the latest loadable one; stale ``.tmp`` folders are ignored and
 swept by the next save. accelerate reads its files back with ``torch.load(weights_only=True)``.
+
+Resuming restores everything or fails: a file that cannot be read (a pickle that is refused, a
+truncated or missing file) raises :class:`~spinemm.errors.SpineModelError` naming it, and the RNG
+states, which accelerate skips with only a log line when they do not load, are restored here again
+with errors raised, because a resumed run that draws other random numbers no longer repeats the
+uninterrupted one.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 from pathlib import Path
@@ -21,6 +28,7 @@ from ..errors import SpineModelError
 
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
+FILES_KEY = "checkpoint_files"  # in trainer_state.json: the files the save wrote beside it
 _NAME = re.compile(rf"^{PREFIX}(\d+)$")
 
 
@@ -81,7 +89,10 @@ def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, state: 
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
     if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps({"step": int(step), **state}, indent=2))
+        # The file list lets a resume name a file that has gone missing since (accelerate would
+        # otherwise look for another format's file, or skip the RNG states).
+        files = sorted(p.name for p in tmp.iterdir())
+        (tmp / STATE_FILE).write_text(json.dumps({"step": int(step), **state, FILES_KEY: files}, indent=2))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _commit(tmp, final)
@@ -94,10 +105,71 @@ def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, state: 
 
 
 def load_checkpoint(accelerator: Any, path: str | Path) -> dict[str, Any]:
-    """Restore the accelerator state from ``path``; returns its ``trainer_state.json``."""
+    """Restore the accelerator state (weights, optimizer, scheduler, sampler, scaler, RNG) from
+    ``path``; returns its ``trainer_state.json``. Anything that cannot be restored raises
+    SpineModelError naming the file."""
     path = Path(path)
     state_file = path / STATE_FILE
     if not state_file.is_file():
         raise SpineModelError(f"{path} is not a complete checkpoint (no {STATE_FILE})")
-    accelerator.load_state(str(path))
-    return json.loads(state_file.read_text())
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise SpineModelError(f"{state_file}: unreadable trainer state ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise SpineModelError(f"{state_file}: expected a JSON object with an integer 'step', got {str(state)[:80]!r}")
+    files = state.pop(FILES_KEY, [])  # absent in checkpoints saved before it was written
+    if not isinstance(files, list):
+        raise SpineModelError(f"{state_file}: {FILES_KEY!r} must be a list of file names, got {files!r}")
+    missing = [name for name in files if not (path / str(name)).exists()]
+    if missing:
+        raise SpineModelError(f"cannot resume from {path}: {path / str(missing[0])} is missing"
+                              + (f" (and {missing[1:]})" if len(missing) > 1 else ""))
+    try:
+        accelerator.load_state(str(path))
+    except Exception as exc:  # torch, safetensors and accelerate each raise their own kinds
+        raise SpineModelError(
+            f"cannot resume from {path}: {_unreadable_file(path)}({type(exc).__name__}: {exc})"
+        ) from exc
+    _restore_rng(accelerator, path)
+    return state
+
+
+def _unreadable_file(path: Path) -> str:
+    """``"<file> cannot be read "`` for the first file of a checkpoint that does not load on its
+    own, or "" when each loads (the fault is then in how the states fit the objects)."""
+    from accelerate.utils import load
+    from safetensors import safe_open
+
+    for file in sorted(path.iterdir()):
+        try:
+            if file.suffix == ".safetensors":
+                with safe_open(str(file), framework="pt"):
+                    pass
+            elif file.suffix in (".bin", ".pkl"):
+                load(file, map_location="cpu")
+        except Exception:
+            return f"{file} cannot be read "
+    return ""
+
+
+def _restore_rng(accelerator: Any, path: Path) -> None:
+    """Set the Python, NumPy, torch (and CUDA) generators from this process's saved RNG states."""
+    import numpy as np
+    import torch
+    from accelerate.utils import load
+    from accelerate.utils.constants import RNG_STATE_NAME
+
+    file = path / f"{RNG_STATE_NAME}_{accelerator.process_index}.pkl"
+    if not file.is_file():
+        raise SpineModelError(f"{file} is missing: without the RNG states a resumed run would not repeat the "
+                              f"uninterrupted one")
+    try:
+        states = load(file)
+        random.setstate(states["random_state"])
+        np.random.set_state(states["numpy_random_seed"])
+        torch.set_rng_state(states["torch_manual_seed"])
+        if torch.cuda.is_available() and "torch_cuda_manual_seed" in states:
+            torch.cuda.set_rng_state_all(states["torch_cuda_manual_seed"])
+    except Exception as exc:  # a refused pickle, a truncated file, a state of the wrong form
+        raise SpineModelError(f"{file}: cannot restore the RNG states ({type(exc).__name__}: {exc})") from exc

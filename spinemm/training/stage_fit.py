@@ -90,7 +90,10 @@ def fit_stage(config: dict[str, Any], section: str, module: torch.nn.Module, tra
     if "state" in best:
         module.load_state_dict(best["state"])
     elif (output_dir / BEST).is_file():  # resumed after the best epoch: it is on disk
-        module.load_state_dict(load_file(str(output_dir / BEST)))
+        try:
+            module.load_state_dict(load_file(str(output_dir / BEST)))
+        except Exception as exc:  # safetensors' own error types, or keys/shapes of another model
+            raise SpineModelError(f"{output_dir / BEST}: cannot restore the best epoch's weights ({exc})") from exc
     if metrics is None:  # resumed after the run had finished
         metrics = eval_fn(module)
     module.eval()
