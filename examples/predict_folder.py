@@ -14,13 +14,13 @@ import spinemm
 def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", required=True,
-                        help="a pipeline folder (recipes/train_stages.py), a model folder, or a preset name")
+                        help="a pipeline folder (recipes/train_stages.py), a model folder, a preset or hf-hub:org/name")
     parser.add_argument("--data", required=True, help="a folder with test_series_descriptions.csv + test_images/")
     parser.add_argument("--out", required=True)
     parser.add_argument("--split", default="test")
     args = parser.parse_args(argv)
 
-    model = spinemm.load_pipeline(args.model) if args.model not in spinemm.list_models() else spinemm.create_model(args.model)
+    model = spinemm.load_pipeline(args.model)   # any model name: a folder, a preset, hf-hub:org/name
     result = spinemm.predict(model, args.data, split=args.split)  # every stage's output
     submission, locations = result
     out = Path(args.out)

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> np.ndarray:
     parser.add_argument("--max-crops", type=int, default=16)
     args = parser.parse_args(argv)
 
-    model = spinemm.load_model(args.model) if args.model not in spinemm.list_models() else spinemm.create_model(args.model)
+    model = spinemm.load_model(args.model)   # a saved folder, a preset (untrained here) or hf-hub:org/name
     frame = spinemm.data.load_tables(args.data, "train")
     rows = frame[(frame.condition == args.condition) & frame.instance_number.notna() & (frame.label >= 0)]
     rows = rows.head(args.max_crops)

@@ -14,7 +14,7 @@ import pandas as pd
 
 from .constants import CONDITIONS, LEVELS, SEVERITIES
 from .report import grade_table, grade_table_html, image, preformatted, recorded_grades, write_index
-from .viz import attention_png, finding_label, location_overlays, stage_curves_png
+from .viz import attention_png, finding_label, location_overlays, predicted_grades, stage_curves_png
 
 #: Per stage: the panel title and the validation keys of its history drawn on the right axis.
 STAGE_CURVES = {
@@ -34,12 +34,14 @@ def report_pictures(report: Path, root: Path, result: Any, pipeline: Any, store:
     stages = [{"title": STAGE_CURVES[name][0], "history": history, "keys": STAGE_CURVES[name][1]}
               for name, history in histories.items()]
     submission = result.submission()
+    shown = most_abnormal_studies(submission, N_TABLES)  # the overlay and the tables show the same studies
+    locations = result.locations()
     pictures: dict[str, Any] = {
         "stage_curves": stage_curves_png(stages, report / "stage_curves.png"),
-        "overlays": location_overlays(root, result.locations(), report, split="test", max_studies=1, truth=truth,
-                                      store=store, submission=submission),
+        "overlays": location_overlays(root, locations[locations.study_id == shown[0]], report, split="test",
+                                      max_studies=1, truth=truth, store=store, submission=submission),
         "attention": None, "attention_note": "",
-        "tables": [(sid, grade_table(submission, sid, solution)) for sid in result.study_ids[:N_TABLES]],
+        "tables": [(sid, grade_table(submission, sid, solution)) for sid in shown],
     }
     if pipeline.grade is None or type(pipeline.grade.grader).__name__ != "CropGrader":
         pictures["attention_note"] = "This pipeline's grader has no query cross-attention to show (not the clip grader)."
@@ -60,6 +62,13 @@ def report_pictures(report: Path, root: Path, result: Any, pipeline: Any, store:
     pictures["attention"] = attention_png(items, report / "grader_attention.png",
                                           title="the grader's query: cross-attention over its crop (last layer)")
     return pictures
+
+
+def most_abnormal_studies(submission: pd.DataFrame, count: int) -> list[int]:
+    """The studies with the most findings predicted Moderate or Severe (ties: submission order)."""
+    grades = predicted_grades(submission)
+    abnormal = (grades.grade != SEVERITIES[0]).groupby(grades.study_id, sort=False).sum()
+    return [int(s) for s in abnormal.sort_values(ascending=False, kind="stable").index[:count]]
 
 
 def explained_rows(log_probs: np.ndarray, graded: Any, count: int) -> np.ndarray:
@@ -93,7 +102,8 @@ def write_report_page(report: Path, summary: Mapping[str, Any], pictures: Mappin
         ("Training curves of every stage", "<p>Grey: training loss (left axis); colours: the stage's validation "
                                            "metric (right axis).</p>" + image("stage_curves.png", "stage curves")),
         ("Confusion matrix", image("confusion_matrix.png", "confusion matrix")),
-        ("Where each finding is, and its grade", "<p>Predicted points coloured by the final predicted grade, "
+        ("Where each finding is, and its grade", "<p>The held-out study with the most findings predicted Moderate "
+                                                 "or Severe: predicted points coloured by the final predicted grade, "
                                                  "with its probability; white circles are the recorded label "
                                                  "points.</p>" + "".join(image(p.name, "locations")
                                                                          for p in pictures["overlays"])),
@@ -102,7 +112,8 @@ def write_report_page(report: Path, summary: Mapping[str, Any], pictures: Mappin
                                          "most likely abnormal; the probability is the grader's own, before the "
                                          "study context.</p>") if pictures["attention"] else
          f"<p>{pictures['attention_note']}</p>"),
-        ("Grades per level", "".join(f"<h3>study {sid}</h3>{grade_table_html(table)}"
+        ("Grades per level", "<p>The held-out studies with the most findings predicted Moderate or Severe; "
+                             "&#10003;: the recorded grade agrees.</p>" + "".join(f"<h3>study {sid}</h3>{grade_table_html(table)}"
                                      for sid, table in pictures["tables"])),
         ("All metrics", preformatted(metrics_text)),
     ]

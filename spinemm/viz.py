@@ -267,7 +267,7 @@ def location_overlays(root: str | Path, locations: pd.DataFrame, out_dir: str | 
             instance = int(plane_rows.instance_number.mode().iloc[0])
             on_slice = plane_rows[plane_rows.instance_number == instance]
             points = [_overlay_point(r, grades) for r in on_slice.itertuples()]
-            legend = [] if grades is None else [(f"{finding_label(r.condition, r.level)}: {label}", color)
+            legend = [] if grades is None else [(f"{finding_label(r.condition, r.level)}: {label.split(' ', 1)[1]}", color)
                                                 for r, (_, _, label, color) in zip(on_slice.itertuples(), points,
                                                                                    strict=True)]
             if truth is not None:
