@@ -303,12 +303,6 @@ def _edit_config(config: dict, edits: list[tuple]) -> dict:
     return config
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="load_model lets a config.json that parses but does not build (e.g. text heads that do not "
-    "divide its width) escape as a raw ValueError/TypeError from transformers or open_clip; the fix is a "
-    "wrap around build_model in spinemm/models/factory.py::load_model (another owner; see issue 14's report)",
-)
 def test_fuzz_load_model_config(saved_model_files, fuzz_examples):
     def case(drawn: dict) -> str:
         config = _edit_config(json.loads(saved_model_files["config.json"]), drawn["edits"])

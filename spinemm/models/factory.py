@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import SpineModelError
+from ..errors import SpineError, SpineModelError
 from .config import ModelConfig, merge_overrides
 from .hub import PICKLE_SUFFIXES, MissingHubFiles, refuse_pickle, resolve_files
 from .names import PIPELINE_CONFIG, parse_model_name
@@ -160,7 +160,13 @@ def load_model(source: str | os.PathLike) -> SpineCLIP:
 def _load_saved(folder: Path) -> SpineCLIP:
     """The model ``save_pretrained`` wrote to ``folder``."""
     meta = _saved_config(folder)
-    model = build_model(ModelConfig.from_dict(meta["model_cfg"]), load_pretrained=False, source_dir=folder)
+    try:
+        model = build_model(ModelConfig.from_dict(meta["model_cfg"]), load_pretrained=False, source_dir=folder)
+    except MissingHubFiles:
+        raise
+    except Exception as exc:  # it parses, but spinemm / torch / transformers / open_clip refuse what it describes
+        kind = "" if isinstance(exc, SpineError) else f"{type(exc).__name__}: "
+        raise SpineModelError(f"{folder / CONFIG_NAME}: model_cfg does not build a model ({kind}{exc})") from exc
     _load_weights(model, folder / WEIGHTS_NAME)
     return model
 
@@ -179,8 +185,8 @@ def _saved_config(folder: Path) -> dict[str, Any]:
             refuse_pickle(folder / pickles[0])
     found = resolve_files(folder, [CONFIG_NAME, WEIGHTS_NAME], setting=str(folder))
     meta = json.loads(found[CONFIG_NAME].read_text())
-    if "model_cfg" not in meta:
-        raise SpineModelError(f"{found[CONFIG_NAME]} is not a spinemm config (no 'model_cfg')")
+    if not isinstance(meta, dict) or not isinstance(meta.get("model_cfg"), dict):
+        raise SpineModelError(f"{found[CONFIG_NAME]} is not a spinemm config (no 'model_cfg' mapping)")
     return meta
 
 
