@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from ..errors import SpineDataError
 from .store import SeriesStore
-from .tables import load_series_descriptions
+from .tables import load_series_descriptions, series_path
 
 __all__ = ["fill_cache", "CacheReport"]
 
@@ -72,7 +72,7 @@ def fill_cache(root: str | os.PathLike, cache_dir: str | os.PathLike, split: str
     with tqdm(total=len(jobs), desc="cache", unit="series", disable=not progress) as bar:
         for (study_id, series_id), outcome in _run(jobs, workers):
             if isinstance(outcome, str):
-                report.failed[str(Path(root, f"{split}_images", str(study_id), str(series_id)))] = outcome
+                report.failed[str(series_path(root, split, study_id, series_id))] = outcome
             elif outcome < 0:
                 report.skipped += 1
             else:

@@ -8,9 +8,9 @@
   processes decode on N cores and share the GPU. Sharding whole studies, rather than
   decoding in workers and grading in one process, keeps the series where they are read: a
   512 px study's volumes never cross a process boundary.
-- :func:`run_distributed`: under ``accelerate launch``, each process runs its share
-  (``PartialState.split_between_processes``) and the results are gathered once, in study order,
-  on every process.
+- :func:`run_distributed`: under ``accelerate launch``, each process runs its contiguous share
+  (:func:`shares`, the split ``PartialState.split_between_processes`` makes) and the results are
+  gathered once (``accelerate.utils.gather_object``), in study order, on every process.
 
 Either way the rows are the same as one process's, in the same order.
 """
