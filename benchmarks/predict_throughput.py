@@ -13,8 +13,9 @@ excluded), warms the page cache, then times, best of ``--repeats`` and in altern
   With ``--device cuda`` the workers run the models on the GPU (worker runs only).
 
 and prints one Markdown table: studies/s, files/s, the ratio to the bare decode, and the share of
-the single-core run spent in decode, windowing, the first stage's preprocessing, each stage's
-model and writing (exclusive times: a part nested in another counts once, in the inner part).
+the single-core run spent in decode (windowing included: one pass), the first stage's
+preprocessing, each stage's model and writing (exclusive times: a part nested in another counts
+once, in the inner part).
 """
 
 from __future__ import annotations
@@ -32,13 +33,12 @@ import torch
 
 import spinemm
 from spinemm.data import dataset as dataset_module
-from spinemm.data import dicom, store
+from spinemm.data import dicom
 from spinemm.pipeline import detect, grade, locate
 
 # (module, attribute, part): the functions whose exclusive time makes up each part of a run
 PARTS = (
-    (dicom, "read_series", "decode"),
-    (store, "windowed", "window"),
+    (dicom, "read_series", "decode + window"),  # one pass: stored pixels -> float16 in [0, 1]
     (dataset_module.SpineDataset, "__getitem__", "preprocess"),
     (detect.DetectStage, "__call__", "detect model"),
     (locate.LocateStage, "run", "locate"),
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         root = args.root or Path(tmp, "phantom")
         if not (root / "test_images").is_dir():
-            spinemm.make_phantom(root, n_studies=2, n_test=args.studies, image_size=512, seed=7)
+            spinemm.data.make_phantom(root, n_studies=2, n_test=args.studies, image_size=512, seed=7)
         files = sorted(Path(root, "test_images").rglob("*.dcm"))
         n_studies = len([p for p in (root / "test_images").iterdir() if p.is_dir()])
         pipeline = spinemm.load_pipeline(args.pipeline)

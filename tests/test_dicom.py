@@ -6,6 +6,7 @@ import importlib.util
 import random
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -322,6 +323,36 @@ def test_differing_slice_sizes_are_resampled_with_warning(tmp_path):
     # Pixel centres aligned over the same field of view: output column j samples input column (j+0.5)/2-0.5.
     expected = 2 * np.clip((np.arange(32) + 0.5) / 2 - 0.5, 0, 15)
     np.testing.assert_allclose(series.volume[3], np.tile(expected, (32, 1)), atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["rescaled", "mirrored", "lut", "odd size", "constant"])
+def test_windowed_read_is_bit_identical_to_windowing_the_physical_volume(tmp_path, case):
+    """read_series(windowed=True) windows a slice at a time without a float32 volume; the store's
+    cache and every stage rely on it giving exactly what windowing the physical volume gives."""
+    from spinemm.data.store import windowed
+
+    rng = np.random.default_rng(3)
+    size = 32 if case in ("lut", "odd size") else 256  # 256 px x 10 slices: the percentile grid is strided
+    for i in range(10):
+        raw = rng.integers(0, 4096, size=(size, size)) if case != "constant" else np.full((size, size), 9)
+        if case == "odd size" and i == 4:
+            raw = raw[:16, :16]
+        write_slice(tmp_path / f"{i + 1}.dcm", raw, instance=i + 1, position=(0, 0, float(i)), bits_stored=12,
+                    photometric="MONOCHROME1" if case == "mirrored" else "MONOCHROME2",
+                    slope=1.7 if case in ("rescaled", "mirrored") else None, intercept=-30.5)
+    if case == "lut":
+        ds = pydicom.dcmread(tmp_path / "3.dcm")
+        item = Dataset()
+        item.LUTDescriptor, item.ModalityLUTType = [4096, 0, 16], "US"
+        item.add_new("LUTData", "US", list(np.arange(4096) // 3))
+        ds.ModalityLUTSequence = [item]
+        ds.save_as(tmp_path / "3.dcm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the odd size's warning is tested above
+        physical, unit = read_series(tmp_path), read_series(tmp_path, windowed=True)
+    assert unit.windowed and unit.volume.dtype == np.float16 and unit.volume.shape == physical.volume.shape
+    np.testing.assert_array_equal(unit.volume, windowed(physical).volume)
+    assert unit.volume.max() == (0 if case == "constant" else 1) and unit.volume.min() == 0
 
 
 # --- geometry -------------------------------------------------------------------------------------

@@ -39,7 +39,6 @@ import math
 import os
 import re
 import warnings
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +51,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from spinemm.errors import SpineDataError
 
 from .dicom_tags import FLOAT32_MAX, TAG, check_pixel_module, integer, number, numbers, pixel_tag, tokens
+from .pixels import physical_volume, unit_volume
 from .series import NOMINAL_ORIENTATION, Series, map_point, series_files
 
 __all__ = ["Series", "read_series", "map_point"]
@@ -73,12 +73,14 @@ class _Slice:
     lut_dataset: pydicom.Dataset | None  # kept only when a ModalityLUTSequence must be applied
 
 
-def read_series(series_dir: str | os.PathLike) -> Series:
+def read_series(series_dir: str | os.PathLike, windowed: bool = False) -> Series:
     """Read every DICOM file of ``series_dir`` into a :class:`Series` (policy: module docstring).
 
     Each file is read once by ``dcmread``; uncompressed little-endian pixels are used in place,
-    anything else goes through ``pixel_array``. The float32 volume is allocated once and filled in
-    sorted order. Raises SpineDataError naming the file or folder at fault.
+    anything else goes through ``pixel_array``. The float32 volume of physical intensities is
+    allocated once and filled in sorted order; ``windowed=True`` gives instead the float16 volume
+    in [0, 1] every pipeline stage reads (``Series.windowed``; :func:`~spinemm.data.pixels.unit_volume`),
+    made in the same pass. Raises SpineDataError naming the file or folder at fault.
     """
     series_dir = Path(series_dir)
     slices = [_read_slice(path) for path in series_files(series_dir)]
@@ -110,7 +112,7 @@ def read_series(series_dir: str | os.PathLike) -> Series:
     if positions is None:
         positions = np.arange(len(slices))[:, None] * slice_spacing * normal
 
-    volume = _fill_volume(slices, series_dir)
+    volume = unit_volume(slices, series_dir) if windowed else physical_volume(slices, series_dir)
     instances = np.array([s.instance for s in slices], dtype=np.int64)
     return Series(
         volume=volume,
@@ -123,6 +125,7 @@ def read_series(series_dir: str | os.PathLike) -> Series:
         slice_spacing=slice_spacing,
         files=[s.path for s in slices],
         orientations=orientations,
+        windowed=windowed,
     )
 
 
@@ -237,7 +240,7 @@ def _decode(ds: pydicom.Dataset, path: Path) -> np.ndarray:
 
     Decoder and corruption failures become SpineDataError naming the file.
     """
-    native = _native_pixels(ds)
+    native = _native_pixels(ds, path)
     if native is not None:
         return native
     try:
@@ -258,13 +261,14 @@ def _decode(ds: pydicom.Dataset, path: Path) -> np.ndarray:
 _NATIVE_LITTLE_ENDIAN = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
 
-def _native_pixels(ds: pydicom.Dataset) -> np.ndarray | None:
+def _native_pixels(ds: pydicom.Dataset, path: Path) -> np.ndarray | None:
     """The values ``ds.pixel_array`` would give, as a read-only view on the file's bytes; None when
-    the data is not plain native little-endian (then pixel_array decodes it or reports the fault)."""
+    the data is not plain native little-endian (then pixel_array decodes it or reports the fault).
+    The pixel module's tags are already checked (``check_pixel_module``)."""
     if ds.file_meta.get("TransferSyntaxUID") not in _NATIVE_LITTLE_ENDIAN:
         return None
-    rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
-    bits, signed = int(ds.get("BitsAllocated", 0)), int(ds.get("PixelRepresentation", 0))
+    rows, cols = pixel_tag(ds, "Rows", path), pixel_tag(ds, "Columns", path)
+    bits, signed = pixel_tag(ds, "BitsAllocated", path), pixel_tag(ds, "PixelRepresentation", path, 0)
     data = ds.get_item(TAG["PixelData"]).value
     if bits not in (8, 16, 32) or signed not in (0, 1) or not isinstance(data, bytes):
         return None
@@ -272,7 +276,7 @@ def _native_pixels(ds: pydicom.Dataset) -> np.ndarray | None:
     if rows < 1 or cols < 1 or len(data) < rows * cols * dtype.itemsize:
         return None  # short data: let pixel_array raise its precise error
     pixels = np.frombuffer(data, dtype=dtype, count=rows * cols).reshape(rows, cols)  # excess padding ignored
-    stored = int(ds.get("BitsStored", bits))
+    stored = pixel_tag(ds, "BitsStored", path, bits)
     if 0 < stored < bits:
         # Unused high bits carry no meaning (PS3.5 8.1.1); pydicom shifts them out. Do the same, but
         # only when some value lies outside the stored range, which is rare.
@@ -330,42 +334,3 @@ def _check_unique_instances(slices: list[_Slice], series_dir: Path) -> None:
             raise SpineDataError(
                 f"{series_dir}: InstanceNumber {s.instance} appears in several files {[seen[s.instance], s.path.name]}"
             )
-
-
-def _fill_volume(slices: list[_Slice], series_dir: Path) -> np.ndarray:
-    """Allocate the float32 [S, H, W] volume once and write physical intensities slice by slice."""
-    shape = Counter(s.pixels.shape for s in slices).most_common(1)[0][0]
-    odd = [s.path.name for s in slices if s.pixels.shape != shape]
-    if odd:
-        warnings.warn(
-            f"{series_dir}: slices {odd} differ from the common size {shape}; resampled to it (bilinear)",
-            stacklevel=3,
-        )
-    volume = np.empty((len(slices), *shape), dtype=np.float32)
-    for i, s in enumerate(slices):
-        raw = s.pixels if s.lut_dataset is None else apply_modality_lut(s.pixels, s.lut_dataset)
-        if raw.shape != shape:
-            raw = _resize_bilinear(raw.astype(np.float32), shape)
-        out = volume[i]
-        out[...] = raw  # the one unavoidable pass: cast to float32 in place
-        if s.lut_dataset is None and s.slope != 1.0:
-            out *= np.float32(s.slope)
-        if s.lut_dataset is None and s.intercept != 0.0:
-            out += np.float32(s.intercept)
-        if s.mirror is not None:  # MONOCHROME1: low stored values mean bright
-            np.subtract(np.float32(s.mirror), out, out=out)
-    return volume
-
-
-def _resize_bilinear(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Resample [h, w] -> ``shape`` over the same field of view (pixel centres aligned, edges clamped)."""
-    out_h, out_w = shape
-    in_h, in_w = image.shape
-    ys = np.clip((np.arange(out_h) + 0.5) * in_h / out_h - 0.5, 0, in_h - 1)
-    xs = np.clip((np.arange(out_w) + 0.5) * in_w / out_w - 0.5, 0, in_w - 1)
-    y0, x0 = ys.astype(np.int64), xs.astype(np.int64)  # floor: coordinates are >= 0
-    y1, x1 = np.minimum(y0 + 1, in_h - 1), np.minimum(x0 + 1, in_w - 1)
-    wy, wx = (ys - y0)[:, None], (xs - x0)[None, :]
-    top = image[y0][:, x0] * (1 - wx) + image[y0][:, x1] * wx
-    bottom = image[y1][:, x0] * (1 - wx) + image[y1][:, x1] * wx
-    return (top * (1 - wy) + bottom * wy).astype(np.float32)

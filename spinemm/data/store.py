@@ -158,7 +158,7 @@ class SeriesStore:
 
         if self.cache is None:
             self.decodes += 1
-            return windowed(read_series(series_dir))
+            return read_series(series_dir, windowed=True)
         path = self._entry_path(series_dir)
         if path.exists():
             series = _read_entry(path, series_dir)
@@ -166,7 +166,7 @@ class SeriesStore:
                 self.disk_hits += 1
                 return series
         self.decodes += 1
-        series = windowed(read_series(series_dir))
+        series = read_series(series_dir, windowed=True)
         _write_entry(path, series)
         return series
 
