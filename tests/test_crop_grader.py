@@ -161,3 +161,53 @@ def test_a_fresh_vision_tower_trains_at_lr_and_the_pretrained_text_tower_at_towe
     with pytest.raises(SpineModelError, match="grader.towers"):
         build_grade_stage(load_config(None, [("grader.towers", {"vision": {"type": "cnn", "kwargs": {"bogus": 1}}})]),
                           detect)
+
+
+def test_a_frozen_text_tower_encodes_each_training_text_once_and_grades_the_same():
+    from spinemm.models.baselines import TINY_VISION_CONFIGS
+    from spinemm.training import load_config
+    from spinemm.training.grade import (
+        GraderSamples,
+        _frozen_text_features,
+        _param_groups,
+        build_grade_stage,
+        grade_step,
+    )
+
+    overrides = [("grader.model", {"backbone": "clip", "size": 32}), ("grader.towers", {"vision": TINY_VISION_CONFIGS["cnn"]})]
+    frozen = build_grade_stage(load_config(None, [*overrides, ("grader.train_text", False)]), _encoder(0))
+    assert not any(p.requires_grad for p in frozen.encoder.text.parameters())
+    assert all(p.requires_grad for p in frozen.grader.query_proj.parameters())  # the queries still learn
+    grouped = {id(p) for group in _param_groups(frozen, {"towers": True, "lr": 1e-3, "tower_lr": 1e-4})
+               for p in group["params"]}
+    assert not grouped & {id(p) for p in frozen.encoder.text.parameters()}
+
+    texts = [*finding_texts(_series(0.7, 4.0), [0, 5]), *finding_texts(_series(0.4, 3.0), [0]), finding_texts(_series(0.7, 4.0), [0])[0]]
+    features, rows = _frozen_text_features(frozen, texts)
+    assert features.shape[0] == 3 and rows.tolist() == [0, 1, 2, 0]  # each distinct text once
+    crops, targets = torch.rand(4, 3, 32, 32), torch.tensor([0, 5, 0, 0])
+    frozen.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(crops, targets, text_features=features[rows])["logits"],
+                                   frozen(crops, targets, texts)["logits"])
+    # the samples hand out features in place of texts, and the step trains on them
+    class Windows(list):  # the three things GraderSamples asks of ROIWindows
+        labels = torch.tensor([0, 1, 2, 0])
+
+        def draw_shifts(self, n, generator):
+            return torch.zeros(n, 3)
+
+        def crops(self, index, shifts):
+            return crops[index], torch.zeros(len(index), 3)
+
+    windows = Windows(texts)
+    windows.texts, windows.targets = texts, targets
+    batch = GraderSamples(windows, text_features=(features, rows)).__getitems__([3, 1])
+    assert "texts" not in batch and torch.equal(batch["text_features"], features[rows[[3, 1]]])
+    frozen.train()
+    loss, _ = grade_step(frozen, batch)
+    loss.backward()
+    assert frozen.grader.query_proj.weight.grad is not None
+    # a trained text tower or a grader without text queries needs no table
+    trained = build_grade_stage(load_config(None, overrides), _encoder(0))
+    assert _frozen_text_features(trained, texts) is None

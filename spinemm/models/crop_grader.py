@@ -90,16 +90,25 @@ class CropGrader(nn.Module):
         if texts is None or len(texts) != len(targets):
             raise SpineModelError(f"the text grader needs one text per crop: {len(targets)} crops, "
                                   f"{'no' if texts is None else len(texts)} texts")
+        features, index = self.text_features(texts)
+        return self.query_proj(features)[index.to(features.device)]
+
+    def text_features(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text tower's pooled features of each distinct text, ``[U, text width]``, and each
+        text's row in them ``[N]``. With the text tower frozen these can be computed once, before
+        training (``grader.train_text: false``), and given to :meth:`forward` as ``text_features``."""
         unique = list(dict.fromkeys(texts))
         _, _, pooled = self.encoder.text.encode(unique)
         position = {t: i for i, t in enumerate(unique)}
-        index = torch.tensor([position[t] for t in texts], device=pooled.device)
-        return self.query_proj(pooled)[index]
+        return pooled, torch.tensor([position[t] for t in texts], dtype=torch.long)
 
     def forward(self, crops: torch.Tensor, targets: torch.Tensor, texts: Sequence[str] | None = None,
-                queries: torch.Tensor | None = None, need_attention: bool = False) -> dict[str, torch.Tensor]:
+                queries: torch.Tensor | None = None, need_attention: bool = False,
+                text_features: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """-> ``{"logits": [N, classes], "offset": [N, 3]}``; ``queries``: :meth:`encode_queries`,
-        if at hand (the grade stage encodes a whole record's texts once). ``need_attention`` adds
+        if at hand (the grade stage encodes a whole record's texts once); ``text_features``: each
+        crop's row of :meth:`text_features`, ``[N, text width]``, computed once by a caller whose
+        text tower is frozen (``query_proj`` still learns on them). ``need_attention`` adds
         ``"attention"``: each decoder layer's cross-attention of the query over the memory,
         head-averaged, ``[N, layers, 1 + T]`` (index 0 the pooled embedding, then the tokens; see
         :meth:`token_grid`). The outputs are the same maths either way (float rounding aside)."""
@@ -107,6 +116,10 @@ class CropGrader(nn.Module):
         if crops.ndim != 4 or crops.shape[1] != expected:
             raise SpineModelError(f"grader crops must be [N, {expected}, H, W], got {tuple(crops.shape)}")
         memory = self.memory(crops)
+        if queries is None and text_features is not None:
+            if self.query_proj is None:
+                raise SpineModelError("text_features need a text-queried grader (grader.queries='text')")
+            queries = self.query_proj(text_features)
         if queries is None:
             queries = self.encode_queries(texts, targets.to(memory.device))
         query = queries[:, None]  # [N, 1, dim]

@@ -127,11 +127,14 @@ class GradeStage(torch.nn.Module):
         return stage
 
     def forward(self, crops: torch.Tensor, targets: torch.Tensor, texts: list[str] | None = None,
-                queries: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                queries: torch.Tensor | None = None, text_features: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Crops ``[N, 1 + 2 context, size, size]`` for label columns ``targets [N]`` (and their
         :func:`~spinemm.text.finding_text` s, or their ``queries``) -> ``{"logits": [N, 3],
         "offset": [N, 3]}`` (the finding's offset from the crop centre: x, y as fractions of the
-        side, and slices)."""
+        side, and slices). ``text_features``: the clip grader's precomputed text features
+        (:meth:`~spinemm.models.crop_grader.CropGrader.forward`), for a frozen text tower."""
+        if text_features is not None:
+            return self.grader(crops, targets, texts, queries, text_features=text_features)
         return self.grader(crops, targets, texts, queries)
 
     @torch.no_grad()

@@ -108,6 +108,9 @@ DEFAULTS: dict[str, Any] = {
         "epochs": 15,
         "lr": 2.0e-3,  # the decoder, heads and projections (and the whole CNN grader)
         "tower_lr": 3.0e-4,  # the clip grader's pretrained towers (or their LoRA adapters); a fresh one trains at lr
+        # train the clip grader's text tower; false: keep it as towers_from has it, and compute each
+        # distinct finding text's features once before training instead of every step
+        "train_text": True,
         # the clip grader's encoder: a saved model folder (e.g. pretraining's model/); null: the detect model
         "towers_from": None,
         # create_model overrides for a fresh vision tower beside that text tower (the backbone

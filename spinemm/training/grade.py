@@ -44,12 +44,17 @@ OFFSET_WEIGHTS = (10.0, 10.0, 1.0)
 
 class GraderSamples(Dataset):
     """Items of :class:`~spinemm.data.roi.ROIWindows` at random shifts: ``{"crops", "offset",
-    "label", "target"}``. Each epoch's shifts are drawn at once by :meth:`set_epoch` from a generator
-    seeded with ``(seed, epoch)`` (never the global RNG, so a resumed run repeats), and a batch is
-    cut in one gather (``__getitems__``)."""
+    "label", "target", "texts"}``. Each epoch's shifts are drawn at once by :meth:`set_epoch` from a
+    generator seeded with ``(seed, epoch)`` (never the global RNG, so a resumed run repeats), and a
+    batch is cut in one gather (``__getitems__``). ``text_features``: the frozen text tower's
+    features of each distinct text and each window's row in them
+    (:meth:`~spinemm.models.crop_grader.CropGrader.text_features`); items then carry their
+    ``"text_features"`` in place of ``"texts"``."""
 
-    def __init__(self, windows: ROIWindows, seed: int = 0) -> None:
+    def __init__(self, windows: ROIWindows, seed: int = 0,
+                 text_features: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         self.windows, self.seed = windows, int(seed)
+        self.text_features = text_features
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
@@ -63,8 +68,14 @@ class GraderSamples(Dataset):
         """A whole batch, already stacked (``stage_fit.batch_collate`` passes it through)."""
         index = torch.as_tensor(indices, dtype=torch.long)
         crops, offset = self.windows.crops(index, shifts=self.shifts[index])
-        return {"crops": crops, "offset": offset, "label": self.windows.labels[index],
-                "target": self.windows.targets[index], "texts": [self.windows.texts[i] for i in indices]}
+        batch = {"crops": crops, "offset": offset, "label": self.windows.labels[index],
+                 "target": self.windows.targets[index]}
+        if self.text_features is None:
+            batch["texts"] = [self.windows.texts[i] for i in indices]
+        else:
+            features, rows = self.text_features
+            batch["text_features"] = features[rows[index]]
+        return batch
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return {k: v[0] if isinstance(v, torch.Tensor) else v for k, v in self.__getitems__([int(index)]).items()}
@@ -77,7 +88,7 @@ def offset_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def grade_step(stage: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """batch -> (weighted cross-entropy + offset loss, parts) for the engine."""
-    out = stage(batch["crops"], batch["target"], batch.get("texts"))
+    out = stage(batch["crops"], batch["target"], batch.get("texts"), text_features=batch.get("text_features"))
     severity = weighted_cross_entropy(out["logits"], batch["label"])
     offset = offset_loss(out["offset"], batch["offset"])
     return severity + offset, {"severity_loss": severity, "offset_loss": offset}
@@ -134,8 +145,9 @@ def train_grade(config: dict[str, Any], run: Any, pipeline: SpinePipeline, outpu
     def eval_fn(module: torch.nn.Module) -> dict[str, float]:
         return val.evaluate(module) if val is not None else {"score": math.nan}
 
-    state, _ = fit_stage(config, "grader", stage, GraderSamples(train_set, int(config["train"]["seed"])),
-                         grade_step, eval_fn, output_dir, params=_param_groups(stage, options))
+    samples = GraderSamples(train_set, int(config["train"]["seed"]), _frozen_text_features(stage, train_set.texts))
+    state, _ = fit_stage(config, "grader", stage, samples, grade_step, eval_fn, output_dir,
+                         params=_param_groups(stage, options))
     if getattr(stage.encoder, "lora_config", None) is not None and not state.stopped:
         merge_lora(stage.encoder)  # the pipeline folder holds a plain encoder that load_model reads
     trained_rate = state.timed_studies / state.train_seconds if state.train_seconds > 0 else math.nan
@@ -173,7 +185,27 @@ def build_grade_stage(config: dict[str, Any], detect: torch.nn.Module) -> GradeS
     if int(lora["r"]) > 0:
         add_lora(encoder, r=int(lora["r"]), alpha=lora["alpha"], dropout=lora["dropout"],
                  targets=_lora_targets(encoder, lora["targets"], fresh_vision=bool(options["towers"])))
+    if not options["train_text"]:
+        encoder.text.requires_grad_(False)  # adapters included: the tower stays as towers_from has it
     return GradeStage(model_config, query_dim=encoder.config.fusion.dim, encoder=encoder.train())
+
+
+@torch.no_grad()
+def _frozen_text_features(stage: GradeStage, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The frozen text tower's features of each distinct training text (in eval mode, once) and
+    each window's row in them; None when the text tower trains or the grader reads no text."""
+    grader = stage.grader
+    if stage.encoder is None or getattr(grader, "query_proj", None) is None:
+        return None
+    if any(p.requires_grad for p in stage.encoder.text.parameters()):
+        return None
+    was_training = stage.training
+    stage.eval()
+    try:
+        features, rows = grader.text_features(texts)
+    finally:
+        stage.train(was_training)
+    return features.float().cpu(), rows
 
 
 def _lora_targets(encoder: Any, targets: Any, fresh_vision: bool) -> Any:
