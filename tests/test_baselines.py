@@ -69,6 +69,29 @@ def test_grids_follow_strides():
     assert _encoder("resnet50", 64)[0].grid_size == (4, 4)  # output_stride 16
 
 
+def test_the_cnn_pools_before_its_relu_and_computes_the_papers_conv_relu_pool():
+    """PlainCNN runs Conv -> MaxPool -> ReLU (a quarter of the ReLU work); that is the paper's
+    Conv -> ReLU -> MaxPool exactly, in the forward and in every gradient."""
+    encoder, _ = _encoder("cnn", 32)
+    stages = list(encoder.features)
+    assert [type(m).__name__ for m in stages[:3]] == ["Conv2d", "MaxPool2d", "ReLU"]
+    images = torch.randn(6, 3, 32, 32).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+
+    def paper_order(x: torch.Tensor) -> torch.Tensor:
+        for conv in stages[0::3]:
+            x = torch.nn.functional.max_pool2d(torch.relu(conv(x)), 2)
+        return x
+
+    ours = encoder.features(images)
+    theirs = paper_order(images)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    weights = torch.randn_like(ours)
+    ours_grads = torch.autograd.grad((ours * weights).sum(), [images, stages[0].weight])
+    theirs_grads = torch.autograd.grad((theirs * weights).sum(), [images, stages[0].weight])
+    for a, b in zip(ours_grads, theirs_grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("kind,mixes", [("unet3d", True), ("cnn", False), ("resnet50", False)])
 def test_only_the_3d_encoder_mixes_slices(kind, mixes):
     torch.manual_seed(0)

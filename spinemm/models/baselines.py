@@ -65,6 +65,9 @@ TINY_TEXT_CONFIGS: dict[str, dict[str, Any]] = {"none": {"type": "none"}}
 class PlainCNN(SliceEncoder):
     """The paper's CNN baseline: [Conv3x3 -> ReLU -> MaxPool2] per stage, then FC layers.
 
+    Each stage runs as Conv -> MaxPool -> ReLU, the same function (ReLU is monotone, so it
+    commutes with a max), with the ReLU and its backward on a quarter of the values.
+
     Tokens are the last feature map's cells projected to ``width`` (a shared Linear, i.e. a 1x1
     conv); ``pooled`` is a fully connected layer over the whole flattened map, as in the paper.
 
@@ -93,7 +96,7 @@ class PlainCNN(SliceEncoder):
         self.grid_size = (image_size // stride, image_size // stride)
         layers: list[nn.Module] = []
         for cin, cout in zip((in_chans, *channels[:-1]), channels, strict=True):
-            layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.MaxPool2d(2), nn.ReLU(inplace=True)]
         self.features = nn.Sequential(*layers)
         self.token_proj = nn.Linear(channels[-1], width)
         h, w = self.grid_size

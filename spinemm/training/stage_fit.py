@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from ..errors import SpineModelError
-from .engine import StepFn, TrainState, budget, fit, make_accelerator, make_loader, make_scheduler
+from .engine import StepFn, TrainState, adamw, budget, fit, make_accelerator, make_loader, make_scheduler
 
 BEST = "best.safetensors"
 
@@ -70,7 +70,7 @@ def fit_stage(config: dict[str, Any], section: str, module: torch.nn.Module, tra
                                   num_workers=int(run["data"]["num_workers"]))
     if params is None:
         params = [{"params": [p for p in module.parameters() if p.requires_grad], "lr": float(options["lr"])}]
-    optimizer = torch.optim.AdamW(params, lr=float(options["lr"]), weight_decay=float(options["weight_decay"]))
+    optimizer = adamw(params, lr=float(options["lr"]), weight_decay=float(options["weight_decay"]))
     wrapped, optimizer, loader = accelerator.prepare(module, optimizer, loader)
     _, total = budget(run, len(loader), accelerator.gradient_accumulation_steps)
     scheduler = accelerator.prepare(make_scheduler(optimizer, total, float(run["optim"]["warmup_ratio"])))
