@@ -198,3 +198,34 @@ def test_demo_reads_each_dicom_file_at_most_once(tmp_path, count_reads):
     assert files and set(count_reads) <= files
     assert max(count_reads.values()) == 1, count_reads.most_common(3)
     assert np.isfinite(summary["official_score"]) and np.isfinite(summary["fusion_only_score"])
+
+
+@pytest.mark.parametrize("refine", [0, 1, 2])
+def test_the_grade_is_the_mean_of_every_passes_probabilities(phantom_root, refine):
+    """The grade stage reads a finding at its located point and at each re-centred point; its grade
+    is the mean of those passes' probabilities, recomputed here crop by crop from the grader."""
+    pipeline = _untrained_pipeline()
+    pipeline.grade.config.refine = refine
+    store = SeriesStore(phantom_root, "test")
+    located = pipeline.run(phantom_root, "test", store=store, progress=False).located
+    grade = pipeline.grade.eval()
+    rows = np.flatnonzero(located.located)[:6]
+    findings = located.replace()
+    findings.located[:] = False
+    findings.located[rows] = True
+    grades = grade.run(findings, store)
+    assert np.isfinite(grades.log_probs[rows]).all() and np.isnan(grades.log_probs[~findings.located]).all()
+    for row in rows:
+        series = store.get(int(findings.study_id[row]), int(findings.series_id[row]))
+        part = [(series, np.array([row]), None)]
+        slices = [np.array([series.instance_to_index[int(findings.instance_number[row])]])]
+        points = [np.array([[findings.x[row], findings.y[row]]])]
+        target = torch.from_numpy(findings.target[[row]])
+        with torch.no_grad():
+            queries = grade.grader.encode_queries(None, target)
+            passes = []
+            for _ in range(refine + 1):
+                out = grade(grade._cut(part, slices, points), target, queries=queries)
+                passes.append(out["logits"].softmax(-1).double())
+                slices, points = grade._moved(part, slices, points, out["offset"])
+        np.testing.assert_allclose(np.exp(grades.log_probs[row]), torch.stack(passes).mean(0)[0].numpy(), rtol=1e-5)

@@ -52,3 +52,31 @@ def test_save_and_reload(tokenizer, tmp_path):
     loaded = BertTokenizerFast.from_pretrained(tmp_path)
     batch = list(QUERY_TEXTS[:3]) + ["an unseen prompt"]
     assert loaded(batch, padding=True)["input_ids"] == tokenizer(batch, padding=True)["input_ids"]
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_the_bert_towers_cached_token_ids_are_the_tokenizers_padded_batch(tokenizer, side):
+    """BertTextTower tokenizes each distinct text once; its ids and mask must be what the
+    tokenizer's own padded, truncated batch holds, for repeats, long texts and either padding side."""
+    import copy
+
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from spinemm.models.towers import BertTextTower
+
+    tok = copy.deepcopy(tokenizer)
+    tok.padding_side = side
+    bert = BertModel(BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=32, max_position_embeddings=16))
+    tower = BertTextTower(bert, tok, max_length=12)
+    long_text = " ".join(["moderate left neural foraminal narrowing"] * 5)  # truncated at 12 tokens
+    batches = [[QUERY_TEXTS[0], long_text, QUERY_TEXTS[0], "a"], ["a", QUERY_TEXTS[3]], [long_text]]
+    for texts in batches:  # later batches hit the cache
+        expected = tok(texts, padding=True, truncation=True, max_length=12, return_tensors="pt")
+        ids, mask = tower.token_ids(texts)
+        assert torch.equal(ids, expected["input_ids"]) and torch.equal(mask, expected["attention_mask"])
+    assert list(tower._token_cache) == [QUERY_TEXTS[0], long_text, "a", QUERY_TEXTS[3]]
+    tower.tokenizer = copy.deepcopy(tok)  # a swapped tokenizer starts a fresh cache
+    tower.token_ids(["b"])
+    assert list(tower._token_cache) == ["b"]

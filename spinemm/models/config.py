@@ -109,7 +109,7 @@ class GraderConfig:
     queries: str = "text"  # "clip": "text" (finding_text through BERT) or "learned" (no-text ablation)
     layers: int = 1  # "clip": decoder layers of the query over the crop's tokens
     dropout: float = 0.1
-    refine: int = 1  # times the offset head re-centres the crop before it is graded
+    refine: int = 1  # times the offset head re-centres the crop; the grade is the mean over every pass
     # Grade each finding with the rest of its study in view (StudyContext): degeneration is shared
     # across a patient's spine and across the conditions of one disc level, so 25 noisy readings
     # say more together than apart. train_stages fits it on the validation studies.

@@ -11,10 +11,12 @@ Vision towers live in :mod:`spinemm.models.vision`.
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -48,7 +50,13 @@ class TextTower(nn.Module):
 
 
 class BertTextTower(TextTower):
-    """A transformers ``BertModel`` + its tokenizer; pooled = [CLS] or masked mean of the last layer."""
+    """A transformers ``BertModel`` + its tokenizer; pooled = [CLS] or masked mean of the last layer.
+
+    Each distinct text is tokenized once per tower (:meth:`token_ids` keeps the last
+    ``TOKEN_CACHE_SIZE`` texts' ids): the grader encodes the same few thousand finding texts every
+    epoch, and tokenizing was 4 ms of a 75 ms training step on the CPU."""
+
+    TOKEN_CACHE_SIZE = 65_536
 
     def __init__(
         self,
@@ -67,6 +75,8 @@ class BertTextTower(TextTower):
         self.pooler = pooler
         self.width = bert.config.hidden_size
         self._projection = projection
+        self._token_cache: OrderedDict[str, list[int]] = OrderedDict()
+        self._token_cache_key: tuple[int, int] | None = None
 
     def pop_projection(self) -> nn.Module | None:
         """Hand a pretrained text projection (open_clip HF tower) to the model (once)."""
@@ -77,10 +87,32 @@ class BertTextTower(TextTower):
         """texts -> (tokens [N, L, width], mask [N, L], pooled [N, width])."""
         if isinstance(texts, str):
             raise SpineModelError("encode() takes a list of texts, not one string")
-        enc = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
-        return self.encode_ids(enc["input_ids"], enc["attention_mask"])
+        return self.encode_ids(*self.token_ids(texts))
+
+    def token_ids(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """texts -> (input ids [N, L], attention mask [N, L]) as ``tokenizer(texts, padding=True,
+        truncation=True, max_length=max_length)`` gives them, each distinct text tokenized once."""
+        key = (id(self.tokenizer), self.max_length)
+        if key != self._token_cache_key:  # another tokenizer (e.g. a loaded model's) or length
+            self._token_cache.clear()
+            self._token_cache_key = key
+        cache = self._token_cache
+        missing = list(dict.fromkeys(t for t in texts if t not in cache))
+        if missing:
+            found = self.tokenizer(missing, truncation=True, max_length=self.max_length)["input_ids"]
+            cache.update(zip(missing, found, strict=True))
+            while len(cache) > self.TOKEN_CACHE_SIZE:
+                cache.popitem(last=False)
+        rows = [cache[t] for t in texts]
+        length = max((len(r) for r in rows), default=0)
+        ids = np.full((len(rows), length), int(self.tokenizer.pad_token_id or 0), dtype=np.int64)
+        mask = np.zeros((len(rows), length), dtype=np.int64)
+        left = getattr(self.tokenizer, "padding_side", "right") == "left"
+        for i, row in enumerate(rows):
+            span = slice(length - len(row), length) if left else slice(0, len(row))
+            ids[i, span] = row
+            mask[i, span] = 1
+        return torch.from_numpy(ids), torch.from_numpy(mask)
 
     def encode_ids(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor

@@ -2,7 +2,7 @@
 
 For every located finding the stage cuts a crop of the original slices (``spinemm.data.roi``,
 ``config.side_mm`` wide), re-centres it ``config.refine`` times with the grader's offset head
-(x, y and slice), grades it, and lets its :class:`~spinemm.models.grader.StudyContext` (when it has
+(x, y and slice), grades it (the mean of the probabilities read at every pass), and lets its :class:`~spinemm.models.grader.StudyContext` (when it has
 one) weigh each grade with the rest of the study.
 
 The grader (``config.backbone``):
@@ -167,13 +167,17 @@ class GradeStage(torch.nn.Module):
         self.eval()
         try:
             queries = self.grader.encode_queries(texts, targets.to(device))  # each distinct text once
+            probs = torch.zeros(len(rows), NUM_CLASSES, dtype=torch.float64)
             for _ in range(int(self.config.refine)):  # re-centre on the offset head's estimate
-                offset = self._batched(self._cut(parts, slices, points), targets, queries, "offset", batch_size)
-                slices, points = self._moved(parts, slices, points, offset)
-            logits = self._batched(self._cut(parts, slices, points), targets, queries, "logits", batch_size)
+                out_pass = self._batched(self._cut(parts, slices, points), targets, queries, batch_size)
+                probs += out_pass["logits"].softmax(-1).double()
+                slices, points = self._moved(parts, slices, points, out_pass["offset"])
+            probs += self._batched(self._cut(parts, slices, points), targets, queries, batch_size)["logits"].softmax(-1)
         finally:
             self.train(was_training)
-        log_probs[rows] = logits.log_softmax(-1).double().numpy()
+        # the grade is the mean over the passes (the located crop and each re-centred one): a free
+        # ensemble, 0.006-0.007 better on 240 held-out studies than the last pass alone (RESULTS.md)
+        log_probs[rows] = (probs / (int(self.config.refine) + 1)).log().numpy()
         moved = np.concatenate(points)
         out.x[rows], out.y[rows] = moved[:, 0], moved[:, 1]
         out.instance_number[rows] = np.concatenate([s.instance_numbers[k] for (s, _, _), k in zip(parts, slices,
@@ -232,12 +236,13 @@ class GradeStage(torch.nn.Module):
             new_slices.append(np.clip(ks + np.rint(part[:, 2]).astype(np.int64), 0, len(series.volume) - 1))
         return new_slices, new_points
 
-    def _batched(self, crops: torch.Tensor, targets: torch.Tensor, queries: torch.Tensor, key: str,
-                 batch_size: int) -> torch.Tensor:
+    def _batched(self, crops: torch.Tensor, targets: torch.Tensor, queries: torch.Tensor,
+                 batch_size: int) -> dict[str, torch.Tensor]:
+        """The grader's outputs (float32, on the CPU) over ``crops`` in batches of ``batch_size``."""
         device = queries.device
-        return torch.cat([self(crops[i:i + batch_size].to(device), targets[i:i + batch_size],
-                               queries=queries[i:i + batch_size])[key].float().cpu()
-                          for i in range(0, len(crops), batch_size)])
+        outs = [self(crops[i:i + batch_size].to(device), targets[i:i + batch_size], queries=queries[i:i + batch_size])
+                for i in range(0, len(crops), batch_size)]
+        return {key: torch.cat([o[key].float().cpu() for o in outs]) for key in ("logits", "offset")}
 
     @torch.no_grad()
     def with_context(self, grades: Grades) -> np.ndarray:
