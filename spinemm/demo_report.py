@@ -53,7 +53,7 @@ def report_pictures(report: Path, root: Path, result: Any, pipeline: Any, store:
     for i, row in enumerate(rows):
         study, target = int(result.graded.study_id[row]), int(result.graded.target[row])
         condition, level = CONDITIONS[target // len(LEVELS)], LEVELS[target % len(LEVELS)]
-        probs = np.exp(seen["log_probs"][i].numpy())
+        probs = np.exp(result.grade_log_probs[row])  # the stage's grade (its passes' mean), not the last read
         grade = SEVERITIES[int(probs.argmax())]
         truth_grade = recorded.get((study, f"{condition}_{level}"), "not recorded")
         items.append({"crop": seen["crops"][i], "attention": seen["attention"][i],

@@ -190,7 +190,9 @@ class GradeStage(torch.nn.Module):
         ``result.graded``, whose points are where the final grades were read): ``{"crops": [N, C,
         size, size], "attention": [N, slices, h, w] (the last layer's cross-attention of the
         query over the crop's tokens), "pooled": [N] (its weight on the pooled embedding),
-        "log_probs": [N, 3] (the stage's grades of those findings, without the study context)}``."""
+        "log_probs": [N, 3] (the grader's read of these crops, without the study context; the stage's
+        grade is the mean of such reads over its passes, so ``attention(result.located, ...)`` shows
+        the first pass and ``attention(result.graded, ...)`` the last)}``."""
         if not isinstance(self.grader, CropGrader):
             raise SpineModelError("attention maps need the clip grader (grader.backbone='clip'); "
                                   f"this stage's grader is {type(self.grader).__name__}")
