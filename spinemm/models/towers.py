@@ -76,7 +76,7 @@ class BertTextTower(TextTower):
         self.width = bert.config.hidden_size
         self._projection = projection
         self._token_cache: OrderedDict[str, list[int]] = OrderedDict()
-        self._token_cache_key: tuple[int, int] | None = None
+        self._token_cache_key: tuple[Any, int] | None = None  # (tokenizer, max_length) it was filled with
 
     def pop_projection(self) -> nn.Module | None:
         """Hand a pretrained text projection (open_clip HF tower) to the model (once)."""
@@ -92,10 +92,10 @@ class BertTextTower(TextTower):
     def token_ids(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """texts -> (input ids [N, L], attention mask [N, L]) as ``tokenizer(texts, padding=True,
         truncation=True, max_length=max_length)`` gives them, each distinct text tokenized once."""
-        key = (id(self.tokenizer), self.max_length)
-        if key != self._token_cache_key:  # another tokenizer (e.g. a loaded model's) or length
-            self._token_cache.clear()
-            self._token_cache_key = key
+        owner = self._token_cache_key
+        if owner is None or owner[0] is not self.tokenizer or owner[1] != self.max_length:
+            self._token_cache.clear()  # another tokenizer (e.g. a loaded model's) or length
+            self._token_cache_key = (self.tokenizer, self.max_length)
         cache = self._token_cache
         missing = list(dict.fromkeys(t for t in texts if t not in cache))
         if missing:

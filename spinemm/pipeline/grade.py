@@ -2,8 +2,9 @@
 
 For every located finding the stage cuts a crop of the original slices (``spinemm.data.roi``,
 ``config.side_mm`` wide), re-centres it ``config.refine`` times with the grader's offset head
-(x, y and slice), grades it (the mean of the probabilities read at every pass), and lets its :class:`~spinemm.models.grader.StudyContext` (when it has
-one) weigh each grade with the rest of the study.
+(x, y and slice), grades it (the mean of the probabilities read at every pass), and lets its
+:class:`~spinemm.models.grader.StudyContext` (when it has one) weigh each grade with the rest of
+the study.
 
 The grader (``config.backbone``):
 
