@@ -52,8 +52,8 @@ class TextTower(nn.Module):
 class BertTextTower(TextTower):
     """A transformers ``BertModel`` + its tokenizer; pooled = [CLS] or masked mean of the last layer.
 
-    Each distinct text is tokenized once per tower (:meth:`token_ids` keeps the last
-    ``TOKEN_CACHE_SIZE`` texts' ids): the grader encodes the same few thousand finding texts every
+    Each distinct text is tokenized once per tower (:meth:`token_ids` keeps the ids of the
+    ``TOKEN_CACHE_SIZE`` texts tokenized last): the grader encodes the same few thousand finding texts every
     epoch, and tokenizing was 4 ms of a 75 ms training step on the CPU."""
 
     TOKEN_CACHE_SIZE = 65_536

@@ -168,17 +168,18 @@ class GradeStage(torch.nn.Module):
         self.eval()
         try:
             queries = self.grader.encode_queries(texts, targets.to(device))  # each distinct text once
+            refine = int(self.config.refine)
             probs = torch.zeros(len(rows), NUM_CLASSES, dtype=torch.float64)
-            for _ in range(int(self.config.refine)):  # re-centre on the offset head's estimate
+            for step in range(refine + 1):
                 out_pass = self._batched(self._cut(parts, slices, points), targets, queries, batch_size)
                 probs += out_pass["logits"].softmax(-1).double()
-                slices, points = self._moved(parts, slices, points, out_pass["offset"])
-            probs += self._batched(self._cut(parts, slices, points), targets, queries, batch_size)["logits"].softmax(-1)
+                if step < refine:  # re-centre on the offset head's estimate
+                    slices, points = self._moved(parts, slices, points, out_pass["offset"])
         finally:
             self.train(was_training)
         # the grade is the mean over the passes (the located crop and each re-centred one): a free
         # ensemble, 0.006-0.007 better on 240 held-out studies than the last pass alone (RESULTS.md)
-        log_probs[rows] = (probs / (int(self.config.refine) + 1)).log().numpy()
+        log_probs[rows] = (probs / (refine + 1)).log().numpy()
         moved = np.concatenate(points)
         out.x[rows], out.y[rows] = moved[:, 0], moved[:, 1]
         out.instance_number[rows] = np.concatenate([s.instance_numbers[k] for (s, _, _), k in zip(parts, slices,
