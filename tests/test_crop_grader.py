@@ -211,3 +211,29 @@ def test_a_frozen_text_tower_encodes_each_training_text_once_and_grades_the_same
     # a trained text tower or a grader without text queries needs no table
     trained = build_grade_stage(load_config(None, overrides), _encoder(0))
     assert _frozen_text_features(trained, texts) is None
+
+
+def test_the_grader_trains_its_text_tower_at_grader_text_dropout():
+    from spinemm.training import load_config
+    from spinemm.training.grade import build_grade_stage
+
+    detect = _encoder(0)
+    bert_dropout = {m.p for m in detect.text.modules() if isinstance(m, torch.nn.Dropout)}
+    assert bert_dropout == {0.1}  # the tower's own (hidden and attention dropout)
+    base = [("grader.model", {"backbone": "clip", "size": 32})]
+
+    def text_dropouts(stage):
+        return [m.p for m in stage.encoder.text.modules() if isinstance(m, torch.nn.Dropout)]
+
+    default = build_grade_stage(load_config(None, base), detect)
+    assert text_dropouts(default) and set(text_dropouts(default)) == {0.0}
+    assert {m.p for m in detect.text.modules() if isinstance(m, torch.nn.Dropout)} == {0.1}  # a copy was changed
+    assert set(text_dropouts(build_grade_stage(load_config(None, [*base, ("grader.text_dropout", None)]), detect))) == {0.1}
+    assert set(text_dropouts(build_grade_stage(load_config(None, [*base, ("grader.text_dropout", 0.3)]), detect))) == {0.3}
+    # with no dropout a training-mode text tower is deterministic: the same texts give the same queries
+    default.train()
+    texts = finding_texts(_series(0.7, 4.0), [0, 5])
+    torch.testing.assert_close(default.grader.encode_queries(texts, torch.tensor([0, 5])),
+                               default.grader.encode_queries(texts, torch.tensor([0, 5])), rtol=0, atol=0)
+    with pytest.raises(SpineModelError, match="text_dropout"):
+        build_grade_stage(load_config(None, [*base, ("grader.text_dropout", 1.0)]), detect)

@@ -144,6 +144,19 @@ def test_affine_moves_targets_with_the_pixels(scale, shift):
         assert torch.allclose(out, image, atol=1e-5) and torch.allclose(moved, points)
 
 
+def test_affine_samples_every_slice_as_a_grid_per_slice_would():
+    import torch.nn.functional as F
+
+    image = torch.rand(5, 3, 24, 20)
+    scale, shift = 1.07, (0.05, -0.03)
+    out, _, _ = affine(image, torch.zeros(0, 2), torch.zeros(0, dtype=torch.bool), scale, shift)
+    dx, dy = 2.0 * shift[0], 2.0 * shift[1]
+    theta = torch.tensor([[1 / scale, 0.0, -dx / scale], [0.0, 1 / scale, -dy / scale]])
+    grid = F.affine_grid(theta.expand(5, 2, 3), [5, 3, 24, 20], align_corners=False)
+    expected = F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    assert torch.equal(out, expected)
+
+
 def test_affine_drops_targets_that_leave_the_image():
     image = torch.rand(2, 3, 16, 16)
     points = torch.tensor([[0.95, 0.5], [0.5, 0.5], [0.2, 0.2]])

@@ -229,8 +229,12 @@ def affine(
     theta = torch.tensor(
         [[1.0 / scale, 0.0, -dx / scale], [0.0, 1.0 / scale, -dy / scale]], dtype=torch.float32
     )
-    grid = F.affine_grid(theta.expand(image.shape[0], 2, 3), list(image.shape), align_corners=False)
-    out = F.grid_sample(image.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    # one grid serves every slice and channel: the stack goes through as the channels of one image
+    # (the same arithmetic per channel as a grid per slice, without building S identical grids)
+    height, width = image.shape[-2:]
+    grid = F.affine_grid(theta[None], [1, 1, height, width], align_corners=False)
+    flat = image.float().reshape(1, -1, height, width)
+    out = F.grid_sample(flat, grid, mode="bilinear", padding_mode="zeros", align_corners=False).reshape(image.shape)
     moved = ((scale * (points * 2.0 - 1.0) + torch.tensor([dx, dy])) + 1.0) / 2.0
     inside = ((moved >= 0.0) & (moved < 1.0)).all(dim=1)
     keep = valid & inside

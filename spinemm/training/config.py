@@ -111,6 +111,10 @@ DEFAULTS: dict[str, Any] = {
         # train the clip grader's text tower; false: keep it as towers_from has it, and compute each
         # distinct finding text's features once before training instead of every step
         "train_text": True,
+        # dropout of the clip grader's text tower while it trains (every BERT dropout, attention's
+        # too); null: the tower's own. 0 by default: a third of the grade step's time on CPU was
+        # dropout's masks and the attention kernel they force, for no measured gain (RESULTS.md)
+        "text_dropout": 0.0,
         # the clip grader's encoder: a saved model folder (e.g. pretraining's model/); null: the detect model
         "towers_from": None,
         # create_model overrides for a fresh vision tower beside that text tower (the backbone

@@ -187,7 +187,20 @@ def build_grade_stage(config: dict[str, Any], detect: torch.nn.Module) -> GradeS
                  targets=_lora_targets(encoder, lora["targets"], fresh_vision=bool(options["towers"])))
     if not options["train_text"]:
         encoder.text.requires_grad_(False)  # adapters included: the tower stays as towers_from has it
+    elif options["text_dropout"] is not None:
+        set_dropout(encoder.text, float(options["text_dropout"]))
     return GradeStage(model_config, query_dim=encoder.config.fusion.dim, encoder=encoder.train())
+
+
+def set_dropout(module: torch.nn.Module, p: float) -> int:
+    """Set the probability of every ``nn.Dropout`` in ``module`` (BERT's attention dropout reads its
+    module's ``p`` too); returns how many were set."""
+    if not 0.0 <= p < 1.0:
+        raise SpineModelError(f"grader.text_dropout must be in [0, 1), got {p}")
+    dropouts = [m for m in module.modules() if isinstance(m, torch.nn.Dropout)]
+    for m in dropouts:
+        m.p = p
+    return len(dropouts)
 
 
 @torch.no_grad()
