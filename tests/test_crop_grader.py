@@ -235,5 +235,12 @@ def test_the_grader_trains_its_text_tower_at_grader_text_dropout():
     texts = finding_texts(_series(0.7, 4.0), [0, 5])
     torch.testing.assert_close(default.grader.encode_queries(texts, torch.tensor([0, 5])),
                                default.grader.encode_queries(texts, torch.tensor([0, 5])), rtol=0, atol=0)
+    # LoRA adapters keep their own dropout (lora.dropout)
+    adapted = build_grade_stage(load_config(None, [*base, ("lora.r", 2), ("lora.dropout", 0.05)]), detect)
+    lora_dropouts = {m.p for n, m in adapted.encoder.text.named_modules()
+                     if isinstance(m, torch.nn.Dropout) and "lora_dropout" in n}
+    assert lora_dropouts == {0.05}
+    assert {m.p for n, m in adapted.encoder.text.named_modules()
+            if isinstance(m, torch.nn.Dropout) and "lora_dropout" not in n} == {0.0}
     with pytest.raises(SpineModelError, match="text_dropout"):
         build_grade_stage(load_config(None, [*base, ("grader.text_dropout", 1.0)]), detect)

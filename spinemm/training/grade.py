@@ -194,10 +194,11 @@ def build_grade_stage(config: dict[str, Any], detect: torch.nn.Module) -> GradeS
 
 def set_dropout(module: torch.nn.Module, p: float) -> int:
     """Set the probability of every ``nn.Dropout`` in ``module`` (BERT's attention dropout reads its
-    module's ``p`` too); returns how many were set."""
+    module's ``p`` too), except LoRA adapters' own (``lora.dropout``); returns how many were set."""
     if not 0.0 <= p < 1.0:
         raise SpineModelError(f"grader.text_dropout must be in [0, 1), got {p}")
-    dropouts = [m for m in module.modules() if isinstance(m, torch.nn.Dropout)]
+    dropouts = [m for name, m in module.named_modules()
+                if isinstance(m, torch.nn.Dropout) and "lora_dropout" not in name]
     for m in dropouts:
         m.p = p
     return len(dropouts)
