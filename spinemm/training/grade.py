@@ -192,16 +192,14 @@ def build_grade_stage(config: dict[str, Any], detect: torch.nn.Module) -> GradeS
     return GradeStage(model_config, query_dim=encoder.config.fusion.dim, encoder=encoder.train())
 
 
-def set_dropout(module: torch.nn.Module, p: float) -> int:
+def set_dropout(module: torch.nn.Module, p: float) -> None:
     """Set the probability of every ``nn.Dropout`` in ``module`` (BERT's attention dropout reads its
-    module's ``p`` too), except LoRA adapters' own (``lora.dropout``); returns how many were set."""
+    module's ``p`` too), except LoRA adapters' own (peft's ``lora_dropout``: ``lora.dropout``)."""
     if not 0.0 <= p < 1.0:
         raise SpineModelError(f"grader.text_dropout must be in [0, 1), got {p}")
-    dropouts = [m for name, m in module.named_modules()
-                if isinstance(m, torch.nn.Dropout) and "lora_dropout" not in name]
-    for m in dropouts:
-        m.p = p
-    return len(dropouts)
+    for name, m in module.named_modules():
+        if isinstance(m, torch.nn.Dropout) and "lora_dropout" not in name:
+            m.p = p
 
 
 @torch.no_grad()
