@@ -211,8 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the phantom, the split and training")
     p.add_argument("--quick", action="store_true", help="a much smaller run, for smoke tests")
     p.add_argument("--grader", choices=["cnn", "clip-vit", "cnn-film"], default=None,
-                   help="the grade stage's vision tower under the BERT queries: a conv tower (cnn, the "
-                        "default), pretraining's ViT (clip-vit); or the earlier FiLM grader (cnn-film)")
+                   help="the tower pretrained and then read by the grade stage under the BERT queries: a "
+                        "conv tower (cnn, the default) or the tiny ViT (clip-vit); or the earlier FiLM "
+                        "grader (cnn-film)")
     return parser
 
 

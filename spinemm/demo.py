@@ -1,8 +1,9 @@
 """`spinemm demo`: the whole product on the built-in phantom, end to end, on a CPU in minutes.
 
-phantom -> contrastive pretraining (its last evaluation is the zero-shot check) -> the detect
-stage (severity + location training from the pretrained towers) -> the later stages (the level
-locator on sagittal slices, then the grader: BERT metadata queries over finding crops) -> held-out
+phantom -> contrastive pretraining of the grader's towers on finding crops (its last evaluation
+is the zero-shot check) -> the detect stage (severity + location training on whole slices) -> the
+later stages (the level locator on sagittal slices, then the grader: the pretrained BERT tower's
+metadata queries over the pretrained vision tower's finding-crop tokens) -> held-out
 predictions of the whole pipeline, every stage's output kept -> the official score -> a report
 folder. The score is printed beside the phantom's prior-only score and oracle floor, so it says
 where the model stands between "knows nothing" and "perfect". Every recipe reads its series from
@@ -35,7 +36,8 @@ def demo_config(out: Path, settings: dict[str, Any], seed: int) -> dict[str, Any
     """The recipe config the demo trains with (the same keys as ``recipes/configs/tiny.yaml``)."""
     return {
         "output_dir": str(out / "severity"),
-        "init_from": str(out / "pretrain" / "model"),
+        # the detect stage starts from pretraining's towers when they are its architecture (the ViT)
+        "init_from": None if settings["grader"] == "cnn" else str(out / "pretrain" / "model"),
         "model": {"name": "spine-tiny"},
         "data": {"root": str(out / "phantom"), "num_slices": settings["num_slices"],
                  "image_size": settings["image_size"], "batch_size": settings["batch_size"],
@@ -45,7 +47,8 @@ def demo_config(out: Path, settings: dict[str, Any], seed: int) -> dict[str, Any
         "optim": {"lr": settings["lr"], "warmup_ratio": 0.1},
         "checkpoint": {"every_steps": 10_000, "keep_last": 1},
         "log": {"tensorboard": False, "progress": True},
-        "pretrain": {"output_dir": str(out / "pretrain"), "epochs": settings["pretrain_epochs"]},
+        "pretrain": {"output_dir": str(out / "pretrain"), "epochs": settings["pretrain_epochs"],
+                     "towers": _pretrain_towers(settings)},
         "pipeline": {"output_dir": str(out / "stages")},
         # every 5th epoch (and the last) is scored as the pipeline ships: 9 val runs, not 45
         "grader": {"epochs": settings["grader_epochs"], "eval_every_epochs": 5, **_grader(out, settings)},
@@ -53,21 +56,33 @@ def demo_config(out: Path, settings: dict[str, Any], seed: int) -> dict[str, Any
     }
 
 
-#: The tiny preset's grader tower: a plain conv tower (the paper's CNN) reads 32 px finding crops
-#: better than the tiny ViT on CPU (benchmarks/RESULTS.md, the grade-stage comparison).
+#: The demo's crop tower, pretrained and then grading: a plain conv tower (the paper's CNN) reads
+#: 32 px finding crops better than the tiny ViT on a CPU, zero-shot and as the grader. Its leaky
+#: ReLU keeps the channels that contrastive pretraining would leave dead trainable for the grader
+#: (benchmarks/RESULTS.md, the issue-12 section).
+CONV_CROP_SIZE = 32
 CONV_TOWER = {"type": "cnn", "mean": None, "std": None, "open_clip_cfg": None, "model_name": None,
-              "pretrained": None, "kwargs": {"width": 64, "channels": [32, 64, 96]}}
+              "pretrained": None, "kwargs": {"width": 64, "channels": [32, 64, 96], "negative_slope": 0.01}}
+
+
+def _pretrain_towers(settings: dict[str, Any]) -> dict[str, Any] | None:
+    """Pretraining trains the vision tower the grader reads: the conv tower at its 32 px for the
+    ``"cnn"`` grader (its zero-shot reads better than the tiny ViT's, RESULTS.md), else the
+    detect model's ViT."""
+    if settings["grader"] != "cnn":
+        return None
+    return {"vision": {**CONV_TOWER, "image_size": CONV_CROP_SIZE}}
 
 
 def _grader(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
     """The grade stage's settings, named as the grade-stage comparison's rows. ``"cnn"``: the
-    pretrained BERT text tower queries the tokens of a conv vision tower (:data:`CONV_TOWER`,
-    trained from scratch on 32 px crops); ``"clip-vit"``: the same with pretraining's ViT (the
-    tower zero-shot scoring reads) at its 64 px; ``"cnn-film"``: the earlier grader, a ConvNet
+    pretrained BERT text tower queries the tokens of the pretrained conv vision tower
+    (:data:`CONV_TOWER` at 32 px, the tower zero-shot scoring reads); ``"clip-vit"``: the same with
+    the tiny ViT, pretrained and read at 64 px; ``"cnn-film"``: the earlier grader, a ConvNet
     modulated by constant query embeddings."""
     pretrained = {"towers_from": str(out / "pretrain" / "model"), "tower_lr": settings["lr"]}
     if settings["grader"] == "cnn":
-        return {"model": {"backbone": "clip", "size": 32}, "towers": {"vision": CONV_TOWER}, **pretrained}
+        return {"model": {"backbone": "clip", "size": CONV_CROP_SIZE}, **pretrained}
     if settings["grader"] == "clip-vit":
         return {"model": {"backbone": "clip", "size": settings["image_size"], "layers": 2}, **pretrained}
     if settings["grader"] == "cnn-film":
@@ -128,7 +143,7 @@ def run_demo(out: str | Path = "demo_out", n_studies: int | None = None, seed: i
                  "side_mm": pretrained["roi_side_mm"]}
 
     step("pretrain")
-    print("[3/6] detect stage: severity + location training from the pretrained towers")
+    print("[3/6] detect stage: severity + location training on whole slices")
     trained = train_severity(config)
     fusion_dir = trained["best_dir"] or trained["model_dir"]
 

@@ -69,17 +69,21 @@ def test_grids_follow_strides():
     assert _encoder("resnet50", 64)[0].grid_size == (4, 4)  # output_stride 16
 
 
-def test_the_cnn_pools_before_its_relu_and_computes_the_papers_conv_relu_pool():
+@pytest.mark.parametrize("slope", [0.0, 0.01])
+def test_the_cnn_pools_before_its_relu_and_computes_the_papers_conv_relu_pool(slope):
     """PlainCNN runs Conv -> MaxPool -> ReLU (a quarter of the ReLU work); that is the paper's
-    Conv -> ReLU -> MaxPool exactly, in the forward and in every gradient."""
-    encoder, _ = _encoder("cnn", 32)
+    Conv -> ReLU -> MaxPool exactly, in the forward and in every gradient. A leaky ReLU
+    (``negative_slope``) is monotone too, so the same holds for it."""
+    cfg = VisionConfig(**{**TINY_VISION_CONFIGS["cnn"], "image_size": 32,
+                          "kwargs": {**TINY_VISION_CONFIGS["cnn"]["kwargs"], "negative_slope": slope}})
+    encoder = VISION_BUILDERS["cnn"](cfg, BuildContext(embed_dim=64))
     stages = list(encoder.features)
-    assert [type(m).__name__ for m in stages[:3]] == ["Conv2d", "MaxPool2d", "ReLU"]
+    assert [type(m).__name__ for m in stages[:3]] == ["Conv2d", "MaxPool2d", "LeakyReLU" if slope else "ReLU"]
     images = torch.randn(6, 3, 32, 32).contiguous(memory_format=torch.channels_last).requires_grad_(True)
 
     def paper_order(x: torch.Tensor) -> torch.Tensor:
         for conv in stages[0::3]:
-            x = torch.nn.functional.max_pool2d(torch.relu(conv(x)), 2)
+            x = torch.nn.functional.max_pool2d(torch.nn.functional.leaky_relu(conv(x), slope), 2)
         return x
 
     ours = encoder.features(images)

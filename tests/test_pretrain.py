@@ -86,3 +86,27 @@ def test_pretraining_without_coordinates_says_so(phantom_root, tmp_path):
     coords.write_text(coords.read_text().splitlines()[0] + "\n")  # the header alone
     with pytest.raises(SpineModelError, match="labelled coordinate"):
         _pretrain(root, tmp_path / "out")
+
+
+def test_pretrain_towers_build_the_dual_encoder_in_place_of_the_detect_models_sizes(phantom_root, tmp_path):
+    from spinemm.training.common import build_model
+    from spinemm.training.config import load_config
+    from spinemm.training.pretrain import pretrain_config
+
+    conv = {"type": "cnn", "image_size": 16, "mean": None, "std": None, "open_clip_cfg": None,
+            "model_name": None, "pretrained": None, "kwargs": {"width": 32, "channels": [8, 16]}}
+    config = load_config(None, [f"data.root={phantom_root}", "data.image_size=32", "data.num_slices=4",
+                                f"pretrain.output_dir={tmp_path}"])
+    config["pretrain"]["towers"] = {"vision": conv}
+    model = build_model(pretrain_config(config))
+    assert model.config.vision.type == "cnn" and model.config.vision.image_size == 16  # not data's 32
+    frame = load_tables(phantom_root, "train")
+    ids = sorted(frame["study_id"].unique().tolist())[:1]
+    windows = finding_windows(phantom_root, frame, ids, model, config["pretrain"], train=False, progress=False)
+    assert windows.size == 16  # crops cut at the conv tower's own input size
+    image = model.encode_image(FindingPairs(windows, train=False)[0]["crop"][None], normalize=True)
+    assert image.shape == (1, model.config.embed_dim)
+    with pytest.raises(SpineModelError, match="init_from"):
+        pretrain_config({**config, "init_from": str(tmp_path)})
+    with pytest.raises(SpineModelError, match="mapping"):
+        pretrain_config({**config, "pretrain": {**config["pretrain"], "towers": "cnn"}})

@@ -107,15 +107,18 @@ def test_pretrain_then_lora_finetune(phantom_root, tmp_path):
         "--config", str(RECIPES / "configs" / "compare-grade-demo.yaml"), *SMALL, f"data.root={phantom_root}",
         "data.cache_dir=null", f"init_from={tmp_path / 'stages' / 'pipeline'}", f"grader.towers_from={pre_out / 'model'}",
         "grader.epochs=1", f"compare.output_dir={tmp_path / 'compare'}"])
-    assert table["backbone"].tolist() == ["cnn", "cnn-learned-queries", "clip-vit", "resnet50", "efficientnet",
-                                          "unet3d", "cnn-film"]
+    assert table["backbone"].tolist() == ["cnn-pretrained", "cnn", "cnn-learned-queries", "clip-vit", "resnet50",
+                                          "efficientnet", "unet3d", "cnn-film"]
     for column in ("accuracy", "macro_precision", "macro_recall", "score", "train_crops_per_s", "eval_crops_per_s"):
         assert pd.to_numeric(table[column]).notna().all(), column
     assert "| unet3d |" in (tmp_path / "compare" / "comparison.md").read_text()
     graders = {name: spinemm.load_pipeline(tmp_path / "compare" / name / "pipeline").grade
-               for name in ("cnn", "clip-vit", "unet3d", "cnn-film")}
+               for name in ("cnn-pretrained", "cnn", "clip-vit", "unet3d", "cnn-film")}
     towers = {type(graders[name].encoder.vision).__name__ for name in ("cnn", "clip-vit", "unet3d")}
     assert towers == {"PlainCNN", "OpenCLIPViTEncoder", "UNet3DEncoder"}
+    pretrained = spinemm.load_model(pre_out / "model").vision.state_dict()  # tiny.yaml pretrains the ViT
+    assert type(graders["cnn-pretrained"].encoder.vision).__name__ == "OpenCLIPViTEncoder"
+    assert graders["cnn-pretrained"].encoder.vision.state_dict().keys() == pretrained.keys()
     assert graders["cnn-film"].encoder is None
 
 

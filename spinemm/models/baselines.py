@@ -76,6 +76,9 @@ class PlainCNN(SliceEncoder):
         width: token dim.
         channels: output channels of each conv stage; each stage halves H and W.
         in_chans: image channels C.
+        negative_slope: > 0 for a leaky ReLU (not in the paper's CNN). Contrastive pretraining
+            leaves a ReLU tower with a third of its last stage's channels dead (no input makes them
+            positive, so nothing trains them again); a leaky channel still gets a gradient.
     """
 
     def __init__(
@@ -84,6 +87,7 @@ class PlainCNN(SliceEncoder):
         width: int = 512,
         channels: Sequence[int] = (32, 64, 128, 256, 512),
         in_chans: int = 3,
+        negative_slope: float = 0.0,
     ) -> None:
         super().__init__()
         channels = tuple(int(c) for c in channels)
@@ -96,7 +100,8 @@ class PlainCNN(SliceEncoder):
         self.grid_size = (image_size // stride, image_size // stride)
         layers: list[nn.Module] = []
         for cin, cout in zip((in_chans, *channels[:-1]), channels, strict=True):
-            layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.MaxPool2d(2), nn.ReLU(inplace=True)]
+            act = nn.LeakyReLU(negative_slope, inplace=True) if negative_slope else nn.ReLU(inplace=True)
+            layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.MaxPool2d(2), act]
         self.features = nn.Sequential(*layers)
         self.token_proj = nn.Linear(channels[-1], width)
         h, w = self.grid_size
@@ -236,7 +241,7 @@ def _construct(cls: type, cfg: VisionConfig, **fixed: Any) -> SliceEncoder:
 
 @register_vision("cnn")
 def build_cnn(cfg: VisionConfig, ctx: BuildContext) -> SliceEncoder:
-    """The paper's plain CNN; ``vision.kwargs``: width, channels, in_chans."""
+    """The paper's plain CNN; ``vision.kwargs``: width, channels, in_chans, negative_slope."""
     return _construct(PlainCNN, cfg)
 
 

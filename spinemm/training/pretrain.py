@@ -160,7 +160,8 @@ def evaluate_pairs(model: nn.Module, pairs: FindingPairs, positives: str, batch_
 
 
 def pretrain_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The run config: ``pretrain.output_dir / epochs / lr`` in place of the severity run's."""
+    """The run config: ``pretrain.output_dir / epochs / lr`` (and ``pretrain.towers``, the dual
+    encoder's architecture) in place of the severity run's."""
     run = copy.deepcopy(config)
     pre = config["pretrain"]
     run["output_dir"] = pre["output_dir"]
@@ -170,6 +171,15 @@ def pretrain_config(config: dict[str, Any]) -> dict[str, Any]:
         run["optim"]["lr"] = float(pre["lr"])
     if pre["positives"] not in POSITIVES:
         raise SpineModelError(f"pretrain.positives must be one of {POSITIVES}, got {pre['positives']!r}")
+    if pre["towers"]:
+        if config["init_from"]:
+            raise SpineModelError(f"pretrain.towers builds a fresh dual encoder, but init_from={config['init_from']} "
+                                  "loads one: set only one of them")
+        if not isinstance(pre["towers"], dict):
+            raise SpineModelError(f"pretrain.towers must be a mapping of create_model overrides, got {pre['towers']!r}")
+        # the towers are the whole architecture: data's sizes are the detect model's, not this one's
+        run["model"] = {**run["model"], "kwargs": {**(run["model"]["kwargs"] or {}), **pre["towers"]}}
+        run["data"] = {**run["data"], "num_slices": None, "image_size": None, "channels": None}
     return run
 
 
