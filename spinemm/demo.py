@@ -34,10 +34,11 @@ QUICK = {"n_studies": 8, "n_test": 3, "phantom_size": 48, "image_size": 32, "num
 
 def demo_config(out: Path, settings: dict[str, Any], seed: int) -> dict[str, Any]:
     """The recipe config the demo trains with (the same keys as ``recipes/configs/tiny.yaml``)."""
+    towers = _pretrain_towers(settings)
     return {
         "output_dir": str(out / "severity"),
-        # the detect stage starts from pretraining's towers when they are its architecture (the ViT)
-        "init_from": None if settings["grader"] == "cnn" else str(out / "pretrain" / "model"),
+        # the detect stage starts from pretraining's model unless pretraining built other towers
+        "init_from": None if towers else str(out / "pretrain" / "model"),
         "model": {"name": "spine-tiny"},
         "data": {"root": str(out / "phantom"), "num_slices": settings["num_slices"],
                  "image_size": settings["image_size"], "batch_size": settings["batch_size"],
@@ -48,7 +49,7 @@ def demo_config(out: Path, settings: dict[str, Any], seed: int) -> dict[str, Any
         "checkpoint": {"every_steps": 10_000, "keep_last": 1},
         "log": {"tensorboard": False, "progress": True},
         "pretrain": {"output_dir": str(out / "pretrain"), "epochs": settings["pretrain_epochs"],
-                     "towers": _pretrain_towers(settings)},
+                     "towers": towers},
         "pipeline": {"output_dir": str(out / "stages")},
         # every 5th epoch (and the last) is scored as the pipeline ships: 9 val runs, not 45
         "grader": {"epochs": settings["grader_epochs"], "eval_every_epochs": 5, **_grader(out, settings)},
