@@ -60,8 +60,10 @@ def write_slice(
     bits_stored: int = 16,
     slope: float | None = None,
     intercept: float | None = None,
+    signed: bool = False,
 ) -> None:
-    """Write one uncompressed uint16 MR slice with the given geometry tags (None = tag absent)."""
+    """Write one uncompressed 16-bit MR slice (int16 when ``signed``) with the given geometry tags
+    (None = tag absent)."""
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -72,7 +74,7 @@ def write_slice(
     ds.Modality = "MR"
     ds.Rows, ds.Columns = pixels.shape
     ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, bits_stored, bits_stored - 1
-    ds.PixelRepresentation = 0
+    ds.PixelRepresentation = int(signed)
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = photometric
     ds.PixelSpacing = list(spacing)
@@ -84,7 +86,7 @@ def write_slice(
         ds.ImageOrientationPatient = list(orientation)
     if slope is not None:
         ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    ds.PixelData = pixels.astype(np.int16 if signed else np.uint16).tobytes()
     ds.save_as(path, enforce_file_format=True)
 
 
@@ -325,21 +327,27 @@ def test_differing_slice_sizes_are_resampled_with_warning(tmp_path):
     np.testing.assert_allclose(series.volume[3], np.tile(expected, (32, 1)), atol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["rescaled", "mirrored", "lut", "odd size", "constant"])
-def test_windowed_read_is_bit_identical_to_windowing_the_physical_volume(tmp_path, case):
-    """read_series(windowed=True) windows a slice at a time without a float32 volume; the store's
-    cache and every stage rely on it giving exactly what windowing the physical volume gives."""
+@pytest.mark.parametrize("case", ["rescaled", "mirrored", "negative slope", "signed", "slopes differ", "lut",
+                                  "odd size", "constant"])
+def test_windowed_read_is_bit_identical_to_windowing_the_physical_volume(tmp_path, monkeypatch, case):
+    """read_series(windowed=True) windows a slice at a time without a float32 volume, and finds
+    the window from a histogram of the stored integers where one rescale maps them all; the
+    store's cache and every stage rely on it giving exactly what windowing the physical volume gives."""
     from spinemm.data.store import windowed
 
     rng = np.random.default_rng(3)
     size = 32 if case in ("lut", "odd size") else 256  # 256 px x 10 slices: the percentile grid is strided
+    slopes = {"rescaled": 1.7, "mirrored": 1.7, "negative slope": -0.8, "slopes differ": 1.7}
     for i in range(10):
         raw = rng.integers(0, 4096, size=(size, size)) if case != "constant" else np.full((size, size), 9)
+        if case == "signed":
+            raw = raw - 2048
         if case == "odd size" and i == 4:
             raw = raw[:16, :16]
+        slope = 2.3 if case == "slopes differ" and i == 6 else slopes.get(case)
         write_slice(tmp_path / f"{i + 1}.dcm", raw, instance=i + 1, position=(0, 0, float(i)), bits_stored=12,
                     photometric="MONOCHROME1" if case == "mirrored" else "MONOCHROME2",
-                    slope=1.7 if case in ("rescaled", "mirrored") else None, intercept=-30.5)
+                    slope=slope, intercept=-30.5, signed=case == "signed")
     if case == "lut":
         ds = pydicom.dcmread(tmp_path / "3.dcm")
         item = Dataset()
@@ -347,12 +355,28 @@ def test_windowed_read_is_bit_identical_to_windowing_the_physical_volume(tmp_pat
         item.add_new("LUTData", "US", list(np.arange(4096) // 3))
         ds.ModalityLUTSequence = [item]
         ds.save_as(tmp_path / "3.dcm")
+    if case not in ("slopes differ", "lut", "odd size"):  # these need the float path; the rest, the histogram
+        from spinemm.data import pixels
+
+        monkeypatch.setattr(pixels, "_window_from_physical", lambda *args: pytest.fail("float path taken"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the odd size's warning is tested above
         physical, unit = read_series(tmp_path), read_series(tmp_path, windowed=True)
     assert unit.windowed and unit.volume.dtype == np.float16 and unit.volume.shape == physical.volume.shape
     np.testing.assert_array_equal(unit.volume, windowed(physical).volume)
     assert unit.volume.max() == (0 if case == "constant" else 1) and unit.volume.min() == 0
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 200, 4097])
+def test_sample_percentiles_match_numpy(n):
+    from spinemm.data.transforms import sample_percentiles
+
+    rng = np.random.default_rng(n)
+    for sample in (rng.normal(size=n).astype(np.float32), rng.integers(0, 9, size=n).astype(np.float32)):
+        for q in ((0.5, 99.5), (0.0, 100.0), (50.0,), (12.5, 37.0, 99.9)):
+            np.testing.assert_allclose(sample_percentiles(sample, q), np.percentile(sample, q), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="empty"):
+        sample_percentiles(np.zeros(0), (50.0,))
 
 
 # --- geometry -------------------------------------------------------------------------------------

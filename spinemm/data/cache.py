@@ -52,7 +52,8 @@ from .series import Series, series_files
 from .transforms import PreprocessedSeries, preprocess_series
 
 #: Bump when the preprocessing or the entry layout changes: old entries are then never read.
-FORMAT_VERSION = 3  # 2: stacks from SeriesStore's float16 series; 3: per-slice orientations
+FORMAT_VERSION = 4  # 2: stacks from SeriesStore's float16 series; 3: per-slice orientations; 4: the
+# window from sample_percentiles (np.percentile to float rounding)
 _RACY_NS = 2_000_000_000
 _ARRAYS = ("image", "indices", "instance_numbers", "source_instance_numbers")
 

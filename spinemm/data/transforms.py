@@ -16,6 +16,7 @@ height, so one normalised point means the same anatomy at any resize; the resize
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -80,6 +81,33 @@ def percentile_stride(shape: tuple[int, ...]) -> int:
     return max(1, int(math.sqrt(math.prod(shape) / PERCENTILE_SAMPLES)))
 
 
+def percentile_ranks(n: int, percentiles: Sequence[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For ``n`` sorted values: the ranks below and above each percentile and the weight of the
+    upper one (numpy's default "linear" method: position ``p / 100 * (n - 1)``)."""
+    position = np.asarray(percentiles, dtype=np.float64) / 100.0 * (n - 1)
+    below = np.floor(position).astype(np.int64)
+    return below, np.minimum(below + 1, n - 1), position - below
+
+
+def interpolate_ranks(below: np.ndarray, above: np.ndarray, weight: np.ndarray) -> tuple[float, ...]:
+    """The values at the ranks of :func:`percentile_ranks`, interpolated (float64)."""
+    below, above = np.asarray(below, dtype=np.float64), np.asarray(above, dtype=np.float64)
+    return tuple(float(v) for v in below + (above - below) * weight)
+
+
+def sample_percentiles(sample: np.ndarray, percentiles: Sequence[float] = INTENSITY_PERCENTILES) -> tuple[float, ...]:
+    """Percentiles of ``sample`` as ``np.percentile`` defines them (to float rounding), from one
+    partial sort. :func:`~spinemm.data.pixels.unit_volume` reads the same order statistics off a
+    histogram of the stored integers and interpolates them with the same code, so both paths give
+    the same window to the bit."""
+    flat = np.asarray(sample).reshape(-1)
+    if flat.size == 0:
+        raise ValueError("cannot take percentiles of an empty sample")
+    below, above, weight = percentile_ranks(flat.size, percentiles)
+    ordered = np.partition(flat, np.unique(np.concatenate([below, above])))
+    return interpolate_ranks(ordered[below], ordered[above], weight)
+
+
 def intensity_window(
     volume: np.ndarray, percentiles: tuple[float, float] = INTENSITY_PERCENTILES
 ) -> tuple[float, float]:
@@ -89,8 +117,8 @@ def intensity_window(
     if volume.ndim >= 2:
         stride = percentile_stride(volume.shape)
         volume = volume[..., ::stride, ::stride]
-    low, high = np.percentile(volume, percentiles)
-    return float(low), float(high)
+    low, high = sample_percentiles(volume, percentiles)
+    return low, high
 
 
 def window_scale(window: tuple[float, float]) -> tuple[float, float]:
