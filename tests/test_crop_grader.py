@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import types
 
 import numpy as np
@@ -56,6 +57,29 @@ def test_text_queries_depend_on_the_metadata_and_each_text_is_encoded_once(monke
         GradeStage(GraderConfig(backbone="clip", context=2), encoder=_encoder())
     with pytest.raises(SpineModelError, match="needs its encoder"):
         GradeStage(GraderConfig(backbone="clip"))
+
+
+def test_a_pipeline_run_encodes_each_distinct_text_once_for_all_batches(phantom_root, monkeypatch):
+    """The detect stage's 25 query texts and the grader's finding texts repeat in every batch of
+    studies: a run encodes each once (TextTower.remembering) and predicts what encoding per batch does."""
+    pipeline = SpinePipeline(_encoder(0), grade=GradeStage(GraderConfig(backbone="clip", size=32),
+                                                           encoder=_encoder(1)))
+    with monkeypatch.context() as patch:  # the reference: every batch encodes its texts itself
+        patch.setattr(SpinePipeline, "_remembering_texts", lambda self: contextlib.nullcontext())
+        per_batch = pipeline.run(phantom_root, "test", batch_size=1, progress=False)
+    encoded = []
+    for tower in (pipeline.detect.model.text, pipeline.grade.encoder.text):
+        encode = tower.encode
+        monkeypatch.setattr(tower, "encode", lambda t, encode=encode: encoded.extend(t) or encode(t))
+    result = pipeline.run(phantom_root, "test", batch_size=1, progress=False)
+    assert len(result.study_ids) > 1 and len(encoded) == len(set(encoded))  # several batches, no text twice
+    np.testing.assert_allclose(result.probs, per_batch.probs, atol=1e-5)
+    # outside a run nothing is remembered: each call encodes again
+    assert pipeline.detect.model.text._remembered is None
+    encoded.clear()
+    for _ in range(2):
+        pipeline.detect.model.text.pooled(["a text"])
+    assert encoded == ["a text", "a text"]
 
 
 def test_clip_grade_stage_round_trips_through_a_pipeline_folder(tmp_path):

@@ -98,7 +98,7 @@ class CropGrader(nn.Module):
         text's row in them ``[N]``. With the text tower frozen these can be computed once, before
         training (``grader.train_text: false``), and given to :meth:`forward` as ``text_features``."""
         unique = list(dict.fromkeys(texts))
-        _, _, pooled = self.encoder.text.encode(unique)
+        pooled = self.encoder.text.pooled(unique)
         position = {t: i for i, t in enumerate(unique)}
         return pooled, torch.tensor([position[t] for t in texts], dtype=torch.long)
 

@@ -173,7 +173,7 @@ class SpineCLIP(nn.Module, SpineHubMixin):
             )
         unique = list(dict.fromkeys(t for row in rows for t in row))
         position = {t: i for i, t in enumerate(unique)}
-        _, _, pooled = self.text.encode(unique)  # [U, text width]
+        pooled = self.text.pooled(unique)  # [U, text width]
         index = torch.tensor([[position[t] for t in row] for row in rows], device=pooled.device)
         queries = self.query_proj(pooled)[index]  # [B, Q, dim]
         return queries if self.query_embed is None else queries + self.query_embed

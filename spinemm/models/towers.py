@@ -10,9 +10,10 @@ Vision towers live in :mod:`spinemm.models.vision`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,31 @@ class TextTower(nn.Module):
 
     def forward(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.encode(texts)
+
+    def pooled(self, texts: Sequence[str]) -> torch.Tensor:
+        """``encode(texts)``'s pooled features ``[N, D]``; inside :meth:`remembering`, each distinct
+        text goes through the tower once for the whole block."""
+        memo = getattr(self, "_remembered", None)
+        if memo is None:
+            return self.encode(texts)[2]
+        missing = list(dict.fromkeys(t for t in texts if t not in memo))
+        if missing:
+            memo.update(zip(missing, self.encode(missing)[2].detach(), strict=True))
+        return torch.stack([memo[t] for t in texts])
+
+    @contextlib.contextmanager
+    def remembering(self) -> Iterator[None]:
+        """Within the block, :meth:`pooled` computes each text's features once and reuses them: for
+        inference, where the weights stay fixed (a pipeline run encodes the same 25 detect queries and
+        the same few hundred finding texts for every batch of studies). Nested blocks share one memo."""
+        if getattr(self, "_remembered", None) is not None:
+            yield
+            return
+        self._remembered: dict[str, torch.Tensor] | None = {}
+        try:
+            yield
+        finally:
+            self._remembered = None
 
 
 class BertTextTower(TextTower):

@@ -16,6 +16,7 @@ A pipeline folder describes itself::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from ..metrics import submission_frame
 from ..models.config import GraderConfig, LocatorConfig
 from ..models.hub_mixin import SpineHubMixin
 from ..models.names import PIPELINE_CONFIG, parse_model_name
+from ..models.towers import TextTower
 from .detect import DetectStage
 from .findings import Findings
 from .grade import GradeStage
@@ -184,19 +186,20 @@ class SpinePipeline(SpineHubMixin):
         device = next(self.detect.model.parameters()).device
         parts: dict[str, list] = {"ids": [], "probs": [], "detected": [], "located": [], "grades": [], "graded": []}
         starts = range(0, len(dataset), batch_size)
-        for start in tqdm(starts, desc="predict", unit="batch", disable=not progress):
-            batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-            probs, found = self.detect(batch, device)
-            parts["ids"] += [int(m["study_id"]) for m in batch["meta"]]
-            parts["probs"].append(probs)
-            parts["detected"].append(found)
-            if self.locate is not None:
-                found = self.locate.run(found, store)
-                parts["located"].append(found)
-            if self.grade is not None:
-                grades = self.grade.run(found, store)
-                parts["grades"].append(grades)
-                parts["graded"].append(grades.findings)
+        with self._remembering_texts():  # every batch asks for the same query texts
+            for start in tqdm(starts, desc="predict", unit="batch", disable=not progress):
+                batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+                probs, found = self.detect(batch, device)
+                parts["ids"] += [int(m["study_id"]) for m in batch["meta"]]
+                parts["probs"].append(probs)
+                parts["detected"].append(found)
+                if self.locate is not None:
+                    found = self.locate.run(found, store)
+                    parts["located"].append(found)
+                if self.grade is not None:
+                    grades = self.grade.run(found, store)
+                    parts["grades"].append(grades)
+                    parts["graded"].append(grades.findings)
         result = PipelineResult(parts["ids"], np.concatenate(parts["probs"]) if parts["probs"] else
                                 np.zeros((0, len(LABEL_COLUMNS), 3)), Findings.concat(parts["detected"]))
         if self.locate is not None:
@@ -209,6 +212,17 @@ class SpinePipeline(SpineHubMixin):
             result.graded = Findings.concat(parts["graded"])
         result.order = _sample_submission_order(root, split) if study_ids is None else None
         return result
+
+    def _remembering_texts(self) -> contextlib.ExitStack:
+        """A block in which every stage's text tower encodes each distinct text once
+        (:meth:`~spinemm.models.towers.TextTower.remembering`)."""
+        stack = contextlib.ExitStack()
+        encoder = self.grade.encoder if self.grade is not None else None
+        for model in (self.detect.model, encoder):
+            tower = getattr(model, "text", None)
+            if isinstance(tower, TextTower):
+                stack.enter_context(tower.remembering())
+        return stack
 
     # ---------------------------------------------------------------------------- save / load
     def _save_pretrained(self, save_directory: Path) -> None:
