@@ -15,7 +15,7 @@ import numpy as np
 
 from spinemm.errors import SpineDataError
 
-__all__ = ["Series", "map_point", "series_files"]
+__all__ = ["Series", "map_point", "map_points", "series_files"]
 
 NOMINAL_ORIENTATION = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
 
@@ -162,9 +162,13 @@ def map_point(src: Series, x: float, y: float, k: float, dst: Series) -> tuple[f
     Both series must share a frame of reference (same study), e.g. a point picked on a sagittal slice
     lands on the axial slice (``round(k)``) that passes through it.
     """
-    patient = src.voxel_to_patient(np.array([[x, y, k]], dtype=np.float64))
-    mx, my, mk = dst.patient_to_voxel(patient)[0]
+    mx, my, mk = map_points(src, np.array([[x, y, k]], dtype=np.float64), dst)[0]
     return float(mx), float(my), float(mk)
+
+
+def map_points(src: Series, points: np.ndarray, dst: Series) -> np.ndarray:
+    """:func:`map_point` for voxel points ``[N, 3]`` (x, y, k) at once -> ``[N, 3]``."""
+    return dst.patient_to_voxel(src.voxel_to_patient(points))
 
 
 def _as_points(points: np.ndarray) -> np.ndarray:

@@ -15,14 +15,14 @@ with a warning naming it.
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
 from ..constants import CONDITION_PLANE, CONDITIONS, LEVELS, PLANES
 from ..data.level_slices import locator_input
-from ..data.series import Series, map_point
+from ..data.series import Series, map_points
 from ..data.store import SeriesStore
 from ..models.config import LocatorConfig
 from ..models.locator import LevelLocator, decode_heatmaps
@@ -58,53 +58,76 @@ class LocateStage(torch.nn.Module):
     @torch.no_grad()
     def run(self, findings: Findings, store: SeriesStore) -> Findings:
         """A new record: sagittal findings moved to the locator's points (x, y, confidence), axial
-        ones to the axial slice through their level's canal point (instance_number)."""
+        ones to the axial slice through their level's canal point (instance_number). The locator
+        reads every sagittal slice of the record in one batch."""
         device = next(self.locator.parameters()).device
         was_training = self.locator.training
         self.locator.eval()
         out = findings.replace()
+        canal, foramina = [], []  # _Slice groups; a foramen group also keeps its study's canal rows
+        studies = list(out.by_study(out.located))
+        for study_id, rows in studies:
+            targets = out.target[rows]
+            canal_rows = rows[_CONDITION[targets] == "spinal_canal_stenosis"]
+            canal += _slices(out, canal_rows, store, study_id, self.config)
+            foramina += [(group, canal_rows) for group in
+                         _slices(out, rows[_PLANE[targets] == "Sagittal T1"], store, study_id, self.config)]
+        groups = canal + [group for group, _ in foramina]
         try:
-            for study_id, rows in out.by_study(out.located):
-                targets = out.target[rows]
-                canal = rows[_CONDITION[targets] == "spinal_canal_stenosis"]
-                self._locate_sagittal(out, canal, store, study_id, device)
-                foramina = rows[_PLANE[targets] == "Sagittal T1"]
-                self._locate_sagittal(out, foramina, store, study_id, device, anchors=canal)
-                _axial_from_canal(out, rows, store, study_id)
+            logits = self.locator(torch.stack([g.input for g in groups]).to(device),
+                                  torch.tensor([g.plane for g in groups], device=device)).float().cpu() \
+                if groups else torch.zeros(0)
         finally:
             self.locator.train(was_training)
+        _write_levels(out, canal, logits[:len(canal)])
+        logits = logits[len(canal):]
+        if self.config.prior_mm and len(foramina):  # the canal points are located now: weigh by their height
+            logits = logits + torch.stack([_height_prior(out, anchors, store, group.study_id, group.series,
+                                                         logits.shape[-1], self.config.prior_mm)
+                                           for group, anchors in foramina])
+        _write_levels(out, [group for group, _ in foramina], logits)
+        for study_id, rows in studies:
+            _axial_from_canal(out, rows, store, study_id)
         return out
 
-    def _locate_sagittal(self, out: Findings, rows: np.ndarray, store: SeriesStore, study_id: int,
-                         device: torch.device, anchors: np.ndarray | None = None) -> None:
-        """Run the locator once per (series, instance) of ``rows``; write each row's level point.
-        With ``anchors`` (located canal rows), weigh each level's heatmap by :func:`_height_prior`."""
-        cfg = self.config
-        inputs, groups, planes, found_series = [], [], [], []
-        keys = np.stack([out.series_id[rows], out.instance_number[rows]], axis=1) if len(rows) else np.empty((0, 2))
-        for key in np.unique(keys, axis=0):
-            group = rows[(keys == key).all(axis=1)]
-            series = store.find(study_id, int(key[0]), "located")
-            index = None if series is None else series.instance_to_index.get(int(key[1]))
-            if index is None:
-                continue
-            inputs.append(locator_input(torch.from_numpy(series.volume), index, cfg.context, cfg.size))
-            groups.append(group)
-            planes.append(PLANES.index(_PLANE[out.target[group[0]]]))
-            found_series.append(series)
-        if not inputs:
-            return
-        logits = self.locator(torch.stack(inputs).to(device), torch.tensor(planes, device=device)).float().cpu()
-        if anchors is not None and len(anchors) and cfg.prior_mm:
-            logits = logits + torch.stack([_height_prior(out, anchors, store, study_id, target, logits.shape[-1],
-                                                         cfg.prior_mm) for target in found_series])
-        xy, confidence = decode_heatmaps(logits)
-        for group, series, points, conf in zip(groups, found_series, xy.numpy(), confidence.numpy(), strict=True):
-            height, width = series.volume.shape[-2:]
-            level = out.target[group] % len(LEVELS)
-            out.x[group] = points[level, 0] * width
-            out.y[group] = points[level, 1] * height
-            out.confidence[group] = conf[level]
+
+@dataclass
+class _Slice:
+    """One sagittal slice the locator reads, and the findings placed on it."""
+
+    study_id: int
+    rows: np.ndarray
+    series: Series
+    input: torch.Tensor  # [1 + 2 context, size, size]
+    plane: int  # index into PLANES
+
+
+def _slices(out: Findings, rows: np.ndarray, store: SeriesStore, study_id: int, cfg: LocatorConfig) -> list[_Slice]:
+    """One :class:`_Slice` per (series, instance) of ``rows`` that can be read."""
+    found = []
+    keys = np.stack([out.series_id[rows], out.instance_number[rows]], axis=1) if len(rows) else np.empty((0, 2))
+    for key in np.unique(keys, axis=0):
+        group = rows[(keys == key).all(axis=1)]
+        series = store.find(study_id, int(key[0]), "located")
+        index = None if series is None else series.instance_to_index.get(int(key[1]))
+        if index is not None:
+            found.append(_Slice(study_id, group, series, locator_input(torch.from_numpy(series.volume), index,
+                                                                       cfg.context, cfg.size),
+                                PLANES.index(_PLANE[out.target[group[0]]])))
+    return found
+
+
+def _write_levels(out: Findings, groups: list[_Slice], logits: torch.Tensor) -> None:
+    """Each group's findings to their level's heatmap peak (x, y, confidence)."""
+    if not groups:
+        return
+    xy, confidence = decode_heatmaps(logits)
+    for group, points, conf in zip(groups, xy.numpy(), confidence.numpy(), strict=True):
+        height, width = group.series.volume.shape[-2:]
+        level = out.target[group.rows] % len(LEVELS)
+        out.x[group.rows] = points[level, 0] * width
+        out.y[group.rows] = points[level, 1] * height
+        out.confidence[group.rows] = conf[level]
 
 
 def _height_prior(out: Findings, anchors: np.ndarray, store: SeriesStore, study_id: int, target: Series, grid: int,
@@ -114,15 +137,25 @@ def _height_prior(out: Findings, anchors: np.ndarray, store: SeriesStore, study_
     prior = torch.zeros(len(LEVELS), grid, grid)
     height = target.volume.shape[-2]
     rows = (torch.arange(grid) + 0.5) / grid * height  # cell centres, in pixels
-    for anchor in anchors:
-        source = store.find(study_id, int(out.series_id[anchor]), "located")
-        k = None if source is None else source.instance_to_index.get(int(out.instance_number[anchor]))
-        if k is None:
-            continue
-        _, y, _ = map_point(source, float(out.x[anchor]), float(out.y[anchor]), k, target)
+    for source, anchor, points in _points_in(out, anchors, store, study_id):
+        y = map_points(source, points, target)[:, 1]
         sd_rows = sd_mm / target.pixel_spacing[0]
-        prior[out.target[anchor] % len(LEVELS)] = (-0.5 * ((rows - y) / sd_rows) ** 2)[:, None]
+        for level, centre in zip(out.target[anchor] % len(LEVELS), y, strict=True):
+            prior[level] = (-0.5 * ((rows - centre) / sd_rows) ** 2)[:, None]
     return prior
+
+
+def _points_in(out: Findings, rows: np.ndarray, store: SeriesStore, study_id: int):
+    """(series, rows, voxel points [N, 3]) for each series of ``rows`` with a readable slice."""
+    for series_id in np.unique(out.series_id[rows]):
+        source = store.find(study_id, int(series_id), "located")
+        if source is None:
+            continue
+        group = rows[out.series_id[rows] == series_id]
+        k = np.array([source.instance_to_index.get(int(i), -1) for i in out.instance_number[group]])
+        group, k = group[k >= 0], k[k >= 0]
+        if len(group):
+            yield source, group, np.stack([out.x[group], out.y[group], k.astype(np.float64)], axis=1)
 
 
 def axial_slices_from_canal(findings: Findings, store: SeriesStore) -> Findings:
@@ -137,17 +170,20 @@ def axial_slices_from_canal(findings: Findings, store: SeriesStore) -> Findings:
 def _axial_from_canal(out: Findings, rows: np.ndarray, store: SeriesStore, study_id: int) -> None:
     """Set each axial row's instance to the axial slice through its level's (located) canal point."""
     targets = out.target[rows]
-    canal = {int(out.target[r]) % len(LEVELS): r for r in rows[_CONDITION[targets] == "spinal_canal_stenosis"]}
-    for row in rows[_PLANE[targets] == "Axial T2"]:
-        point = canal.get(int(out.target[row]) % len(LEVELS))
-        if point is None:
-            continue
-        sagittal = store.find(study_id, int(out.series_id[point]), "located")
-        axial = store.find(study_id, int(out.series_id[row]), "located")
-        k = None if sagittal is None else sagittal.instance_to_index.get(int(out.instance_number[point]))
-        if k is None or axial is None:
-            continue
-        _, _, slice_k = map_point(sagittal, float(out.x[point]), float(out.y[point]), k, axial)
-        index = int(np.rint(slice_k))
-        if 0 <= index < len(axial.instance_numbers):
-            out.instance_number[row] = int(axial.instance_numbers[index])
+    axial = rows[_PLANE[targets] == "Axial T2"]
+    if not len(axial):
+        return
+    level_of = out.target % len(LEVELS)
+    for source, canal, points in _points_in(out, rows[_CONDITION[targets] == "spinal_canal_stenosis"], store,
+                                            study_id):
+        canal_levels = level_of[canal]
+        for series_id in np.unique(out.series_id[axial]):
+            mine = axial[(out.series_id[axial] == series_id) & np.isin(level_of[axial], canal_levels)]
+            target = store.find(study_id, int(series_id), "located") if len(mine) else None
+            if target is None:
+                continue
+            slice_k = np.rint(map_points(source, points, target)[:, 2]).astype(np.int64)
+            for row in mine:
+                index = slice_k[np.flatnonzero(canal_levels == level_of[row])[0]]
+                if 0 <= index < len(target.instance_numbers):
+                    out.instance_number[row] = int(target.instance_numbers[index])
