@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 
 import spinemm
 from spinemm.constants import NUM_TARGETS
@@ -36,6 +37,28 @@ def test_crop_roi_centres_the_point_and_picks_neighbour_slices():
     # Slices past either end are clamped, not wrapped.
     edge = crop_roi(volume, (1.0, 1.0), 4, x=23, y=17, side_mm=9, size=9)
     assert torch.equal(edge[1], edge[2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_crops_cut_from_windows_equal_sampling_the_whole_slice(dtype):
+    """crop_rois resamples from a small window around each crop: the same values as sampling the
+    whole slice with zero padding, for crops inside, across the edge of and outside the image."""
+    from spinemm.data.roi import crop_rois
+
+    torch.manual_seed(0)
+    volume = torch.rand(5, 40, 56).to(dtype)
+    xs, ys, ks = [20.3, 0.0, 55.0, -9.0, 70.5], [11.7, 39.0, 0.4, 20.0, -12.0], [2, 0, 4, 3, 1]
+    spacing, side_mm, size, offsets = (0.7, 0.9), 12.0, 8, (-1, 0, 1)
+    crops = crop_rois(volume, spacing, ks, xs, ys, side_mm, size, offsets)
+    height, width = volume.shape[1:]
+    for crop, x, y, k in zip(crops, xs, ys, ks, strict=True):
+        slices = torch.tensor(np.clip(k + np.array(offsets), 0, len(volume) - 1))
+        theta = torch.tensor([[[side_mm / spacing[1] / width, 0.0, (2 * x + 1) / width - 1],
+                               [0.0, side_mm / spacing[0] / height, (2 * y + 1) / height - 1]]])
+        grid = F.affine_grid(theta, [1, len(offsets), size, size], align_corners=False)
+        whole = F.grid_sample(volume[slices].float()[None], grid, padding_mode="zeros", align_corners=False)[0]
+        torch.testing.assert_close(crop, whole, atol=1e-5, rtol=1e-5)
+    assert crops[-1].abs().sum() == 0 and crops[0].abs().sum() > 0  # wholly outside: zeros
 
 
 def test_roi_windows_offsets_point_at_the_label(phantom_root):

@@ -89,15 +89,16 @@ def _windows(volume: torch.Tensor, slices: np.ndarray, x0: np.ndarray, y0: np.nd
              win_h: int) -> torch.Tensor:
     """``[N, C, win_h, win_w]`` windows of ``volume [S, H, W]`` at slices ``[N, C]`` with top-left
     pixels (x0, y0); pixels outside the image are 0."""
-    _, height, width = volume.shape
-    out = volume.new_zeros((len(slices), slices.shape[1], win_h, win_w))
+    # numpy, not torch: a window is one small copy, and torch's indexing costs 3-4x more per crop
+    source = volume.detach().cpu().numpy()
+    _, height, width = source.shape
+    out = np.zeros((len(slices), slices.shape[1], win_h, win_w), dtype=source.dtype)
     for i, (left, top) in enumerate(zip(x0.tolist(), y0.tolist(), strict=True)):
         cols = slice(max(left, 0), min(left + win_w, width))
         rows = slice(max(top, 0), min(top + win_h, height))
         if cols.start < cols.stop and rows.start < rows.stop:
-            out[i, :, rows.start - top:rows.stop - top, cols.start - left:cols.stop - left] = \
-                volume[torch.from_numpy(slices[i]), rows, cols]
-    return out
+            out[i, :, rows.start - top:rows.stop - top, cols.start - left:cols.stop - left] = source[slices[i], rows, cols]
+    return torch.from_numpy(out).to(volume.device)
 
 
 class ROIWindows:
