@@ -146,6 +146,11 @@ def test_locate_stage_moves_sagittal_findings_to_the_labels(trained_locator):
     error = np.hypot(located.x - truth.x.to_numpy(), located.y - truth.y.to_numpy())[sagittal]  # pixels of 64
     assert (error < 2).mean() > 0.8
     assert (located.confidence[sagittal] != 0.5).all()
+    # the locator reads several studies' slices in one batch: the same points as a study at a time
+    one_by_one = stage.run(findings, run.store, studies_per_batch=1)
+    np.testing.assert_allclose(np.stack([one_by_one.x, one_by_one.y, one_by_one.confidence]),
+                               np.stack([located.x, located.y, located.confidence]), rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(one_by_one.instance_number, located.instance_number)
 
 
 def test_axial_slices_follow_the_canal_point(phantom_root):
