@@ -193,7 +193,11 @@ def preprocess_series(
     # normalise and resize each needed source slice once, then gather the channels
     needed, inverse = np.unique(feeds, return_inverse=True)
     if getattr(series, "windowed", False):  # a SeriesStore series is already float16 in [0, 1]
-        normed = torch.from_numpy(np.ascontiguousarray(volume[needed])).float()
+        # each needed slice converted straight into its row: one pass, not a gather and then a cast
+        source = torch.from_numpy(np.asarray(volume))
+        normed = torch.empty((len(needed), *volume.shape[1:]), dtype=torch.float32)
+        for row, index in enumerate(needed.tolist()):
+            normed[row].copy_(source[index])
     else:
         normed = to_unit_range(volume[needed], intensity_window(volume))
     resized = resize_slices(normed, image_size)  # [U, size, size]
