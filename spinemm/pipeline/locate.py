@@ -142,9 +142,9 @@ def _height_prior(out: Findings, anchors: np.ndarray, store: SeriesStore, study_
     prior = torch.zeros(len(LEVELS), grid, grid)
     height = target.volume.shape[-2]
     rows = (torch.arange(grid) + 0.5) / grid * height  # cell centres, in pixels
+    sd_rows = sd_mm / target.pixel_spacing[0]
     for source, anchor, points in _points_in(out, anchors, store, study_id):
         y = map_points(source, points, target)[:, 1]
-        sd_rows = sd_mm / target.pixel_spacing[0]
         for level, centre in zip(out.target[anchor] % len(LEVELS), y, strict=True):
             prior[level] = (-0.5 * ((rows - centre) / sd_rows) ** 2)[:, None]
     return prior
@@ -178,17 +178,17 @@ def _axial_from_canal(out: Findings, rows: np.ndarray, store: SeriesStore, study
     axial = rows[_PLANE[targets] == "Axial T2"]
     if not len(axial):
         return
-    level_of = out.target % len(LEVELS)
-    for source, canal, points in _points_in(out, rows[_CONDITION[targets] == "spinal_canal_stenosis"], store,
-                                            study_id):
-        canal_levels = level_of[canal]
+    axial_levels = out.target[axial] % len(LEVELS)
+    canal_rows = rows[_CONDITION[targets] == "spinal_canal_stenosis"]
+    for source, canal, points in _points_in(out, canal_rows, store, study_id):
+        canal_levels = out.target[canal] % len(LEVELS)
         for series_id in np.unique(out.series_id[axial]):
-            mine = axial[(out.series_id[axial] == series_id) & np.isin(level_of[axial], canal_levels)]
-            target = store.find(study_id, int(series_id), "located") if len(mine) else None
+            mine = (out.series_id[axial] == series_id) & np.isin(axial_levels, canal_levels)
+            target = store.find(study_id, int(series_id), "located") if mine.any() else None
             if target is None:
                 continue
             slice_k = np.rint(map_points(source, points, target)[:, 2]).astype(np.int64)
-            for row in mine:
-                index = slice_k[np.flatnonzero(canal_levels == level_of[row])[0]]
+            for row, level in zip(axial[mine], axial_levels[mine], strict=True):
+                index = slice_k[np.flatnonzero(canal_levels == level)[0]]
                 if 0 <= index < len(target.instance_numbers):
                     out.instance_number[row] = int(target.instance_numbers[index])

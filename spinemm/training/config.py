@@ -99,9 +99,9 @@ DEFAULTS: dict[str, Any] = {
         "batch_size": 64,  # (crop, prompt) pairs per process and step
         "balanced": True,  # draw pairs in inverse proportion to their severity's frequency
         "positives": "severity",  # severity: same-severity pairs are positives | text: same prompt | pair
-        # create_model overrides of a dual encoder built for pretraining alone, in place of
-        # model.kwargs and data's sizes: the tower the grader reads (grader.towers_from) may differ
-        # from the detect model's, e.g. the demo's conv tower at 32 px; null: the run's model
+        # create_model overrides of a dual encoder built for pretraining alone, applied over
+        # model.kwargs and in place of data's sizes: the tower the grader reads (grader.towers_from)
+        # may differ from the detect model's, e.g. the demo's conv tower at 32 px; null: the run's model
         "towers": None,
     },
     "pipeline": {  # recipes/train_stages.py: the stages after detect (init_from: the detect model or a pipeline)
