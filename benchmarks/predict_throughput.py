@@ -5,7 +5,9 @@
 Makes (or reuses, ``--root``) a real-size phantom (512 px), loads the pipeline once (load time
 excluded), warms the page cache, then times, best of ``--repeats`` and in alternation:
 
-* the anchor: ``pydicom.dcmread(f).pixel_array`` over every test file, one core;
+* the anchor: ``pydicom.dcmread(f).pixel_array`` over every test file, one core; and for each
+  worker run of N > 1 processes, the same loop split between N forked processes, which says how
+  far this machine's cores scale plain decoding (the ceiling for predict's scaling);
 * ``spinemm.predict`` plus writing ``submission.csv`` and ``locations.csv``, once per ``--runs``
   entry ``WORKERS:THREADS``: worker processes, each single-threaded and predicting a share of the
   studies from its DICOM files (``predict(workers=N)``; 0: the main process alone), and the main
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import multiprocessing
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -80,10 +83,26 @@ class ExclusiveTimer:
                 setattr(owner, name, fn)
 
 
-def bare_decode(files: list[Path]) -> float:
-    tic = time.perf_counter()
+def _decode_all(files: list[Path]) -> None:
     for path in files:
         pydicom.dcmread(path).pixel_array  # noqa: B018 (the decode is the point)
+
+
+def bare_decode(files: list[Path], workers: int = 0) -> float:
+    """Seconds to decode ``files``: in this process, or split between ``workers`` forked processes
+    (forking included, as in ``predict(workers=N)``): what this machine's cores give plain decoding."""
+    tic = time.perf_counter()
+    if workers:  # forked processes run the function they inherit: nothing is pickled
+        processes = [multiprocessing.get_context("fork").Process(target=_decode_all, args=(files[i::workers],))
+                     for i in range(workers)]
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.join()
+        if any(process.exitcode for process in processes):
+            raise RuntimeError(f"a decode process failed (exit codes {[p.exitcode for p in processes]})")
+    else:
+        _decode_all(files)
     return time.perf_counter() - tic
 
 
@@ -127,7 +146,7 @@ def main(argv: list[str] | None = None) -> str:
         out = Path(tmp)
 
         torch.set_num_threads(1)
-        bare = min(bare_decode(files) for _ in range(args.repeats + 1))  # first pass warms the page cache
+        bare_decode(files)  # untimed: warms the page cache
         # On a GPU the calling process must not touch CUDA before forking workers: worker runs only
         on_gpu = args.device != "cpu"
         if on_gpu and any(workers == 0 for workers, _ in args.runs):
@@ -135,11 +154,18 @@ def main(argv: list[str] | None = None) -> str:
         # untimed: warms the page cache and allocator (and compiles, with --compile)
         predict_once(pipeline, root, out, args.runs[0][0] if on_gpu else 0, args.device)
         best: dict[tuple[int, int], float] = {}
+        # the anchor on 1 core, and on as many worker processes as each worker run uses
+        anchor_workers = sorted({0} | {workers for workers, _ in args.runs if workers > 1})
+        anchors = dict.fromkeys(anchor_workers, float("inf"))
         for _ in range(args.repeats):  # alternate, so drift on a shared machine hits every row alike
+            torch.set_num_threads(1)
+            for workers in anchor_workers:
+                anchors[workers] = min(anchors[workers], bare_decode(files, workers))
             for workers, threads in args.runs:
                 torch.set_num_threads(threads)
                 seconds = predict_once(pipeline, root, out, workers, args.device)
                 best[workers, threads] = min(best.get((workers, threads), float("inf")), seconds)
+        bare = anchors[0]
         torch.set_num_threads(1)
         timer, reads, single = ExclusiveTimer(), collections.Counter(), 0.0
         real_dcmread = pydicom.dcmread
@@ -160,6 +186,10 @@ def main(argv: list[str] | None = None) -> str:
              f"bare decode {bare:.2f} s ({len(files) / bare:.0f} files/s, 1 core)", "",
              "| run | s | studies/s | files/s | / bare decode | vs 1 core |", "| --- | ---: | ---: | ---: | ---: | ---: |",
              f"| bare pydicom decode (anchor) | {bare:.2f} | {n_studies / bare:.1f} | {len(files) / bare:.0f} | 1.0x | |"]
+    for workers in anchor_workers[1:]:  # how far this machine's cores scale plain decoding
+        seconds = anchors[workers]
+        lines.append(f"| bare decode, {workers} processes | {seconds:.2f} | {n_studies / seconds:.1f} | "
+                     f"{len(files) / seconds:.0f} | {seconds / bare:.1f}x | {bare / seconds:.2f}x |")
     base = best.get((0, 1))
     for (workers, threads), seconds in best.items():
         label = "predict, 1 core" if (workers, threads) == (0, 1) else \

@@ -72,6 +72,7 @@ def test_predict_throughput_benchmark_times_parts_and_counts_one_read_per_file(p
     text = _benchmark("predict_throughput").main([str(tmp_path / "m"), "--root", str(phantom_root), "--runs", "0:1",
                                                   "2:1", "--repeats", "1"])
     assert "| predict, 1 core |" in text and "| predict, 2 workers |" in text
+    assert "| bare decode, 2 processes |" in text
     assert "1.0 dcmread calls per file" in text and "| decode + window |" in text and "| detect model |" in text
     assert text in capsys.readouterr().out
 

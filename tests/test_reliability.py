@@ -146,6 +146,16 @@ def test_differing_pixel_spacing_warns_naming_the_file(tmp_path):
     assert series.pixel_spacing == (0.5, 0.5)
 
 
+@pytest.mark.parametrize(("row", "column", "warns"), [(0.5004, 0.5, False), (0.5, 0.4996, False), (0.5, 0.5006, True)])
+def test_pixel_spacing_within_a_thousandth_is_the_same(tmp_path, row, column, warns):
+    folder, broken = _series(tmp_path)
+    _edit(broken, _set("PixelSpacing", [row, column]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        read_series(folder)
+    assert any("PixelSpacing" in str(w.message) for w in caught) == warns
+
+
 # --- tables ---------------------------------------------------------------------------------------
 
 

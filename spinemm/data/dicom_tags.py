@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pydicom
@@ -101,14 +102,26 @@ def pixel_tag(ds: pydicom.Dataset, keyword: str, path: Path, default: int | None
     return value
 
 
-def check_pixel_module(ds: pydicom.Dataset, path: Path) -> tuple[int, bool]:
-    """Validate the tags that say how to read the pixel bytes, before decoding; returns
-    (BitsStored, signed). pydicom would otherwise fail with raw errors or decode silently wrong."""
+class PixelModule(NamedTuple):
+    """The checked tags that say how to read a slice's pixel bytes."""
+
+    syntax: pydicom.uid.UID | None  # TransferSyntaxUID (None: absent from the file meta)
+    rows: int
+    columns: int
+    bits_allocated: int
+    bits_stored: int
+    signed: bool
+
+
+def check_pixel_module(ds: pydicom.Dataset, path: Path) -> PixelModule:
+    """Validate the tags that say how to read the pixel bytes, before decoding, and return them.
+    pydicom would otherwise fail with raw errors or decode silently wrong."""
     syntax = ds.file_meta.get("TransferSyntaxUID")
     if syntax is not None and not pydicom.uid.UID(syntax).is_transfer_syntax:
         raise SpineDataError(f"{path}: TransferSyntaxUID {str(syntax)!r} is not a known transfer syntax")
-    for keyword in ("Rows", "Columns"):
-        if pixel_tag(ds, keyword, path) < 1:
+    rows, columns = pixel_tag(ds, "Rows", path), pixel_tag(ds, "Columns", path)
+    for keyword, value in (("Rows", rows), ("Columns", columns)):
+        if value < 1:
             raise SpineDataError(f"{path}: {keyword} must be at least 1, got {ds[keyword].value}")
     allocated = pixel_tag(ds, "BitsAllocated", path)
     if allocated not in (8, 16, 32):
@@ -119,4 +132,4 @@ def check_pixel_module(ds: pydicom.Dataset, path: Path) -> tuple[int, bool]:
     representation = pixel_tag(ds, "PixelRepresentation", path, 0)
     if representation not in (0, 1):
         raise SpineDataError(f"{path}: PixelRepresentation {representation} must be 0 (unsigned) or 1 (signed)")
-    return stored, representation == 1
+    return PixelModule(syntax, rows, columns, allocated, stored, representation == 1)
