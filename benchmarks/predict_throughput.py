@@ -2,8 +2,10 @@
 
     python benchmarks/predict_throughput.py PIPELINE_DIR [--root ROOT] [--studies 8] [--runs 0:1 1:1 2:1]
 
-Makes (or reuses, ``--root``) a real-size phantom (512 px), loads the pipeline once (load time
-excluded), warms the page cache, then times, best of ``--repeats`` and in alternation:
+Makes (or reuses, ``--root``) a phantom of real size: 512 px, sagittal series of 12-18 slices and
+axial ones of 30-50 (6-10 per level; the same as ``spinemm phantom ROOT --n-studies 2 --n-test 8
+--image-size 512 --axial-slices 6 10 --seed 7``). It loads the pipeline once (load time excluded),
+warms the page cache, then times, best of ``--repeats`` and in alternation:
 
 * the anchor: ``pydicom.dcmread(f).pixel_array`` over every test file, one core; and for each
   worker run of N > 1 processes, the same loop split between N forked processes, which says how
@@ -38,6 +40,8 @@ import spinemm
 from spinemm.data import dataset as dataset_module
 from spinemm.data import dicom
 from spinemm.pipeline import detect, grade, locate
+
+REAL_AXIAL_SLICES = (6, 10)  # per level: 30-50 slices a series, as in the RSNA studies
 
 # (module, attribute, part): the functions whose exclusive time makes up each part of a run
 PARTS = (
@@ -137,7 +141,8 @@ def main(argv: list[str] | None = None) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         root = args.root or Path(tmp, "phantom")
         if not (root / "test_images").is_dir():
-            spinemm.data.make_phantom(root, n_studies=2, n_test=args.studies, image_size=512, seed=7)
+            spinemm.data.make_phantom(root, n_studies=2, n_test=args.studies, image_size=512, seed=7,
+                                      axial_slices=REAL_AXIAL_SLICES)
         files = sorted(Path(root, "test_images").rglob("*.dcm"))
         n_studies = len([p for p in (root / "test_images").iterdir() if p.is_dir()])
         pipeline = spinemm.load_pipeline(args.pipeline)

@@ -27,7 +27,7 @@ def _cmd_phantom(args: argparse.Namespace) -> None:
 
     root = make_phantom(args.root, n_studies=args.n_studies, n_test=args.n_test, seed=args.seed,
                         image_size=args.image_size, label_noise=args.label_noise, progress=not args.quiet,
-                        workers=args.workers)
+                        workers=args.workers, axial_slices=tuple(args.axial_slices))
     info = json.loads((Path(root) / "phantom_info.json").read_text())
     print(f"phantom written to {root}: {args.n_studies} train studies, {info.get('n_test')} test studies")
     print(f"  prior-only score {info['prior_score']:.4f}   oracle floor {info['oracle_score']:.4f}")
@@ -162,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of recorded labels that differ from the true grade")
     p.add_argument("--workers", type=int, default=None,
                    help="processes writing studies (default: one per core, 8 studies or more each)")
+    p.add_argument("--axial-slices", type=int, nargs=2, default=(3, 5), metavar=("FEWEST", "MOST"),
+                   help="slices of each Axial T2 series per disc level (real studies: about 6 10)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = command("cache", "decode every series of a folder into a series cache, with all cores", _cmd_cache)

@@ -155,6 +155,25 @@ def test_same_seed_same_bytes(tmp_path):
         make_phantom(tmp_path / "d", n_studies=3, workers=0)
 
 
+def test_axial_slices_per_level_sets_the_axial_series_length(tmp_path):
+    args = dict(n_studies=2, n_test=2, seed=3, image_size=24, progress=False)
+    default = make_phantom(tmp_path / "default", **args)
+    real = make_phantom(tmp_path / "real", axial_slices=(6, 10), **args)
+    for root, low, high in ((default, 15, 25), (real, 30, 50)):
+        described = pd.concat([pd.read_csv(root / f"{split}_series_descriptions.csv").assign(split=split)
+                               for split in ("train", "test")])
+        axial = described[described.series_description == "Axial T2"]
+        counts = [len(list(series_path(root, row.split, row.study_id, row.series_id).glob("*.dcm")))
+                  for row in axial.itertuples(index=False)]
+        assert counts and all(low <= n <= high for n in counts), counts
+    info = json.loads((real / "phantom_info.json").read_text())
+    assert info["axial_slices"] == [6, 10] and "axial_slices" not in json.loads((default / "phantom_info.json").read_text())
+    # the labels come from streams of their own: the same as without the option
+    assert (real / "train.csv").read_bytes() == (default / "train.csv").read_bytes()
+    with pytest.raises(ValueError, match="axial_slices"):
+        make_phantom(tmp_path / "bad", axial_slices=(5, 4), **args)
+
+
 def test_label_noise_and_prior():
     rng = np.random.default_rng(0)
     latent, true, recorded = _sample_labels(rng, 4000, 0.2)

@@ -152,9 +152,10 @@ def _write_study(
     image_size: int,
     seed: int,
     oblique_axial: bool = False,
+    axial_slices: tuple[int, int] = (3, 5),
 ) -> dict[str, tuple]:
     """Scan one study and write its series (the axial ones as per-level oblique blocks when
-    ``oblique_axial``).
+    ``oblique_axial``, with ``axial_slices`` slices per level).
 
     Returns, per plane, ``(series_id, plan, anatomy)`` of its first series: the one labelled.
     """
@@ -163,7 +164,7 @@ def _write_study(
     primary: dict[str, tuple] = {}
     for number, (series_id, description) in enumerate(series, start=1):
         if description == "Axial T2":
-            plan = plan_axial(rng, anat, image_size, oblique=oblique_axial)
+            plan = plan_axial(rng, anat, image_size, oblique=oblique_axial, per_level=axial_slices)
         else:
             plan = plan_sagittal(rng, anat, description, image_size)
         stored, slope, intercept = acquire(rng, anat, plan)
@@ -185,9 +186,9 @@ def _write_study(
 def _study_job(job: tuple) -> list[tuple]:
     """Write one study (a worker's unit: every study has its own random stream, so the output does
     not depend on which process writes it); returns its coordinate rows (none for a test study)."""
-    root, split, study_id, series, severity, stream, image_size, seed, labelled, oblique = job
+    root, split, study_id, series, severity, stream, image_size, seed, labelled, oblique, axial_slices = job
     primary = _write_study(root, split, study_id, series, severity, np.random.default_rng(stream), image_size, seed,
-                           oblique)
+                           oblique, axial_slices)
     return [] if labelled is None else _coordinate_rows(study_id, primary, labelled)
 
 
@@ -264,6 +265,7 @@ def make_phantom(
     progress: bool = True,
     workers: int | None = 1,
     oblique_axial: float = 0.0,
+    axial_slices: tuple[int, int] = (3, 5),
 ) -> Path:
     """Write a synthetic RSNA 2024 Lumbar Spine dataset under ``root`` and return ``root``.
 
@@ -282,7 +284,9 @@ def make_phantom(
     8 studies or more each). ``oblique_axial``: the share of studies whose Axial T2 series are
     acquired as one block per level, each perpendicular to the spine at its own disc (so the slices
     of one series differ in orientation, as in many real studies); 0 keeps one orientation per
-    series (and the output of earlier versions). Worker processes are spawned, so a script that asks for them must
+    series (and the output of earlier versions). ``axial_slices``: the fewest and most slices of an
+    Axial T2 series at each of the five levels (3-5, the default, keeps the output of earlier
+    versions; real studies hold 30-50 axial slices, e.g. ``(6, 10)``). Worker processes are spawned, so a script that asks for them must
     call ``make_phantom`` under ``if __name__ == "__main__":``, as for a DataLoader's workers. Same arguments give byte-identical tables and identical pixels, whatever ``workers``. ``root`` must not already hold
     phantom outputs (else SpineDataError). Raises ValueError on bad arguments.
     """
@@ -290,6 +294,10 @@ def make_phantom(
     _check_args(n_studies, n_test, image_size, label_noise, workers)
     if not 0.0 <= float(oblique_axial) <= 1.0:
         raise ValueError(f"oblique_axial must be in [0, 1], got {oblique_axial!r}")
+    axial_slices = tuple(axial_slices)
+    if len(axial_slices) != 2 or not all(isinstance(n, (int, np.integer)) for n in axial_slices) \
+            or not 1 <= axial_slices[0] <= axial_slices[1]:
+        raise ValueError(f"axial_slices must be two integers 1 <= fewest <= most, got {axial_slices!r}")
     root = Path(root)
     clash = [name for name in _OUTPUTS if (root / name).exists()]
     if clash:
@@ -312,7 +320,7 @@ def make_phantom(
     oblique = np.random.default_rng([seed, 14]).random(n_total) < oblique_axial
     jobs = [
         (root, str(split[i]), int(study_ids[i]), series[i], severity[i], study_ss[i], image_size, seed,
-         labelled[i] if split[i] == "train" else None, bool(oblique[i]))
+         labelled[i] if split[i] == "train" else None, bool(oblique[i]), axial_slices)
         for i in range(n_total)
     ]
     coord_rows: list[tuple] = []
@@ -382,5 +390,7 @@ def make_phantom(
     if oblique_axial:
         info["oblique_axial"] = float(oblique_axial)
         info["studies_oblique_axial"] = sorted(int(study_ids[i]) for i in np.flatnonzero(oblique))
+    if axial_slices != (3, 5):
+        info["axial_slices"] = [int(n) for n in axial_slices]
     (root / "phantom_info.json").write_text(json.dumps(info, indent=2) + "\n")
     return root

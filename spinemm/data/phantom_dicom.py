@@ -91,8 +91,9 @@ def plan_sagittal(rng: np.random.Generator, anat: Anatomy, description: str, siz
     )
 
 
-def plan_axial(rng: np.random.Generator, anat: Anatomy, size: int, oblique: bool = False) -> SeriesPlan:
-    """3-5 parallel slices centred on the canal at each graded disc.
+def plan_axial(rng: np.random.Generator, anat: Anatomy, size: int, oblique: bool = False,
+               per_level: tuple[int, int] = (3, 5)) -> SeriesPlan:
+    """``per_level`` (fewest, most; 3-5 by default) parallel slices centred on the canal at each graded disc.
 
     ``oblique=False``: one orientation, perpendicular to the spine between L3/L4 and L4/L5 (tilted
     a few degrees), so every level's slices cut the canal at its disc. ``oblique=True``: each
@@ -119,7 +120,7 @@ def plan_axial(rng: np.random.Generator, anat: Anatomy, size: int, oblique: bool
     centres, per_slice, blocks = [], [], []
     for orientation, in_plane, target in frames:
         normal = np.cross(orientation[0], orientation[1])
-        m = int(rng.integers(3, 6))
+        m = int(rng.integers(per_level[0], per_level[1] + 1))
         depth = target + (np.arange(m)[::-1] - (m - 1) / 2) * gap  # head first
         centres.append(in_plane + depth[:, None] * normal)
         per_slice += [orientation] * m
