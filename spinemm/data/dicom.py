@@ -331,7 +331,7 @@ def _check_common_spacing(slices: list[_Slice], series_dir: Path) -> None:
     # The Series has one PixelSpacing; a slice that differs would be measured with the wrong one.
     spacings = np.array([s.spacing for s in slices])
     spacing = spacings[0]
-    # np.allclose(s.spacing, spacing, rtol=1e-3) for every slice at once (it cost 50 us a call)
+    # np.allclose(s.spacing, spacing, rtol=1e-3) for every slice at once (it cost 25 us a call)
     close = (np.abs(spacings - spacing) <= 1e-8 + 1e-3 * np.abs(spacing)).all(axis=1)
     odd = [s.path.name for s, ok in zip(slices, close, strict=True) if not ok]
     if odd:
