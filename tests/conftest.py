@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -38,6 +42,24 @@ def count_reads(monkeypatch):
 
     monkeypatch.setattr(pydicom, "dcmread", counting)
     return reads
+
+
+@pytest.fixture
+def launch_two_cpu():
+    """Runs ``python SCRIPT ARGS...`` as two CPU ranks of ``accelerate launch`` (the repo's
+    ``recipes/accelerate/cpu_2proc.yaml``, on a port free now); returns the finished process."""
+    repo = Path(__file__).resolve().parents[1]
+
+    def launch(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(repo / "recipes" / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", str(port), *args]
+        return subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
+
+    return launch
 
 
 def pytest_addoption(parser):

@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import re
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -18,8 +13,6 @@ import spinemm
 from spinemm.models.config import GraderConfig, LocatorConfig
 from spinemm.pipeline import GradeStage, LocateStage, SpinePipeline
 from spinemm.pipeline.parallel import shares
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _pipeline() -> SpinePipeline:
@@ -46,12 +39,6 @@ def test_predict_in_worker_processes_matches_one_process(phantom_root):
     np.testing.assert_allclose(two.detect_probs, one.detect_probs, atol=1e-6)  # every stage's output is kept
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # Runs the CLI under each rank, printing the share that rank predicts (proof that the work was split).
 _RANK_SCRIPT = """
 import os, sys
@@ -68,16 +55,13 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.mark.slow
-def test_predict_under_accelerate_launch_two_processes(phantom_root, tmp_path):
+def test_predict_under_accelerate_launch_two_processes(phantom_root, tmp_path, launch_two_cpu):
     folder = _pipeline().save_pretrained(tmp_path / "pipeline")
     expected = spinemm.predict(spinemm.load_pipeline(folder), phantom_root, split="test", progress=False)
     script = tmp_path / "rank_predict.py"
     script.write_text(_RANK_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(REPO / "recipes" / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", str(_free_port()),
-           str(script), "predict", "--model", str(folder), "--data", str(phantom_root), "--out", str(tmp_path / "out")]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = launch_two_cpu(str(script), "predict", "--model", str(folder), "--data", str(phantom_root),
+                          "--out", str(tmp_path / "out"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     n = len(expected.study_ids)
     # the two ranks print at once into one pipe: their lines can run together, so match, not split

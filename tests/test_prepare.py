@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -65,3 +66,36 @@ def test_unreadable_series_is_named_and_the_rest_cached(phantom_root, tmp_path, 
     with pytest.warns(UserWarning):
         assert main(["cache", str(root), "--cache-dir", str(tmp_path / "cache"), "--quiet"]) == 2
     assert "could not be read" in capsys.readouterr().err
+
+
+# Runs the CLI under each rank, printing every series that rank caches (proof that the work was split).
+_RANK_SCRIPT = """
+import os, sys
+import spinemm.data.prepare as prepare
+real = prepare._cache_one
+def cache_one(job):
+    print(f"rank {os.environ['RANK']} caches {job[3]}/{job[4]}", flush=True)
+    return real(job)
+prepare._cache_one = cache_one
+from spinemm.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_cache_under_accelerate_launch_splits_the_series_between_processes(phantom_root, tmp_path, launch_two_cpu):
+    script = tmp_path / "rank_cache.py"
+    script.write_text(_RANK_SCRIPT)
+    proc = launch_two_cpu(str(script), "cache", str(phantom_root), "--cache-dir", str(tmp_path / "cache"),
+                          "--workers", "0", "--quiet")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    pairs = _series(phantom_root)
+    # the two ranks print at once into one pipe: their lines can run together, so match, not split
+    cached = re.findall(r"rank (\d) caches (\d+)/(\d+)", proc.stdout)
+    by_rank = {rank: {(int(st), int(se)) for r, st, se in cached if r == rank} for rank in "01"}
+    assert len(cached) == len(pairs) and by_rank["0"] | by_rank["1"] == set(pairs)  # each series once
+    assert len(by_rank["0"]) == (len(pairs) + 1) // 2 and len(by_rank["1"]) == len(pairs) // 2
+    # one line, from rank 0, with the gathered report of both
+    assert re.findall(r"(\d+) series: (\d+) written", proc.stdout) == [(str(len(pairs)), str(len(pairs)))]
+    store = SeriesStore(phantom_root, "train", cache_dir=tmp_path / "cache")
+    assert all(store.cached(*pair) for pair in pairs)

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -144,21 +140,12 @@ def test_compare_backbones_tiny(phantom_root, tmp_path):
     assert any((tmp_path / "series-cache").rglob("*.safetensors"))  # series decoded once, shared
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_accelerate_launch_two_cpu_processes(phantom_root, tmp_path):
+def test_accelerate_launch_two_cpu_processes(phantom_root, tmp_path, launch_two_cpu):
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch",
-           "--config_file", str(RECIPES / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", str(_free_port()),
-           str(RECIPES / "train_severity.py"), "--config", str(RECIPES / "configs" / "tiny.yaml"), *SMALL,
-           f"data.root={phantom_root}", f"output_dir={out}", "train.epochs=1", "checkpoint.every_steps=1"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = launch_two_cpu(str(RECIPES / "train_severity.py"), "--config", str(RECIPES / "configs" / "tiny.yaml"),
+                          *SMALL, f"data.root={phantom_root}", f"output_dir={out}", "train.epochs=1",
+                          "checkpoint.every_steps=1")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_processes"] == 2  # really two ranks, not two copies training alone

@@ -11,6 +11,10 @@ through the cache's stat index, without reading its DICOM bytes) is skipped, so 
 started again does only what was left. A series that cannot be read is reported by name, never
 dropped silently, and the rest go on.
 
+Past one machine: under ``accelerate launch`` (``WORLD_SIZE > 1``) each process takes a contiguous
+share of the series (``PartialState.split_between_processes``) with its node's share of the cores,
+and the reports are gathered, so every process returns the whole run's report.
+
 Why not ``datasets.Dataset.map(num_proc=N)`` into Arrow shards: the runs read series by content
 key, one at a time and in any order, with their geometry; Arrow shards would be a second copy
 of the same data in a layout nothing reads back.
@@ -47,6 +51,14 @@ class CacheReport:
     failed: dict[str, str] = field(default_factory=dict)  # series folder -> error
     seconds: float = 0.0
 
+    @classmethod
+    def merge(cls, parts: list[CacheReport]) -> CacheReport:
+        """The report of one run made of ``parts`` that ran side by side (its time: the slowest part's)."""
+        return cls(series=sum(p.series for p in parts), written=sum(p.written for p in parts),
+                   skipped=sum(p.skipped for p in parts), files=sum(p.files for p in parts),
+                   failed={k: v for p in parts for k, v in p.failed.items()},
+                   seconds=max((p.seconds for p in parts), default=0.0))
+
     @property
     def files_per_s(self) -> float:
         return self.files / self.seconds if self.seconds else 0.0
@@ -57,16 +69,31 @@ class CacheReport:
 
 
 def fill_cache(root: str | os.PathLike, cache_dir: str | os.PathLike, split: str = "train", *,
-               workers: int | None = None, progress: bool = True) -> CacheReport:
+               workers: int | None = None, progress: bool = True, distributed: bool | None = None) -> CacheReport:
     """Decode every series of ``root``'s ``split`` into ``cache_dir`` (module docstring).
 
-    ``workers``: processes (default: every core this process may use; 0 decodes in this process).
-    Failed series are listed in the report (and warned about by name), the others still cached.
+    ``workers``: processes (default: every core this process may use, shared with the other
+    processes of an ``accelerate launch`` on the same node; 0 decodes in this process).
+    ``distributed`` (default: when launched with several processes): this process caches its share
+    and returns the report of all. Failed series are listed in the report (and warned about by
+    name, by the process that met them), the others still cached.
     """
     root, cache_dir = Path(root), Path(cache_dir)
     pairs = load_series_descriptions(root, split)[["study_id", "series_id"]].drop_duplicates()
     jobs = [(str(root), split, str(cache_dir), int(st), int(se)) for st, se in pairs.itertuples(index=False)]
-    workers = len(os.sched_getaffinity(0)) if workers is None else int(workers)
+    if distributed is None:
+        distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    state = None
+    if distributed:
+        from accelerate import PartialState
+
+        state = PartialState(cpu=True)  # decoding is CPU work: one gloo group, whatever devices the node has
+        with state.split_between_processes(jobs) as mine:
+            jobs = list(mine)
+        progress = progress and state.is_main_process
+    if workers is None:  # the node's cores, split between the launched processes that share them
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if distributed else 1
+        workers = max(1, len(os.sched_getaffinity(0)) // local)
     report = CacheReport(series=len(jobs))
     tic = time.perf_counter()
     with tqdm(total=len(jobs), desc="cache", unit="series", disable=not progress) as bar:
@@ -82,6 +109,10 @@ def fill_cache(root: str | os.PathLike, cache_dir: str | os.PathLike, split: str
     report.seconds = time.perf_counter() - tic
     for folder, error in report.failed.items():
         warnings.warn(f"{folder}: not cached ({error})", stacklevel=2)
+    if state is not None and state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        report = CacheReport.merge(gather_object([report]))
     return report
 
 
