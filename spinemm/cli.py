@@ -55,7 +55,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     store = SeriesStore(args.data, args.split, cache_dir=args.cache_dir)  # the overlays read the same series
     submission, locations = predict(model, args.data, split=args.split, batch_size=args.batch_size,
                                     device=args.device, store=store, workers=args.workers)
-    if int(os.environ.get("RANK", "0")) != 0:  # under `accelerate launch`: every rank has all rows; one writes
+    if not _main_rank():  # every rank has all rows; one writes
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -122,7 +122,7 @@ def _cmd_cache(args: argparse.Namespace) -> None:
     from .data.prepare import fill_cache
 
     report = fill_cache(args.root, args.cache_dir, split=args.split, workers=args.workers, progress=not args.quiet)
-    if int(os.environ.get("RANK", "0")) == 0:  # under `accelerate launch`: every rank has the whole report
+    if _main_rank():  # every rank has the whole report; one prints
         print(f"{args.cache_dir}: {report}")
     if report.failed:
         raise SpineError(f"{len(report.failed)} series could not be read, e.g. {next(iter(report.failed))}")
@@ -256,6 +256,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_guarded(lambda: args.func(args), f"spinemm {args.command}", args.debug)
     finally:
         _leave_process_group()
+
+
+def _main_rank() -> bool:
+    """Whether this process writes a command's outputs: always, unless it is a rank other than 0
+    of an ``accelerate launch``."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _leave_process_group() -> None:
