@@ -27,7 +27,8 @@ def _cmd_phantom(args: argparse.Namespace) -> None:
 
     root = make_phantom(args.root, n_studies=args.n_studies, n_test=args.n_test, seed=args.seed,
                         image_size=args.image_size, label_noise=args.label_noise, progress=not args.quiet,
-                        workers=args.workers, axial_slices=tuple(args.axial_slices))
+                        workers=args.workers, variety=args.variety, oblique_axial=args.oblique_axial,
+                        axial_slices=tuple(args.axial_slices) if args.axial_slices else None)
     info = json.loads((Path(root) / "phantom_info.json").read_text())
     print(f"phantom written to {root}: {args.n_studies} train studies, {info.get('n_test')} test studies")
     print(f"  prior-only score {info['prior_score']:.4f}   oracle floor {info['oracle_score']:.4f}")
@@ -158,13 +159,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-studies", type=int, default=60, help="train studies")
     p.add_argument("--n-test", type=int, default=None, help="test studies (default: a fifth of --n-studies, at least 2)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes the same files")
-    p.add_argument("--image-size", type=int, default=128, help="pixels per side of each slice")
+    p.add_argument("--image-size", type=int, default=128, help="pixels per side of each slice (plain phantom)")
+    p.add_argument("--variety", choices=["kaggle"], default=None,
+                   help="scan like the real RSNA set: each series its own matrix (256-1024 px, some not "
+                        "square) and spacing, 15-20 sagittal and 30-60 axial slices, 12/16-bit vendors, "
+                        "MONOCHROME1, JPEG 2000 / JPEG-LS / RLE files (default: one square matrix)")
+    p.add_argument("--oblique-axial", type=float, default=0.0,
+                   help="share of studies whose Axial T2 is one block per level, angled to its disc")
     p.add_argument("--label-noise", type=float, default=0.1,
                    help="fraction of recorded labels that differ from the true grade")
     p.add_argument("--workers", type=int, default=None,
                    help="processes writing studies (default: one per core, 8 studies or more each)")
-    p.add_argument("--axial-slices", type=int, nargs=2, default=(3, 5), metavar=("FEWEST", "MOST"),
-                   help="slices of each Axial T2 series per disc level (real studies: about 6 10)")
+    p.add_argument("--axial-slices", type=int, nargs=2, default=None, metavar=("FEWEST", "MOST"),
+                   help="slices of each Axial T2 series per disc level (default: 3 5, or 6 12 with "
+                        "--variety kaggle)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = command("cache", "decode every series of a folder into a series cache, with all cores", _cmd_cache)

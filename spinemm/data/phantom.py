@@ -14,35 +14,22 @@ the oracle (best possible prediction given the noise) and the prior (training cl
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
-from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from spinemm.constants import (
-    CONDITION_NAMES,
-    LABEL_COLUMNS,
-    LEVEL_NAMES,
-    MISSING_LABEL,
-    NUM_CLASSES,
-    NUM_TARGETS,
-    PLANES,
-    SEVERITIES,
-    TARGET_PLANE_INDEX,
-)
+from spinemm.constants import LABEL_COLUMNS, MISSING_LABEL, NUM_CLASSES, NUM_TARGETS, PLANES, SEVERITIES
 from spinemm.errors import SpineDataError
 from spinemm.metrics import score_breakdown, solution_frame, submission_frame
 
-from .phantom_anatomy import finding_point, sample_anatomy
-from .phantom_dicom import acquire, locate, make_uid, plan_axial, plan_sagittal, write_series
-from .tables import COORDINATE_COLUMNS, SERIES_COLUMNS, series_path
+from .phantom_scanner import available_syntaxes
+from .phantom_study import Scan, StudyJob, map_studies
+from .tables import COORDINATE_COLUMNS, SERIES_COLUMNS
 
-__all__ = ["make_phantom", "noise_transition", "FORMAT_VERSION"]
+__all__ = ["make_phantom", "noise_transition", "FORMAT_VERSION", "VARIETIES"]
 
 #: Version of the phantom's file set; bumped whenever the generator's output changes meaning.
 FORMAT_VERSION = 1
@@ -59,6 +46,10 @@ EMPTY_CELL_RATE = 0.01  # empty train.csv cells
 MISSING_COORDINATE_RATE = 0.02  # labelled targets without a coordinate row
 MISSING_SERIES_RATE = 0.04  # studies lacking one plane's series
 DUPLICATE_AXIAL_RATE = 0.1  # studies with a second Axial T2 series
+
+#: ``variety`` values: None (one square matrix and vendor) or "kaggle" (the real set's variety,
+#: :mod:`.phantom_scanner`), and the Axial T2 slices per level each writes by default.
+VARIETIES = {None: (3, 5), "kaggle": (6, 12)}
 
 _OUTPUTS = (
     "train.csv",
@@ -142,96 +133,6 @@ def _study_series(rng: np.random.Generator, n_total: int, n_studies: int, taken:
     return out
 
 
-def _write_study(
-    root: Path,
-    split: str,
-    study_id: int,
-    series: list[tuple[int, str]],
-    severity: np.ndarray,
-    rng: np.random.Generator,
-    image_size: int,
-    seed: int,
-    oblique_axial: bool = False,
-    axial_slices: tuple[int, int] = (3, 5),
-) -> dict[str, tuple]:
-    """Scan one study and write its series (the axial ones as per-level oblique blocks when
-    ``oblique_axial``, with ``axial_slices`` slices per level).
-
-    Returns, per plane, ``(series_id, plan, anatomy)`` of its first series: the one labelled.
-    """
-    anat = sample_anatomy(rng, severity.reshape(5, 5))
-    study_uid = make_uid(seed, study_id)
-    primary: dict[str, tuple] = {}
-    for number, (series_id, description) in enumerate(series, start=1):
-        if description == "Axial T2":
-            plan = plan_axial(rng, anat, image_size, oblique=oblique_axial, per_level=axial_slices)
-        else:
-            plan = plan_sagittal(rng, anat, description, image_size)
-        stored, slope, intercept = acquire(rng, anat, plan)
-        ids = {
-            "study_id": study_id,
-            "series_id": series_id,
-            "series_number": number,
-            "study_uid": study_uid,
-            "series_uid": make_uid(seed, study_id, series_id),
-            "frame_uid": make_uid(seed, study_id, "frame"),
-        }
-        write_series(
-            series_path(root, split, study_id, series_id), plan, stored, (slope, intercept), ids, rng
-        )
-        primary.setdefault(description, (series_id, plan, anat))
-    return primary
-
-
-def _study_job(job: tuple) -> list[tuple]:
-    """Write one study (a worker's unit: every study has its own random stream, so the output does
-    not depend on which process writes it); returns its coordinate rows (none for a test study)."""
-    root, split, study_id, series, severity, stream, image_size, seed, labelled, oblique, axial_slices = job
-    primary = _write_study(root, split, study_id, series, severity, np.random.default_rng(stream), image_size, seed,
-                           oblique, axial_slices)
-    return [] if labelled is None else _coordinate_rows(study_id, primary, labelled)
-
-
-def _map_studies(jobs: list[tuple], workers: int | None) -> Iterator[list[tuple]]:
-    """``_study_job`` over ``jobs`` in order, in ``workers`` processes (None: one per core, and at
-    least 8 studies each, since a process costs about a second to start)."""
-    if workers is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        workers = max(1, min(cores, len(jobs) // 8))
-    workers = min(len(jobs), workers)
-    if workers <= 1:
-        yield from map(_study_job, jobs)
-        return
-    # spawn, not fork: the caller may hold torch's threads, and a forked child of a threaded
-    # process can deadlock
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        yield from pool.map(_study_job, jobs, chunksize=4)
-
-
-def _coordinate_rows(study_id: int, primary: dict[str, tuple], labelled: np.ndarray) -> list[tuple]:
-    """Coordinate rows of one train study for the targets flagged in ``labelled [25]``."""
-    rows = []
-    for t in np.flatnonzero(labelled):
-        condition, level = divmod(int(t), len(LEVEL_NAMES))
-        plane = PLANES[TARGET_PLANE_INDEX[t]]
-        if plane not in primary:
-            continue
-        series_id, plan, anat = primary[plane]
-        k, x, y = locate(plan, finding_point(anat, condition, level))
-        rows.append(
-            (
-                study_id,
-                series_id,
-                int(plan.instance_numbers[k]),
-                CONDITION_NAMES[condition],
-                LEVEL_NAMES[level],
-                round(x, 4),
-                round(y, 4),
-            )
-        )
-    return rows
-
-
 def _scores(
     train_recorded: np.ndarray,
     test_ids: np.ndarray,
@@ -265,7 +166,8 @@ def make_phantom(
     progress: bool = True,
     workers: int | None = 1,
     oblique_axial: float = 0.0,
-    axial_slices: tuple[int, int] = (3, 5),
+    axial_slices: tuple[int, int] | None = None,
+    variety: str | None = None,
 ) -> Path:
     """Write a synthetic RSNA 2024 Lumbar Spine dataset under ``root`` and return ``root``.
 
@@ -285,13 +187,21 @@ def make_phantom(
     acquired as one block per level, each perpendicular to the spine at its own disc (so the slices
     of one series differ in orientation, as in many real studies); 0 keeps one orientation per
     series (and the output of earlier versions). ``axial_slices``: the fewest and most slices of an
-    Axial T2 series at each of the five levels (3-5, the default, keeps the output of earlier
-    versions; real studies hold 30-50 axial slices, e.g. ``(6, 10)``). Worker processes are spawned, so a script that asks for them must
+    Axial T2 series at each of the five levels (default 3-5, which keeps the output of earlier
+    versions; real studies hold 30-60 axial slices, e.g. ``(6, 12)``, the default of a variety
+    phantom). ``variety="kaggle"`` scans like the real RSNA set (:mod:`.phantom_scanner`): each
+    series on its own matrix of 256-1024 px (some not square) with its own pixel spacing, acquired
+    coarser and zero-filled, 15-20 sagittal slices, 12- and 16-bit vendors, rescaled values,
+    MONOCHROME1 and, where pydicom can encode them, JPEG 2000, JPEG-LS and RLE lossless files;
+    ``image_size`` is then unused. Worker processes are spawned, so a script that asks for them must
     call ``make_phantom`` under ``if __name__ == "__main__":``, as for a DataLoader's workers. Same arguments give byte-identical tables and identical pixels, whatever ``workers``. ``root`` must not already hold
     phantom outputs (else SpineDataError). Raises ValueError on bad arguments.
     """
     n_test = max(2, n_studies // 5) if n_test is None else n_test
     _check_args(n_studies, n_test, image_size, label_noise, workers)
+    if variety not in VARIETIES:
+        raise ValueError(f"variety must be one of {sorted(VARIETIES, key=str)}, got {variety!r}")
+    axial_slices = VARIETIES[variety] if axial_slices is None else axial_slices
     if not 0.0 <= float(oblique_axial) <= 1.0:
         raise ValueError(f"oblique_axial must be in [0, 1], got {oblique_axial!r}")
     axial_slices = tuple(axial_slices)
@@ -318,13 +228,14 @@ def make_phantom(
     study_ss = images_ss.spawn(n_total)  # one stream per study: its anatomy, scans and file order
     # a stream of its own, so the other studies come out as without the option
     oblique = np.random.default_rng([seed, 14]).random(n_total) < oblique_axial
+    scan = Scan(image_size, seed, axial_slices, available_syntaxes() if variety == "kaggle" else None)
     jobs = [
-        (root, str(split[i]), int(study_ids[i]), series[i], severity[i], study_ss[i], image_size, seed,
-         labelled[i] if split[i] == "train" else None, bool(oblique[i]), axial_slices)
+        StudyJob(root, str(split[i]), int(study_ids[i]), series[i], severity[i], study_ss[i], bool(oblique[i]),
+                 labelled[i] if split[i] == "train" else None)
         for i in range(n_total)
     ]
     coord_rows: list[tuple] = []
-    for rows in tqdm(_map_studies(jobs, workers), total=n_total, desc="phantom studies", disable=not progress):
+    for rows in tqdm(map_studies(jobs, scan, workers), total=n_total, desc="phantom studies", disable=not progress):
         coord_rows += rows
 
     # Tables list studies in id order.
@@ -392,5 +303,8 @@ def make_phantom(
         info["studies_oblique_axial"] = sorted(int(study_ids[i]) for i in np.flatnonzero(oblique))
     if axial_slices != (3, 5):
         info["axial_slices"] = [int(n) for n in axial_slices]
+    if variety is not None:
+        info["variety"] = variety
+        info["transfer_syntaxes"] = list(scan.syntaxes)
     (root / "phantom_info.json").write_text(json.dumps(info, indent=2) + "\n")
     return root
