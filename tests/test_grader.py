@@ -48,7 +48,7 @@ def test_crops_cut_from_windows_equal_sampling_the_whole_slice(dtype):
     torch.manual_seed(0)
     volume = torch.rand(5, 40, 56).to(dtype)
     xs, ys, ks = [20.3, 0.0, 55.0, -9.0, 70.5], [11.7, 39.0, 0.4, 20.0, -12.0], [2, 0, 4, 3, 1]
-    spacing, side_mm, size, offsets = (0.7, 0.9), 12.0, 8, (-1, 0, 1)
+    spacing, side_mm, size, offsets = (0.7, 0.9), 12.0, 12, (-1, 0, 1)  # under 2 pixels a crop pixel
     crops = crop_rois(volume, spacing, ks, xs, ys, side_mm, size, offsets)
     height, width = volume.shape[1:]
     for crop, x, y, k in zip(crops, xs, ys, ks, strict=True):
@@ -59,6 +59,26 @@ def test_crops_cut_from_windows_equal_sampling_the_whole_slice(dtype):
         whole = F.grid_sample(volume[slices].float()[None], grid, padding_mode="zeros", align_corners=False)[0]
         torch.testing.assert_close(crop, whole, atol=1e-5, rtol=1e-5)
     assert crops[-1].abs().sum() == 0 and crops[0].abs().sum() > 0  # wholly outside: zeros
+
+
+def test_crops_shrinking_a_fine_matrix_average_its_pixels():
+    """A 60 mm crop of a 0.25 mm (1024 px) slice cut to 32 px averages 7 x 7 blocks: pixel noise
+    falls as it does when a coarser matrix is read, stripes finer than a crop pixel vanish, a flat
+    image stays flat to the crop's border, and a point stays at the centre."""
+    from spinemm.data.roi import crop_rois
+
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.rand(3, 600, 600, generator=generator)
+    crop = crop_rois(noise, (0.25, 0.25), [1], [300.0], [300.0], 60.0, 32)[0]
+    assert crop.std() < 2.5 * noise.std() / 7  # bilinear reads alone keep about half the pixel noise
+    stripes = (torch.arange(600) % 2).float().expand(3, 600, 600)
+    assert crop_rois(stripes, (0.25, 0.25), [1], [300.3], [299.6], 60.0, 32)[0].std() < 0.05
+    flat = crop_rois(torch.ones(3, 600, 600), (0.25, 0.25), [1], [300.0], [300.0], 60.0, 32)[0]
+    torch.testing.assert_close(flat, torch.ones_like(flat))
+    dot = torch.zeros(3, 600, 600)
+    dot[1, 290:297, 310:317] = 1.0  # a 7 x 7 block centred on (x=313, y=293)
+    crop = crop_rois(dot, (0.25, 0.25), [1], [313.0], [293.0], 60.0, 33)[0, 1]
+    assert np.unravel_index(int(crop.argmax()), crop.shape) == (16, 16)
 
 
 def test_roi_windows_offsets_point_at_the_label(phantom_root):

@@ -8,11 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 
 import spinemm
 from spinemm.constants import LEVELS, PLANES
 from spinemm.data import load_tables, read_series, series_path
-from spinemm.data.level_slices import SAGITTAL_CONDITIONS, LevelSlices, locator_input
+from spinemm.data.level_slices import SAGITTAL_CONDITIONS, LevelSlices, locator_input, square_frame
 from spinemm.data.store import SeriesStore
 from spinemm.errors import SpineModelError
 from spinemm.models.config import LocatorConfig
@@ -60,14 +61,25 @@ def test_locate_stage_survives_save_load_in_a_pipeline(tmp_path):
         LocateStage(LocatorConfig(size=30))
 
 
-def test_locator_input_keeps_normalised_coordinates():
+def test_locator_input_keeps_proportions_in_its_square_frame():
+    """A non-square slice is centred in a square (zeros beside it), not stretched: a point keeps
+    its place in the square's coordinates, which the pipeline maps back to the slice's pixels."""
     volume = torch.zeros(3, 60, 40)
-    volume[1, 45, 10] = 1.0  # y / H = 0.758, x / W = 0.262 at pixel centres
+    volume[1] = 0.1  # the slice's extent
+    volume[1, 45, 10] = 1.0
     image = locator_input(volume, 1, context=1, size=20)
     assert image.shape == (3, 20, 20) and image[0].sum() == 0 and image[2].sum() == 0
+    side, top, left = square_frame(60, 40)
+    assert (side, top, left) == (60, 0, 10)
     row, col = np.unravel_index(int(image[1].argmax()), (20, 20))
-    assert (row + 0.5) / 20 == pytest.approx((45 + 0.5) / 60, abs=1 / 20)
-    assert (col + 0.5) / 20 == pytest.approx((10 + 0.5) / 40, abs=1 / 20)
+    assert (row + 0.5) / 20 == pytest.approx((45 + top + 0.5) / side, abs=1 / 20)
+    assert (col + 0.5) / 20 == pytest.approx((10 + left + 0.5) / side, abs=1 / 20)
+    # the 40 px wide slice fills the middle 2/3 of the square: a 10 px band of zeros each side
+    assert image[1, :, :3].abs().max() == 0 and image[1, :, -3:].abs().max() == 0
+    assert image[1, :, 4:-4].min() > 0.05
+    square = torch.rand(3, 40, 40)
+    torch.testing.assert_close(locator_input(square, 1, 1, 20),
+                               F.interpolate(square[None], size=(20, 20), mode="bilinear", antialias=True)[0])
 
 
 def test_level_slices_hold_every_labelled_sagittal_point(phantom_root):

@@ -20,20 +20,31 @@ from ..constants import CONDITION_PLANE, LEVELS, PLANES
 from .roi import label_slice, labelled_volumes
 from .store import SeriesStore
 
-__all__ = ["locator_input", "LevelSlices"]
+__all__ = ["locator_input", "square_frame", "LevelSlices"]
 
 #: Conditions read on a sagittal series, whose points the locator learns.
 SAGITTAL_CONDITIONS: tuple[str, ...] = tuple(c for c, plane in CONDITION_PLANE.items() if plane.startswith("Sagittal"))
 
 
+def square_frame(height: int, width: int) -> tuple[int, int, int]:
+    """``(side, top, left)``: a ``height x width`` slice is centred in a ``side`` square (zeros
+    around it) before it is resampled, so a non-square matrix keeps its anatomy's proportions.
+    Pixel (x, y) of the slice lies at ``((x + left) / side, (y + top) / side)`` of the square."""
+    side = max(height, width)
+    return side, (side - height) // 2, (side - width) // 2
+
+
 def locator_input(volume: torch.Tensor, index: int, context: int, size: int) -> torch.Tensor:
     """Slice ``index`` of ``volume [S, H, W]`` (in [0, 1]) with ``context`` neighbours on each side
-    (clamped to the stack), resampled to ``[1 + 2 * context, size, size]``. The whole field of view
-    is kept, so normalised coordinates (x / W, y / H) are the same before and after."""
-    depth = volume.shape[0]
+    (clamped to the stack), centred in its :func:`square_frame` and resampled to ``[1 + 2 *
+    context, size, size]``. The whole field of view is kept."""
+    depth, height, width = volume.shape
     slices = np.clip(int(index) + np.arange(-context, context + 1), 0, depth - 1)
     image = volume[torch.from_numpy(slices)].float()[None]
-    antialias = max(image.shape[-2:]) > size  # average, not skip, pixels when shrinking a 512 slice
+    side, top, left = square_frame(height, width)
+    if side != height or side != width:
+        image = F.pad(image, (left, side - width - left, top, side - height - top))
+    antialias = side > size  # average, not skip, pixels when shrinking a 512 slice
     return F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False, antialias=antialias)[0]
 
 
@@ -41,10 +52,10 @@ class LevelSlices:
     """Every labelled sagittal slice of ``study_ids``: one sample per (study, condition, series,
     instance), holding the levels labelled on that slice.
 
-    Attributes: ``slices [N, 1 + 2 * context, size, size]`` float16, ``points [N, 5, 2]`` (x / W,
-    y / H of each level, 0 where unlabelled), ``mask [N, 5]`` (level labelled), ``planes [N]`` (the
-    series' index in ``PLANES``) and ``mm_per_unit [N, 2]`` (the field of view in mm across x and y,
-    to turn normalised errors into millimetres). Series paths come from validated integer ids.
+    Attributes: ``slices [N, 1 + 2 * context, size, size]`` float16, ``points [N, 5, 2]`` (each
+    level's x, y as fractions of the slice's :func:`square_frame`, 0 where unlabelled), ``mask [N,
+    5]`` (level labelled), ``planes [N]`` (the series' index in ``PLANES``) and ``mm_per_unit [N,
+    2]`` (the square's side in mm across x and y, to turn normalised errors into millimetres). Series paths come from validated integer ids.
     """
 
     def __init__(self, root: str | Path, frame: pd.DataFrame, study_ids: Sequence[int], *, size: int,
@@ -55,18 +66,18 @@ class LevelSlices:
         slices, points, masks, planes, mm = [], [], [], [], []
         store = store if store is not None else SeriesStore(root, split)
         for study_id, path, series, volume, group in labelled_volumes(store, rows, "locator slices", progress):
-            height, width = volume.shape[-2:]
+            side, top, left = square_frame(*volume.shape[-2:])
             for (condition, instance), labelled in group.groupby(["condition", "instance_number"], sort=True):
                 index = label_slice(series, path, instance, study_id, condition)
                 point, mask = np.zeros((len(LEVELS), 2), np.float32), np.zeros(len(LEVELS), bool)
                 for row in labelled.itertuples(index=False):
                     level = LEVELS.index(row.level)
-                    point[level], mask[level] = (row.x / width, row.y / height), True
+                    point[level], mask[level] = ((row.x + left) / side, (row.y + top) / side), True
                 slices.append(locator_input(volume, index, context, size).to(torch.float16))
                 points.append(point)
                 masks.append(mask)
                 planes.append(PLANES.index(CONDITION_PLANE[condition]))
-                mm.append((width * series.pixel_spacing[1], height * series.pixel_spacing[0]))
+                mm.append((side * series.pixel_spacing[1], side * series.pixel_spacing[0]))
         channels = 1 + 2 * int(context)
         self.slices = torch.stack(slices) if slices else torch.zeros(0, channels, size, size, dtype=torch.float16)
         self.points = torch.tensor(np.array(points, dtype=np.float32).reshape(-1, len(LEVELS), 2))

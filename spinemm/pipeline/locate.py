@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..constants import CONDITION_PLANE, CONDITIONS, LEVELS, PLANES
-from ..data.level_slices import locator_input
+from ..data.level_slices import locator_input, square_frame
 from ..data.series import Series, map_points
 from ..data.store import SeriesStore
 from ..models.config import LocatorConfig
@@ -128,10 +128,10 @@ def _write_levels(out: Findings, groups: list[_Slice], logits: torch.Tensor) -> 
         return
     xy, confidence = decode_heatmaps(logits)
     for group, points, conf in zip(groups, xy.numpy(), confidence.numpy(), strict=True):
-        height, width = group.series.volume.shape[-2:]
+        side, top, left = square_frame(*group.series.volume.shape[-2:])
         level = out.target[group.rows] % len(LEVELS)
-        out.x[group.rows] = points[level, 0] * width
-        out.y[group.rows] = points[level, 1] * height
+        out.x[group.rows] = points[level, 0] * side - left
+        out.y[group.rows] = points[level, 1] * side - top
         out.confidence[group.rows] = conf[level]
 
 
@@ -140,8 +140,8 @@ def _height_prior(out: Findings, anchors: np.ndarray, store: SeriesStore, study_
     """Log-weights [5, grid, grid] over ``target``'s heatmap cells: a Gaussian in the row direction
     around where each level's canal point lies in ``target`` (0 for a level without one)."""
     prior = torch.zeros(len(LEVELS), grid, grid)
-    height = target.volume.shape[-2]
-    rows = (torch.arange(grid) + 0.5) / grid * height  # cell centres, in pixels
+    side, top, _ = square_frame(*target.volume.shape[-2:])
+    rows = (torch.arange(grid) + 0.5) / grid * side - top  # cell centres, in the slice's pixel rows
     sd_rows = sd_mm / target.pixel_spacing[0]
     for source, anchor, points in _points_in(out, anchors, store, study_id):
         y = map_points(source, points, target)[:, 1]
