@@ -10,6 +10,10 @@ Two phantoms the pipeline never saw are written once under ``--sets`` (default `
 - a labelled set, ``make_phantom(n_studies=240, n_test=2, seed=99, image_size=96)``, whose train
   split is scored against train.csv and whose label coordinates give the location errors in mm.
 
+``--variety kaggle`` writes both sets as the real set is shaped (``make_phantom(variety="kaggle",
+oblique_axial=0.3)``: each series its own 256-1024 px matrix and vendor, 15-20 sagittal and 30-60
+axial slices) under their own names, so they sit beside the plain sets.
+
 Prints a table: the official score of the first stage alone and of the whole pipeline (both from
 one run), the share of the gap from prior-only to the oracle floor each closes, and the located
 points' median error and share within 5 mm. Pass ``--json FILE`` to keep the numbers.
@@ -33,9 +37,10 @@ from spinemm.pipeline.evaluate import location_errors, summarize_errors
 from spinemm.training.grade import val_solution
 
 
-def _phantom(root: Path, n_studies: int, n_test: int, seed: int) -> Path:
+def _phantom(root: Path, n_studies: int, n_test: int, seed: int, variety: str | None) -> Path:
     if not (root / "phantom_info.json").is_file():
-        spinemm.data.make_phantom(root, n_studies=n_studies, n_test=n_test, seed=seed, image_size=96)
+        shape = {"variety": variety, "oblique_axial": 0.3} if variety else {"image_size": 96}
+        spinemm.data.make_phantom(root, n_studies=n_studies, n_test=n_test, seed=seed, workers=None, **shape)
     return root
 
 
@@ -55,13 +60,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--train-root", required=True, help="the phantom the pipeline trained on (for the prior)")
     parser.add_argument("--sets", default="heldout_sets", help="where the held-out phantoms are (written once)")
     parser.add_argument("--n", type=int, default=240, help="studies per held-out set")
+    parser.add_argument("--n-labelled", type=int, default=None, help="studies of the labelled set (default: --n)")
     parser.add_argument("--seed", type=int, default=99)
+    parser.add_argument("--variety", choices=["kaggle"], default=None, help="sets shaped like the real set")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 
     sets = Path(args.sets)
-    test_root = _phantom(sets / f"test-{args.n}-seed{args.seed}", 2, args.n, args.seed)
-    labelled_root = _phantom(sets / f"labelled-{args.n}-seed{args.seed}", args.n, 2, args.seed)
+    tag = f"-{args.variety}" if args.variety else ""
+    test_root = _phantom(sets / f"test-{args.n}-seed{args.seed}{tag}", 2, args.n, args.seed, args.variety)
+    n_labelled = args.n if args.n_labelled is None else args.n_labelled
+    labelled_root = _phantom(sets / f"labelled-{n_labelled}-seed{args.seed}{tag}", n_labelled, 2, args.seed, args.variety)
     pipeline = spinemm.load_pipeline(args.pipeline)
     out: dict = {"pipeline": str(args.pipeline), "stages": pipeline.stages}
 
@@ -88,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"| {args.n} test studies | {out['test_detect']['score']:.4f} | {out['test_pipeline']['score']:.4f} | "
           f"{prior:.4f} | {oracle:.4f} | {out['test_pipeline']['gap_closed']:.0%} |")
     loc = out["locations"]
-    print(f"\n{args.n} labelled studies: pipeline score {out['labelled_pipeline']:.4f}; located points: median "
+    print(f"\n{n_labelled} labelled studies: pipeline score {out['labelled_pipeline']:.4f}; located points: median "
           f"{loc['median_mm']:.1f} mm, {loc['within_5mm']:.0%} within 5 mm, {loc['within_10mm']:.0%} within 10 mm "
           f"({loc['n_rows']} labelled rows); test predict {out['test_seconds']:.1f} s")
     if args.json:

@@ -115,7 +115,8 @@ def _cmd_zero_shot(args: argparse.Namespace) -> None:
 def _cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
-    settings = {"grader": args.grader} if args.grader else None
+    settings = {**({"grader": args.grader} if args.grader else {}),
+                **({"variety": args.variety, "oblique_axial": 0.3} if args.variety else {})}
     run_demo(args.out, n_studies=args.n_studies, seed=args.seed, quick=args.quick, settings=settings)
 
 
@@ -222,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-studies", type=int, default=None, help="phantom train studies (default: 160, 8 with --quick)")
     p.add_argument("--seed", type=int, default=0, help="seed of the phantom, the split and training")
     p.add_argument("--quick", action="store_true", help="a much smaller run, for smoke tests")
+    p.add_argument("--variety", choices=["kaggle"], default=None,
+                   help="train and test on studies shaped like the real set (spinemm phantom --variety, "
+                        "with 30%% oblique axial blocks); slower: bigger files")
     p.add_argument("--grader", choices=["cnn", "clip-vit", "cnn-film"], default=None,
                    help="the tower pretrained and then read by the grade stage under the BERT queries: a "
                         "conv tower (cnn, the default) or the tiny ViT (clip-vit); or the earlier FiLM "

@@ -26,10 +26,10 @@ from .demo_report import report_pictures, write_report_page
 #: Settings of the full demo; ``quick`` shrinks them for smoke tests.
 DEMO = {"n_studies": 160, "n_test": 40, "phantom_size": 96, "image_size": 64, "num_slices": 8,
         "pretrain_epochs": 6, "epochs": 12, "locator_epochs": 15, "grader_epochs": 45, "batch_size": 4,
-        "lr": 2e-3, "grader": "cnn", "oblique_axial": 0.0}
+        "lr": 2e-3, "grader": "cnn", "oblique_axial": 0.0, "variety": None}
 QUICK = {"n_studies": 8, "n_test": 3, "phantom_size": 48, "image_size": 32, "num_slices": 4,
          "pretrain_epochs": 1, "epochs": 1, "locator_epochs": 1, "grader_epochs": 1, "batch_size": 4,
-         "lr": 2e-3, "grader": "cnn", "oblique_axial": 0.0}
+         "lr": 2e-3, "grader": "cnn", "oblique_axial": 0.0, "variety": None}
 
 
 def demo_config(out: Path, settings: dict[str, Any], seed: int) -> dict[str, Any]:
@@ -129,7 +129,7 @@ def run_demo(out: str | Path = "demo_out", n_studies: int | None = None, seed: i
     print(f"[1/6] phantom: {settings['n_studies']} train + {settings['n_test']} test studies")
     root = make_phantom(out / "phantom", n_studies=settings["n_studies"], n_test=settings["n_test"], seed=seed,
                         image_size=settings["phantom_size"], workers=None,  # all cores
-                        oblique_axial=settings["oblique_axial"])
+                        oblique_axial=settings["oblique_axial"], variety=settings["variety"])
     info = json.loads((root / "phantom_info.json").read_text())
 
     step("phantom")
