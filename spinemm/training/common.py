@@ -146,10 +146,15 @@ def save_model(model: torch.nn.Module, directory: str | Path) -> Path:
     merged (a copy; ``merge_lora`` checks the merge numerically) with its adapter in ``directory/adapter``."""
     if getattr(model, "lora_config", None) is None:
         return model.save_pretrained(directory)
+    from accelerate.utils import extract_model_from_parallel
+
     from ..models.lora import merge_lora, save_adapter
 
     save_adapter(model, Path(directory) / "adapter")
-    return merge_lora(copy.deepcopy(model)).save_pretrained(directory)
+    # A model prepared for mixed precision runs forward under autocast; the merge check compares
+    # outputs in fp32 (to 1e-4), so the copy gets its own forward back (the model keeps autocast)
+    plain = extract_model_from_parallel(copy.deepcopy(model), keep_fp32_wrapper=False)
+    return merge_lora(plain).save_pretrained(directory)
 
 
 @dataclass
