@@ -1,24 +1,23 @@
 """The base preset end to end: pretrain -> detect -> locate + grade -> predict -> save -> load.
 
-    python benchmarks/base_presets.py --device cpu --steps 3 --studies 8 --threads 2
-    python benchmarks/base_presets.py --device cuda --json base_presets.json      # a GPU machine
-    python benchmarks/base_presets.py --dry-run                                    # tiny towers, seconds
+    python benchmarks/base_presets.py --device cpu --steps 6 --threads 2 --json base_presets.json
+    python benchmarks/base_presets.py --device cuda                  # a GPU machine
+    python benchmarks/base_presets.py --dry-run                      # tiny towers, seconds
 
-Runs the ``spine-vitb16-bert`` preset (open_clip ViT-B/16 + BERT-base) with the recipe config
-``recipes/configs/vitb16-bert.yaml``, built offline with random weights: ``vision.pretrained`` null
-and a fresh BERT-base-sized text tower (hidden 768, 12 layers, 12 heads, intermediate 3072) with
-the library's offline WordPiece tokenizer, both through ``model.kwargs`` overrides, the way the
-``spine-tiny`` preset builds its tiny BERT. Every stage trains through the library's own entry
-points (``pretrain_clip``, ``train_severity``, ``train_stages``) on a small phantom, one epoch each,
-with batch sizes set so that each epoch is about ``--steps`` steps (the later stages' budget is
-epochs only); the recipe's image, crop and slice sizes are kept. ``--dry-run`` swaps the towers for
-tiny ones and shrinks the sizes, through the same code path.
+``spine-vitb16-bert`` (open_clip ViT-B/16 + BERT-base) with ``recipes/configs/vitb16-bert.yaml``,
+offline with random weights: ``vision.pretrained`` null and a fresh BERT-base-sized text tower (768
+wide, 12 layers, 12 heads, intermediate 3072) on the library's offline WordPiece vocabulary, through
+``model.kwargs`` as the ``spine-tiny`` preset builds its BERT. Every stage trains through the
+library's entry points (``pretrain_clip``, ``train_severity``, ``train_stages``) on a small
+phantom for one epoch, its batch size set so the epoch is at most ``--steps`` steps (the later
+stages' budget is epochs only); the recipe's image, crop and slice sizes are kept. ``--dry-run``
+swaps in tiny towers and sizes on the same code path.
 
-Prints per stage: seconds per training step (median after the first), peak memory (CUDA: allocated;
-CPU: the process's peak resident set, reset per stage where Linux allows), FLOPs per study counted
-by ``torch.utils.flop_counter.FlopCounterMode`` (one training step's forward + backward, divided by
-the studies in it; forward only for inference), then the GPU budget on paper for the Kaggle
-training set: every stage's epochs of the recipe on 1,975 studies, on H100s at 40% MFU.
+Per stage: seconds per training step (median after the first), peak memory (CUDA: allocated; CPU:
+peak resident set, reset per stage where Linux allows) and FLOPs per study by
+``torch.utils.flop_counter.FlopCounterMode`` (a training step's forward + backward over the studies
+in it; forward only for inference). Then the GPU budget on paper: the recipe's epochs of every
+stage on the 1,975 Kaggle training studies, on H100s at 40% MFU.
 """
 
 from __future__ import annotations
@@ -37,9 +36,10 @@ import math  # noqa: E402
 import resource  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
+from unittest import mock  # noqa: E402
 
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
@@ -83,11 +83,9 @@ class Meter:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             return
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-            self.resettable = True
-        except OSError:
-            self.resettable = False
+        self.resettable = False
+        with contextlib.suppress(OSError):
+            self.resettable = Path("/proc/self/clear_refs").write_text("5") == 1
 
     def peak_bytes(self) -> int:
         if self.device.type == "cuda":
@@ -99,14 +97,10 @@ class Meter:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
     def peak_kind(self) -> str:
-        if self.device.type == "cuda":
-            return "CUDA allocated"
-        return "peak RSS" if self.resettable else "process peak RSS"
+        return "CUDA allocated" if self.device.type == "cuda" else "peak RSS" if self.resettable else "process peak RSS"
 
     def device_name(self) -> str:
-        if self.device.type == "cuda":
-            return torch.cuda.get_device_name(self.device)
-        return f"CPU ({os.cpu_count()} cores)"
+        return torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
 
 
 def _batch_items(batch: dict[str, Any]) -> int:
@@ -158,83 +152,67 @@ class StepClock:
 
 #: The modules whose ``fit`` (spinemm.training.engine.fit, imported by name) the entry points call.
 FIT_CALLERS = ("spinemm.training.pretrain", "spinemm.training.loop", "spinemm.training.stage_fit")
-
-
-class FitProbe(contextlib.AbstractContextManager):
-    """While entered, each ``fit`` of the training entry points is measured (:class:`StepClock`,
-    peak memory) into :attr:`records`, named by its output folder (pretrain, detect, locate, grade)."""
-
-    def __init__(self, meter: Meter) -> None:
-        self.meter, self.records, self._restore = meter, [], []
-
-    def __enter__(self) -> FitProbe:
-        for name in FIT_CALLERS:
-            module = importlib.import_module(name)
-            self._restore.append((module, module.fit))
-            module.fit = self._wrap(module.fit)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for module, fit in self._restore:
-            module.fit = fit
-        self._restore.clear()
-
-    def _wrap(self, fit: Callable) -> Callable:
-        signature = inspect.signature(fit)
-
-        def probed(*args: Any, **kwargs: Any) -> Any:
-            bound = signature.bind(*args, **kwargs)
-            clock = StepClock(self.meter)
-            bound.arguments["step_fn"] = clock.step(bound.arguments["step_fn"])
-            bound.arguments["eval_fn"] = clock.before(bound.arguments["eval_fn"])
-            self.meter.reset_peak()
-            try:
-                return fit(*bound.args, **bound.kwargs)
-            finally:
-                clock.stop()
-                self.records.append({"stage": Path(bound.arguments["output_dir"]).name, **clock.summary(),
-                                     "peak_bytes": self.meter.peak_bytes()})
-        return probed
-
-
 #: (module, class, method, stage): each stage's inference call in ``SpinePipeline.run``.
 STAGE_CALLS = (("spinemm.pipeline.detect", "DetectStage", "__call__", "detect"),
                ("spinemm.pipeline.locate", "LocateStage", "run", "locate"),
                ("spinemm.pipeline.grade", "GradeStage", "run", "grade"))
 
 
-class InferenceProbe(contextlib.AbstractContextManager):
-    """While entered, each stage's inference calls are timed and their FLOPs counted (forward only),
-    summed per stage in :attr:`seconds` / :attr:`flops`; :attr:`peak_bytes` is the block's peak."""
+@contextlib.contextmanager
+def fit_probe(meter: Meter) -> Iterator[list[dict[str, Any]]]:
+    """Within the block, each ``fit`` the training entry points run is measured (:class:`StepClock`,
+    peak memory) into the list yielded, named by its output folder (pretrain, detect, locate, grade)."""
+    records: list[dict[str, Any]] = []
 
-    def __init__(self, meter: Meter) -> None:
-        self.meter, self.flops, self.seconds, self.peak_bytes = meter, {}, {}, 0
-        self._restore: list[tuple[type, str, Callable]] = []
+    def probe(fit: Callable) -> Callable:
+        signature = inspect.signature(fit)
 
-    def __enter__(self) -> InferenceProbe:
-        for module, cls, method, stage in STAGE_CALLS:
-            owner = getattr(importlib.import_module(module), cls)
-            self._restore.append((owner, method, getattr(owner, method)))
-            setattr(owner, method, self._wrap(getattr(owner, method), stage))
-        self.meter.reset_peak()
-        return self
+        def probed(*args: Any, **kwargs: Any) -> Any:
+            bound = signature.bind(*args, **kwargs)
+            clock = StepClock(meter)
+            bound.arguments["step_fn"] = clock.step(bound.arguments["step_fn"])
+            bound.arguments["eval_fn"] = clock.before(bound.arguments["eval_fn"])
+            meter.reset_peak()
+            try:
+                return fit(*bound.args, **bound.kwargs)
+            finally:
+                clock.stop()
+                records.append({"stage": Path(bound.arguments["output_dir"]).name, **clock.summary(),
+                                "dataset_items": len(bound.arguments["train_loader"].dataset),
+                                "peak_bytes": meter.peak_bytes()})
+        return probed
 
-    def __exit__(self, *exc: Any) -> None:
-        self.peak_bytes = self.meter.peak_bytes()
-        for owner, method, fn in self._restore:
-            setattr(owner, method, fn)
-        self._restore.clear()
+    with contextlib.ExitStack() as stack:
+        for name in FIT_CALLERS:
+            module = importlib.import_module(name)
+            stack.enter_context(mock.patch.object(module, "fit", probe(module.fit)))
+        yield records
 
-    def _wrap(self, fn: Callable, stage: str) -> Callable:
+
+@contextlib.contextmanager
+def inference_probe(meter: Meter) -> Iterator[dict[str, Any]]:
+    """Within the block, each stage's inference calls are timed and their FLOPs counted (forward
+    only), summed per stage in the yielded ``["seconds"]`` / ``["flops"]``; ``["peak_bytes"]``: the block's."""
+    totals: dict[str, Any] = {"seconds": {}, "flops": {}, "peak_bytes": 0}
+
+    def count(fn: Callable, stage: str) -> Callable:
         def counted(*args: Any, **kwargs: Any) -> Any:
             counter = FlopCounterMode(display=False)
-            tic = self.meter.now()
+            tic = meter.now()
             with counter:
                 out = fn(*args, **kwargs)
-            self.seconds[stage] = self.seconds.get(stage, 0.0) + self.meter.now() - tic
-            self.flops[stage] = self.flops.get(stage, 0) + counter.get_total_flops()
+            totals["seconds"][stage] = totals["seconds"].get(stage, 0.0) + meter.now() - tic
+            totals["flops"][stage] = totals["flops"].get(stage, 0) + counter.get_total_flops()
             return out
         return counted
+
+    with contextlib.ExitStack() as stack:
+        for module, cls, method, stage in STAGE_CALLS:
+            owner = getattr(importlib.import_module(module), cls)
+            stack.enter_context(mock.patch.object(owner, method, count(getattr(owner, method), stage)))
+        meter.reset_peak()
+        yield totals
+        totals["peak_bytes"] = meter.peak_bytes()
 
 
 def stage_items(frame: Any, train_ids: list[int]) -> dict[str, int]:
@@ -249,8 +227,8 @@ def stage_items(frame: Any, train_ids: list[int]) -> dict[str, int]:
     return {"detect": len(train_ids), "pretrain": findings, "grade": findings, "locate": int(slices)}
 
 
-def run_config(out: Path, root: Path, device: str, steps: int, batches: dict[str, int],
-               dry_run: bool) -> dict[str, Any]:
+def run_config(out: Path, root: Path, device: str, steps: int, batches: dict[str, int], folds: int,
+               dry_run: bool, precision: str = "bf16") -> dict[str, Any]:
     """The recipe config with the overrides of this run (one epoch a stage, paths under ``out``)."""
     from spinemm.training.config import load_config
 
@@ -258,15 +236,15 @@ def run_config(out: Path, root: Path, device: str, steps: int, batches: dict[str
         "output_dir": str(out / "detect"), "init_from": str(out / "pretrain" / "model"),
         "model.kwargs": TINY_TOWERS if dry_run else BASE_TOWERS,
         "data.root": str(root), "data.cache_dir": str(out / "cache"), "data.num_workers": 0,
-        "data.batch_size": batches["detect"],
+        "data.batch_size": batches.get("detect", 1), "split.folds": folds,
         "train.epochs": 1, "train.max_steps": steps, "train.cpu": device == "cpu",
-        "train.mixed_precision": "bf16" if device == "cuda" else "no",
+        "train.mixed_precision": precision,
         "checkpoint.every_steps": 10_000, "checkpoint.keep_last": 1,
         "log.tensorboard": False, "log.progress": False,
-        "pretrain.output_dir": str(out / "pretrain"), "pretrain.epochs": 1, "pretrain.batch_size": batches["pretrain"],
+        "pretrain.output_dir": str(out / "pretrain"), "pretrain.epochs": 1, "pretrain.batch_size": batches.get("pretrain", 1),
         "pipeline.output_dir": str(out / "stages"),
-        "grader.epochs": 1, "grader.batch_size": batches["grade"], "grader.towers_from": str(out / "pretrain" / "model"),
-        "locator.epochs": 1, "locator.batch_size": batches["locate"],
+        "grader.epochs": 1, "grader.batch_size": batches.get("grade", 1), "grader.towers_from": str(out / "pretrain" / "model"),
+        "locator.epochs": 1, "locator.batch_size": batches.get("locate", 1),
         **(TINY_SIZES if dry_run else {}),
     }
     return load_config(RECIPE, list(overrides.items()))
@@ -308,7 +286,8 @@ def gpu_budget(train: dict[str, float], predict: float, epochs: dict[str, int]) 
 
 
 def run(out: Path, device: str = "cpu", steps: int = 3, studies: int = 8, test_studies: int = 2,
-        image_size: int = 128, phantom: Path | None = None, dry_run: bool = False) -> dict[str, Any]:
+        image_size: int = 128, phantom: Path | None = None, dry_run: bool = False,
+        precision: str = "bf16") -> dict[str, Any]:
     """Train, predict, save and load the pipeline under ``out``; returns the measurements."""
     import spinemm
     from spinemm.data import make_phantom
@@ -321,14 +300,15 @@ def run(out: Path, device: str = "cpu", steps: int = 3, studies: int = 8, test_s
     root = Path(phantom) if phantom is not None else out / "phantom"
     if not (root / "train.csv").is_file():
         make_phantom(root, n_studies=studies, n_test=test_studies, image_size=image_size, seed=0, progress=False)
-    probe_config = run_config(out, root, device, steps, dict.fromkeys(TRAIN_STAGES, 1), dry_run)
-    train_ids, _ = split_studies(load_tables(root, "train"), probe_config)
-    items = stage_items(load_tables(root, "train"), train_ids)
+    frame = load_tables(root, "train")
+    folds = min(5, frame["study_id"].nunique())  # the recipe's 5 folds need 5 studies
+    train_ids, _ = split_studies(frame, run_config(out, root, device, steps, {}, folds, dry_run))
+    items = stage_items(frame, train_ids)
     batches = {name: max(1, math.ceil(n / steps)) for name, n in items.items()}
-    config = run_config(out, root, device, steps, batches, dry_run)
+    config = run_config(out, root, device, steps, batches, folds, dry_run, precision)
     meter = Meter(torch.device(device))
     seconds: dict[str, float] = {}
-    with FitProbe(meter) as fits:
+    with fit_probe(meter) as fits:
         tic = time.perf_counter()
         pretrained = pretrain_clip({**config, "init_from": None})
         seconds["pretrain"] = time.perf_counter() - tic
@@ -342,7 +322,7 @@ def run(out: Path, device: str = "cpu", steps: int = 3, studies: int = 8, test_s
         raise RuntimeError("a stage stopped early; nothing to predict with")
     pipeline = load_pipeline(staged["pipeline_dir"])
     n_test = len(load_tables(root, "test")["study_id"].unique())
-    with InferenceProbe(meter) as inference:
+    with inference_probe(meter) as inference:
         tic = time.perf_counter()
         result = spinemm.predict(pipeline, root, split="test", device=device, progress=False)
         seconds["predict"] = time.perf_counter() - tic
@@ -359,33 +339,37 @@ def run(out: Path, device: str = "cpu", steps: int = 3, studies: int = 8, test_s
         raise RuntimeError("the loaded pipeline's weights differ from the saved ones")
 
     stages = {}
-    for record in fits.records:
-        name = record["stage"]
-        per_study = record["flops"] / record["batch_items"] * items[name] / len(train_ids)
-        stages[name] = {**record, "items_per_study": items[name] / len(train_ids), "train_flops_per_study": per_study,
-                        "infer_flops_per_study": inference.flops.get(name, 0) / n_test if name in inference.flops
-                        else None}
-    predict_flops = sum(inference.flops.values()) / n_test
+    for record in fits:  # FLOPs of a step / its items * the stage's items per training study
+        per_study = record["dataset_items"] / len(train_ids)
+        infer = inference["flops"].get(record["stage"])
+        stages[record["stage"]] = {**record, "items_per_study": per_study,
+                                   "train_flops_per_study": record["flops"] / record["batch_items"] * per_study,
+                                   "infer_flops_per_study": None if infer is None else infer / n_test}
+    predict_flops = sum(inference["flops"].values()) / n_test
     budget = gpu_budget({k: v["train_flops_per_study"] for k, v in stages.items()}, predict_flops, recipe_epochs())
     return {"device": device, "device_name": meter.device_name(), "dry_run": dry_run, "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "studies": studies, "test_studies": n_test,
+            "threads": torch.get_num_threads(), "precision": precision, "studies": len(frame["study_id"].unique()), "test_studies": n_test,
             "train_studies": len(train_ids), "steps": steps, "batches": batches, "stages": stages,
-            "predict": {"seconds": seconds["predict"], "peak_bytes": inference.peak_bytes,
-                        "flops_per_study": predict_flops, "stage_seconds": inference.seconds},
+            "predict": {"seconds": seconds["predict"], "peak_bytes": inference["peak_bytes"],
+                        "flops_per_study": predict_flops, "stage_seconds": inference["seconds"]},
             "seconds": seconds, "total_seconds": time.perf_counter() - start, "roundtrip_ok": roundtrip,
             "pipeline_stages": loaded.stages, "budget": budget, "mfu": MFU, "peak_flops": H100_PEAK_FLOPS,
             "kaggle_studies": KAGGLE_STUDIES, "peak_memory": meter.peak_kind()}
 
 
 def _g(flops: float | None) -> str:
-    return "—" if flops is None else f"{flops / 1e9:,.1f}"
+    """FLOPs as GFLOP: 3 significant figures below 100, whole numbers above."""
+    if flops is None:
+        return "—"
+    return f"{flops / 1e9:,.0f}" if flops >= 1e11 else f"{flops / 1e9:.3g}"
 
 
 def format_tables(results: dict[str, Any]) -> str:
     """The two Markdown tables (per-stage measurements, GPU budget on paper) with their headings."""
     mem = results["peak_memory"]
     lines = [f"spine-vitb16-bert{' (dry run: tiny towers)' if results['dry_run'] else ''} on "
-             f"{results['device_name']}, torch {results['torch']}, {results['threads']} threads; "
+             f"{results['device_name']}, torch {results['torch']}, {results['threads']} threads, "
+             f"mixed precision {results['precision']}; "
              f"{results['studies']} phantom studies ({results['train_studies']} train, {results['test_studies']} test), "
              f"one epoch a stage of at most {results['steps']} steps", "",
              f"| stage | items/step | steps | s/step | stage s (wall) | peak memory ({mem}) | "
@@ -426,6 +410,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--phantom", type=Path, help="an RSNA-layout folder to use (a phantom is made there if empty)")
     parser.add_argument("--out", type=Path, help="run folder (default: a temporary one, removed after)")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--precision", choices=["bf16", "no"],
+                        help="train.mixed_precision (default: the recipe's bf16; no for --dry-run)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--dry-run", action="store_true", help="tiny towers and sizes, same code path (seconds)")
     args = parser.parse_args(argv)
@@ -434,7 +420,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp)
         results = run(out, args.device, args.steps, args.studies, args.test_studies,
-                      64 if args.dry_run else args.image_size, args.phantom, args.dry_run)
+                      64 if args.dry_run else args.image_size, args.phantom, args.dry_run,
+                      args.precision or ('no' if args.dry_run else 'bf16'))
     results["table"] = format_tables(results)
     print(results["table"])
     if args.json:
