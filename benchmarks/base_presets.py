@@ -364,6 +364,10 @@ def _g(flops: float | None) -> str:
     return f"{flops / 1e9:,.0f}" if flops >= 1e11 else f"{flops / 1e9:.3g}"
 
 
+def _h(hours: float) -> str:
+    return f"{hours:.3f} ({hours * 60:.1f} min)"
+
+
 def format_tables(results: dict[str, Any]) -> str:
     """The two Markdown tables (per-stage measurements, GPU budget on paper) with their headings."""
     mem = results["peak_memory"]
@@ -391,12 +395,13 @@ def format_tables(results: dict[str, Any]) -> str:
               f"together. save + load {wall['save + load']:.1f} s, weights identical: {results['roundtrip_ok']}.",
               "", f"GPU budget on paper: the recipe's epochs on {results['kaggle_studies']:,} Kaggle studies, "
               f"H100 dense bf16 {results['peak_flops'] / 1e12:.0f} TFLOP/s at {results['mfu']:.0%} MFU "
-              "(8 GPUs: perfect data-parallel scaling assumed):", "",
+              "(8 GPUs: perfect data-parallel scaling assumed; the models' FLOPs only, not decoding or "
+              "evaluation):", "",
               "| stage | epochs | GFLOP/study | PFLOP | hours, 1 H100 | hours, 8 H100 |",
               "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for row in results["budget"]:
         lines.append(f"| {row['stage']} | {row['epochs'] or ''} | {_g(row['flops_per_study'])} | {row['pflop']:,.1f} | "
-                     f"{row['h100_hours']:.2f} | {row['h100x8_hours']:.2f} |")
+                     f"{_h(row['h100_hours'])} | {_h(row['h100x8_hours'])} |")
     return "\n".join(lines)
 
 

@@ -74,7 +74,7 @@ def _base_key(results: dict[str, Any]) -> tuple[str, None]:
     rate = detect["flops"] / detect["seconds_per_step"]
     mfu = f", {rate / results['peak_flops']:.0%} of H100 bf16 peak" if results["device"] == "cuda" else ""
     return (f"detect step {detect['seconds_per_step']:.2f} s ({rate / 1e12:.1f} TFLOP/s{mfu}); "
-            f"Kaggle set on paper {hours['h100_hours']:.1f} h on 1 H100, {hours['h100x8_hours']:.1f} h on 8"), None
+            f"Kaggle set on paper {hours['h100_hours']:.3g} h on 1 H100, {hours['h100x8_hours']:.3g} h on 8"), None
 
 
 def jobs(out: Path, dry_run: bool, phantom: Path | None) -> list[dict[str, Any]]:
