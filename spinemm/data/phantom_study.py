@@ -9,6 +9,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,8 +94,6 @@ def map_studies(jobs: list[StudyJob], scan: Scan, workers: int | None) -> Iterat
     if workers <= 1:
         yield from map(_study_job, args)
         return
-    from concurrent.futures import ProcessPoolExecutor
-
     # spawn, not fork: the caller may hold torch's threads, and a forked child of a threaded
     # process can deadlock
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 
 from ..errors import SpineDataError, SpineModelError
 from ..pipeline.detect import preprocess_settings
@@ -146,8 +147,6 @@ def save_model(model: torch.nn.Module, directory: str | Path) -> Path:
     merged (a copy; ``merge_lora`` checks the merge numerically) with its adapter in ``directory/adapter``."""
     if getattr(model, "lora_config", None) is None:
         return model.save_pretrained(directory)
-    from accelerate.utils import extract_model_from_parallel
-
     from ..models.lora import merge_lora, save_adapter
 
     save_adapter(model, Path(directory) / "adapter")
