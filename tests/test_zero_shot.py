@@ -177,9 +177,11 @@ def test_crop_finding_is_a_millimetre_window_around_the_point(tmp_path):
     assert block.shape == (1, 10, 10) and block.min() >= 0 and block.max() <= 1
     # 1 mm pixels, 10 mm side: the block fills the middle 5 x 5 pixels
     assert block[0, 3:7, 3:7].min() > 0.9 and block[0, 0].max() < 0.1 and block[0, :, 0].max() < 0.1
-    # 0.5 mm pixels: the same 10 mm now spans 20 pixels, so the block fills only the middle quarter
+    # 0.5 mm pixels: the same 10 mm now spans 20 pixels, so the block fills only the middle quarter.
+    # Two source pixels shrink into one, so the crop averages 2 x 2 blocks first (no aliasing); the
+    # block's odd edge then falls inside one average, which softens the middle to 0.77-1.0
     finer = crop_finding(image.numpy(), x=22, y=20, side_mm=10, size=10, pixel_spacing=(0.5, 0.5))
-    assert finer[0, 4:6, 4:6].min() > 0.9 and finer[0, 2].max() < 0.1
+    assert finer[0, 4:6, 4:6].min() > 0.7 and finer[0, 4, 4] > 0.99 and finer[0, 2].max() < 0.1
     moved = crop_finding(image.numpy(), x=27, y=20, side_mm=10, size=10, pixel_spacing=(1.0, 1.0))
     torch.testing.assert_close(moved[0, :, :5], block[0, :, 5:])  # 5 mm right: the block shifts left
     far = crop_finding(image.numpy(), x=500, y=500, side_mm=10, size=10, pixel_spacing=(1.0, 1.0))
