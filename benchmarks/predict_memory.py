@@ -27,7 +27,6 @@ def child(pipeline: str, root: str, n: int) -> dict:
     import torch
 
     import spinemm
-    from spinemm.data.store import SeriesStore
 
     torch.set_num_threads(1)
     ids = sorted(int(s) for s in pd.read_csv(Path(root) / "test_series_descriptions.csv").study_id.unique())[:n]
@@ -40,10 +39,9 @@ def child(pipeline: str, root: str, n: int) -> dict:
         return real_dcmread(path, *args, **kwargs)
 
     pydicom.dcmread = counting
-    store = SeriesStore(root, "test")
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     tic = time.perf_counter()
-    result = spinemm.predict(model, root, "test", study_ids=ids, store=store, progress=False)
+    result = spinemm.predict(model, root, "test", study_ids=ids, progress=False)
     seconds = time.perf_counter() - tic
     files = [f for s in ids for f in (Path(root) / "test_images" / str(s)).glob("*/*.dcm")]
     out = {"studies": n, "rows": len(result.submission()), "seconds": seconds, "files": len(files),
@@ -54,7 +52,7 @@ def child(pipeline: str, root: str, n: int) -> dict:
     for folder in {f.parent for f in files}:  # headers only, after the peak was read
         header = real_dcmread(next(folder.glob("*.dcm")), stop_before_pixels=True)
         pixels[folder] = (len(list(folder.glob("*.dcm"))), int(header.Rows), int(header.Columns))
-    out["largest_series"] = list(max(pixels.values(), key=lambda shape: shape[1] * shape[2]))
+    out["largest_series"] = list(max(pixels.values(), key=lambda shape: shape[0] * shape[1] * shape[2]))
     return out
 
 

@@ -49,6 +49,29 @@ def test_predict_opens_each_dicom_file_once_at_real_size(real_size_root, count_r
     pd.testing.assert_frame_equal(again.locations(), result.locations())
 
 
+def test_predict_keeps_one_batch_of_studies_in_memory(phantom_root, monkeypatch):
+    """The store a run makes for itself drops each batch's series once every stage has read them,
+    so peak memory does not grow with the study count (benchmarks/predict_memory.py measures it)."""
+    import spinemm.pipeline.pipeline as pipeline_module
+
+    held: list[int] = []
+
+    class Watched(SeriesStore):
+        def _remember(self, key, series):
+            super()._remember(key, series)
+            held.append(len({study for study, _ in self._memory}))
+
+    monkeypatch.setattr(pipeline_module, "SeriesStore", Watched)
+    result = spinemm.predict(_untrained_pipeline(), phantom_root, split="test", batch_size=1, progress=False)
+    assert len(result.study_ids) == 3 and held and max(held) == 1, held
+    # a store the caller passes keeps its series (up to memory_bytes) for later reads
+    store = SeriesStore(phantom_root, "test")
+    spinemm.predict(_untrained_pipeline(), phantom_root, split="test", store=store, batch_size=1, progress=False)
+    assert len({study for study, _ in store._memory}) == 3
+    store.forget_study(result.study_ids[0])
+    assert len({study for study, _ in store._memory}) == 2
+
+
 def test_store_reads_once_bounds_memory_and_round_trips_through_disk(phantom_root, tmp_path, count_reads):
     frame = load_tables(phantom_root, "train")
     keys = frame[frame.series_id >= 0][["study_id", "series_id"]].drop_duplicates().to_numpy()[:4]

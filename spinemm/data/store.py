@@ -145,6 +145,12 @@ class SeriesStore:
         if series is not None:
             self._held -= series.volume.nbytes
 
+    def forget_study(self, study_id: int) -> None:
+        """Drop every series of a study from memory: a run that is done with a study (predict
+        never comes back to one) keeps its memory to the studies still in hand."""
+        for key in [k for k in self._memory if k[0] == int(study_id)]:
+            self.forget(*key)
+
     def _remember(self, key: tuple[int, int], series: Series) -> None:
         self._memory[key] = series
         self._held += series.volume.nbytes

@@ -161,10 +161,13 @@ class SpinePipeline(SpineHubMixin):
         when launched with several processes, ``WORLD_SIZE > 1``): each process of an ``accelerate
         launch`` runs its share and every process gets all rows
         (:func:`~spinemm.pipeline.parallel.run_distributed`). Unreadable series are warned about
-        by name; nothing is dropped. ``compile``: :meth:`compile` first."""
+        by name; nothing is dropped. ``compile``: :meth:`compile` first. A store made here drops each
+        batch's series once every stage has read them (memory: one batch, whatever the study count);
+        pass a ``store`` to keep them for later reads (up to its ``memory_bytes``)."""
         from ..data.dataset import SpineDataset, collate
 
         root = Path(root)
+        own_store = store is None  # ours: each batch's series are dropped once every stage has read them
         store = store if store is not None else SeriesStore(root, split, cache_dir=cache_dir)
         dataset = SpineDataset(root, split, study_ids=study_ids, augment=False, store=store, on_bad_series="warn",
                                **self.detect.preprocess)
@@ -200,6 +203,9 @@ class SpinePipeline(SpineHubMixin):
                     grades = self.grade.run(found, store)
                     parts["grades"].append(grades)
                     parts["graded"].append(grades.findings)
+                if own_store:  # no stage comes back to a study: peak memory stays one batch's series
+                    for meta in batch["meta"]:
+                        store.forget_study(int(meta["study_id"]))
         result = PipelineResult(parts["ids"], np.concatenate(parts["probs"]) if parts["probs"] else
                                 np.zeros((0, len(LABEL_COLUMNS), 3)), Findings.concat(parts["detected"]))
         if self.locate is not None:
