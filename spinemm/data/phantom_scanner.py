@@ -5,7 +5,7 @@ from many scanners, and a pipeline that works in millimetres must not care which
 
 - **Matrix.** Each series is stored on its own matrix, drawn from the sizes scanners write (256 to
   1024 px), about 15% of them not square, with square pixels sized so that the field of view stays
-  anatomically right.
+  anatomically right (across the shorter side: a rectangular matrix adds field, never cuts anatomy).
 - **Acquisition.** A scanner acquires a coarser matrix than it stores (0.55-1.1 mm pixels) and
   interpolates it up by zero-filling k-space. The phantom renders at the acquired matrix, adds
   complex Gaussian noise there, zero-fills to the stored matrix and takes the magnitude (Rician
@@ -72,7 +72,9 @@ def _even(n: float) -> int:
 
 
 def draw_scanner(rng: np.random.Generator, fov_mm: float, syntaxes: tuple[str, ...]) -> tuple[Scanner, float]:
-    """One series' scanner for a field of view ``fov_mm`` wide (across its columns).
+    """One series' scanner for a field of view ``fov_mm`` across its shorter side: a non-square
+    matrix shows more on its longer side, never less, so every labelled point a square one would
+    show stays inside the image (as every RSNA label does).
 
     Returns the scanner and the stored pixel spacing (mm, square pixels, as DICOM stores it)."""
     columns = int(rng.choice(MATRIX_SIZES, p=_MATRIX_WEIGHTS / _MATRIX_WEIGHTS.sum()))
@@ -80,7 +82,7 @@ def draw_scanner(rng: np.random.Generator, fov_mm: float, syntaxes: tuple[str, .
     if rng.random() < NON_SQUARE_RATE:
         aspect = float(rng.choice(_ASPECTS))
         rows = _even(columns * aspect) if rng.random() < 0.5 else _even(columns / aspect)
-    spacing = round(fov_mm / columns, 6)
+    spacing = round(fov_mm / min(rows, columns), 6)
     acquired_mm = rng.uniform(*ACQUIRED_MM)
     # never acquire finer than stored: a scanner interpolates up, not down
     acquired = (min(rows, _even(rows * spacing / acquired_mm)), min(columns, _even(columns * spacing / acquired_mm)))
