@@ -7,8 +7,11 @@ VENV ?= .venv
 TORCH_PAIR ?= torch==2.14.1 torchvision==0.29.2
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# Tests run single-threaded (tests/conftest.py), so one pytest-xdist worker per core uses the
+# machine; worksteal evens out the few long end-to-end tests.
+PYTEST_WORKERS ?= auto
 
-.PHONY: venv test demo lint bench clean
+.PHONY: venv test test-fast demo lint bench clean
 
 venv: $(VENV)/.installed
 
@@ -21,8 +24,13 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 # pytest exits 5 when it collects no tests: treat that as a failure, never a pass.
 test: venv
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist worksteal $(PYTEST_ARGS); \
+	rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+# The inner loop: everything but the end-to-end runs marked slow.
+test-fast: venv
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist worksteal -m "not slow" \
+	$(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 demo: venv
 	$(VENV)/bin/spinemm demo --out demo_out

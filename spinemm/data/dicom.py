@@ -261,7 +261,11 @@ def _decode(ds: pydicom.Dataset, module: PixelModule, path: Path) -> np.ndarray:
         return native
     try:
         return ds.pixel_array
-    except Exception as exc:  # pydicom raises many kinds; all mean "this file cannot be decoded"
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    # pydicom raises many kinds; all mean "this file cannot be decoded". A Rust decoder's panic on a
+    # garbled stream (pylibjpeg-rle: pyo3's PanicException) derives from BaseException, not Exception.
+    except BaseException as exc:
         syntax = module.syntax
         if syntax is not None and syntax.is_compressed and not _decoder_available(syntax):
             raise SpineDataError(
