@@ -55,6 +55,7 @@ def _check_results(results: dict, steps: int) -> None:
     assert detect["h100_hours"] == pytest.approx(detect["flops_per_study"] * 12 * 1975 / (0.4 * 989e12) / 3600)
 
 
+@pytest.mark.slow
 def test_base_presets_dry_run_end_to_end(small_phantom, tmp_path, capsys):
     results = _benchmark("base_presets").main(["--dry-run", "--device", "cpu", "--steps", "2", "--phantom",
                                                str(small_phantom), "--json", str(tmp_path / "r.json")])
@@ -63,6 +64,7 @@ def test_base_presets_dry_run_end_to_end(small_phantom, tmp_path, capsys):
     assert "| grade |" in out and "hours, 8 H100" in out and (tmp_path / "r.json").is_file()
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_run_writes_one_table(small_phantom, tmp_path, capsys):
     report = _benchmark("gpu_check").main(["--dry-run", "--phantom", str(small_phantom), "--out", str(tmp_path),
                                            "--markdown", str(tmp_path / "check.md")])

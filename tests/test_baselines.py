@@ -189,6 +189,7 @@ def test_no_text_ablation_gives_25_distinct_queries():
     assert model.text.embed.grad is not None and model.text.embed.grad.abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_unet3d_does_not_import_baselines():
     """Imports point one way: baselines -> unet3d -> encoders, never back (no import circle)."""
     import subprocess

@@ -77,6 +77,7 @@ def test_predict_throughput_benchmark_times_parts_and_counts_one_read_per_file(p
     assert text in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_cache_scale_benchmark_reports_each_size(phantom_root):
     text = _benchmark("cache_scale").main([str(phantom_root), "--sizes", "4", "8", "--workers", "2"])
     rows = [line for line in text.splitlines() if line.startswith("| 4 |") or line.startswith("| 8 |")]
@@ -84,6 +85,7 @@ def test_cache_scale_benchmark_reports_each_size(phantom_root):
 
 
 @pytest.mark.parametrize("script", ["train_throughput", "inference_throughput"])
+@pytest.mark.slow
 def test_gpu_throughput_benchmarks_run_on_cpu(script, capsys):
     results = _benchmark(script).main(["--size", "tiny", "--batch", "24", "--steps", "1", "--warmup", "2",
                                        "--device", "cpu"])

@@ -93,8 +93,13 @@ def test_zero_shot_command_scores_a_crop_around_a_point(phantom_root, tmp_path, 
 
 
 @pytest.mark.slow
-def test_demo_quick_end_to_end(tmp_path, capsys):
+def test_demo_quick_end_to_end(tmp_path, capsys, count_reads):
     assert main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 0
+    # Pretraining, the detect stage, the later stages, predictions and the report of one demo run
+    # share the cache folder: no DICOM file is decoded twice.
+    files = {str(p) for p in (tmp_path / "demo" / "phantom").rglob("*.dcm")}
+    assert files and set(count_reads) <= files
+    assert max(count_reads.values()) == 1, count_reads.most_common(3)
     out = capsys.readouterr().out
     report = tmp_path / "demo" / "report"
     metrics = json.loads((report / "metrics.json").read_text())

@@ -76,6 +76,7 @@ def run_recipe_script(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_bad_recipe_key_is_one_line_error():
     done = run_recipe_script("--config", str(ROOT / "recipes" / "configs" / "tiny.yaml"), "trian.epochs=3")
     assert done.returncode == 2, done.stderr

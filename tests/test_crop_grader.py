@@ -110,6 +110,7 @@ def _blob_crops(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch
     return crops.clamp(0, 1), sides
 
 
+@pytest.mark.slow
 def test_the_query_text_decides_which_side_is_graded():
     """Trained on crops that show both sides, the 'left' text grades the left half and the 'right'
     text the right half: swapping the texts on an asymmetric crop swaps the grades."""

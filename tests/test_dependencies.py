@@ -38,6 +38,7 @@ def test_datasets_is_an_extra_and_sklearn_a_dev_dependency(setup_cfg):
     assert "scikit-learn" not in core
 
 
+@pytest.mark.slow
 def test_core_paths_do_not_import_datasets(phantom_root):
     code = (
         "import sys, spinemm\n"

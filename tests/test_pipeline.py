@@ -33,6 +33,7 @@ def real_size_root(tmp_path_factory):
     return spinemm.data.make_phantom(root, n_studies=2, n_test=2, seed=3, image_size=512, progress=False)
 
 
+@pytest.mark.slow
 def test_predict_opens_each_dicom_file_once_at_real_size(real_size_root, count_reads, tmp_path):
     files = sorted(str(p) for p in (real_size_root / "test_images").rglob("*.dcm"))
     result = spinemm.predict(_untrained_pipeline(), real_size_root, split="test", progress=False,
@@ -208,19 +209,6 @@ def test_stages_stop_then_resume_match_the_uninterrupted_run(phantom_root, tmp_p
             torch.testing.assert_close(got[key], value, rtol=0, atol=1e-6, msg=f"{name}.{key}")
         assert [h["score"] for h in resumed["stages"][name]["history"]] == pytest.approx(
             [h["score"] for h in reference["stages"][name]["history"]], nan_ok=True)
-
-
-@pytest.mark.slow
-def test_demo_reads_each_dicom_file_at_most_once(tmp_path, count_reads):
-    """Pretraining, the detect stage, the later stages, predictions and the report of one demo run
-    share the cache folder: no file is decoded twice."""
-    from spinemm.demo import run_demo
-
-    summary = run_demo(tmp_path, quick=True)
-    files = {str(p) for p in (tmp_path / "phantom").rglob("*.dcm")}
-    assert files and set(count_reads) <= files
-    assert max(count_reads.values()) == 1, count_reads.most_common(3)
-    assert np.isfinite(summary["official_score"]) and np.isfinite(summary["fusion_only_score"])
 
 
 @pytest.mark.parametrize("refine", [0, 1, 2])
