@@ -94,3 +94,10 @@ def test_bad_recipe_key_with_debug_raises_with_its_traceback():
     with pytest.raises(SpineModelError, match="trian"):
         run_recipe(recipe.main, ["trian.epochs=3", "--debug"])
     assert run_recipe(recipe.main, ["trian.epochs=3"]) == cli.EXIT_BAD_INPUT
+
+
+@pytest.mark.slow
+def test_python_dash_m_spinemm_is_the_cli():
+    done = subprocess.run([sys.executable, "-m", "spinemm", "--version"], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0 and done.stdout.strip() == f"spinemm {spinemm.__version__}", done

@@ -9,7 +9,7 @@ Layers, lowest first; a module may import only from its own layer or lower ones:
     3 pipeline  spinemm.pipeline.*
     4 apps      spinemm.training.*, spinemm.inference, spinemm.zero_shot, spinemm.viz and any
                 other top-level module not named here
-    5 entry     spinemm.demo, spinemm.cli
+    5 entry     spinemm.demo, spinemm.cli, spinemm.__main__ (`python -m spinemm`)
 
 Inside ``apps``, training and inference stay apart: nothing under ``spinemm.training`` imports
 ``spinemm.inference`` and ``spinemm.inference`` imports nothing from ``spinemm.training``.
@@ -42,7 +42,7 @@ PACKAGE = ROOT / "spinemm"
 LAYERS = ("base", "data", "models", "pipeline", "apps", "entry")
 BASE_MODULES = ("spinemm._lazy", "spinemm.constants", "spinemm.errors", "spinemm.text", "spinemm.tokenizer",
                 "spinemm.metrics", "spinemm.losses")
-ENTRY_MODULES = ("spinemm.demo", "spinemm.cli")
+ENTRY_MODULES = ("spinemm.demo", "spinemm.cli", "spinemm.__main__")
 EXEMPT = {"spinemm"}  # spinemm/__init__.py: the public facade (lazy attributes)
 STAGE_ATTRS = ("grader", "locator")
 
