@@ -40,8 +40,15 @@ def test_datasets_is_an_extra_and_sklearn_a_dev_dependency(setup_cfg):
 
 @pytest.mark.slow
 def test_core_paths_do_not_import_datasets(phantom_root):
+    """One fresh interpreter (a subprocess costs seconds) checks two import facts in order:
+    unet3d does not pull in baselines (imports point baselines -> unet3d -> encoders, never back:
+    no circle), and the core paths never import ``datasets``."""
     code = (
-        "import sys, spinemm\n"
+        "import sys, spinemm.models.unet3d as u\n"
+        "assert 'spinemm.models.baselines' not in sys.modules, 'unet3d pulled in baselines'\n"
+        "import spinemm.models.baselines as b, spinemm.models.encoders as e\n"
+        "assert b.check_series is e.check_series is u.check_series and b.UNet3DEncoder is u.UNet3DEncoder\n"
+        "import spinemm\n"
         f"frame = spinemm.data.load_tables({str(phantom_root)!r}, 'train')\n"
         "model = spinemm.create_model('spine-tiny')\n"
         "spinemm.metrics.classification_report(frame.label.clip(0).to_numpy(), frame.label.clip(0).to_numpy())\n"
