@@ -8,6 +8,7 @@ runs the real base-preset sizes (random weights, offline) for one step a stage.
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 import sys
@@ -56,16 +57,10 @@ def _check_results(results: dict, steps: int) -> None:
 
 
 @pytest.mark.slow
-def test_base_presets_dry_run_end_to_end(small_phantom, tmp_path, capsys):
-    results = _benchmark("base_presets").main(["--dry-run", "--device", "cpu", "--steps", "2", "--phantom",
-                                               str(small_phantom), "--json", str(tmp_path / "r.json")])
-    _check_results(results, steps=2)
-    out = capsys.readouterr().out
-    assert "| grade |" in out and "hours, 8 H100" in out and (tmp_path / "r.json").is_file()
-
-
-@pytest.mark.slow
 def test_gpu_check_dry_run_writes_one_table(small_phantom, tmp_path, capsys):
+    """One dry run covers every benchmark it runs: the base-preset pipeline end to end (its results
+    and budget table), the train and inference throughput scripts (their FLOP-utilisation tables)
+    and predict throughput, each with a finite key number."""
     report = _benchmark("gpu_check").main(["--dry-run", "--phantom", str(small_phantom), "--out", str(tmp_path),
                                            "--markdown", str(tmp_path / "check.md")])
     rows = {row["name"]: row for row in report["rows"]}
@@ -74,7 +69,10 @@ def test_gpu_check_dry_run_writes_one_table(small_phantom, tmp_path, capsys):
     assert rows["base_presets"]["ratio"] is None
     assert all(math.isfinite(rows[n]["ratio"]) and rows[n]["ratio"] > 0 for n in list(rows)[1:])
     assert (tmp_path / "check.md").read_text().startswith("GPU check on CPU")
-    assert "| predict_throughput |" in capsys.readouterr().out
+    _check_results(json.loads((tmp_path / "base_presets.json").read_text()), steps=1)
+    out = capsys.readouterr().out
+    assert "| predict_throughput |" in out and "| grade |" in out and "hours, 8 H100" in out
+    assert out.count("model FLOP utilisation") >= 2  # the train and the inference tables
 
 
 @pytest.mark.slow

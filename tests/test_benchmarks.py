@@ -84,10 +84,7 @@ def test_cache_scale_benchmark_reports_each_size(phantom_root):
     assert len(rows) == 2 and "Extrapolated to the Kaggle train set" in text
 
 
-@pytest.mark.parametrize("script", ["train_throughput", "inference_throughput"])
-@pytest.mark.slow
-def test_gpu_throughput_benchmarks_run_on_cpu(script, capsys):
-    results = _benchmark(script).main(["--size", "tiny", "--batch", "24", "--steps", "1", "--warmup", "2",
-                                       "--device", "cpu"])
-    assert len(results) == 3 and all(r["slices_per_s"] > 0 and r["flops"] > 0 for r in results)
-    assert "model FLOP utilisation" in capsys.readouterr().out
+# The train and inference throughput scripts run on the CPU in
+# tests/test_base_presets.py::test_gpu_check_dry_run_writes_one_table (the GPU check's dry run).
+
+
