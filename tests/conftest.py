@@ -80,3 +80,19 @@ def fuzz_examples(request) -> int:
         return int(os.environ["SPINEMM_FUZZ_EXAMPLES"])
     long = request.config.getoption("--fuzz-long") or os.environ.get("SPINEMM_FUZZ_LONG") == "1"
     return 10_000 if long else 60
+
+
+# Longest tests first: pytest-xdist (`make test`) hands each worker a share of the collected order
+# and idle workers steal from the others, so a minute-long test started last keeps one core busy
+# after the other has finished. Starting the end-to-end runs first lets the short ones fill in
+# around them (the regression run, about a minute on one core, leads).
+LONGEST_FIRST = ("test_regression.py",)
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        if item.path.name in LONGEST_FIRST:
+            return 0
+        return 1 if item.get_closest_marker("slow") else 2
+
+    items.sort(key=rank)  # stable: the order within each rank is unchanged
