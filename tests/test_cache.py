@@ -29,7 +29,8 @@ def write_slice(path: Path, pixels: np.ndarray, instance: int, z: float) -> None
     meta = FileMetaDataset()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.MediaStorageSOPClassUID = MRImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
+    # one UID per (file, instance): a random UID's length varies, and a rewrite must keep the size
+    meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[str(path.name), str(instance)])
     ds = Dataset()
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = MRImageStorage, meta.MediaStorageSOPInstanceUID, "MR"
