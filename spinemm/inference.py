@@ -18,7 +18,8 @@ import torch
 from .data.store import SeriesStore
 from .pipeline.detect import preprocess_settings
 from .pipeline.findings import LOCATION_COLUMNS
-from .pipeline.pipeline import PipelineResult, SpinePipeline, load_pipeline, submission_from_probs
+from .pipeline.pipeline import SpinePipeline, load_pipeline
+from .pipeline.result import PipelineResult, submission_from_probs
 
 __all__ = ["predict", "preprocess_settings", "submission_from_probs", "LOCATION_COLUMNS", "PipelineResult"]
 

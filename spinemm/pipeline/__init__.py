@@ -18,9 +18,9 @@ _LAZY = {
     "axial_slices_from_canal": "spinemm.pipeline.locate",
     "GradeStage": "spinemm.pipeline.grade",
     "SpinePipeline": "spinemm.pipeline.pipeline",
-    "PipelineResult": "spinemm.pipeline.pipeline",
+    "PipelineResult": "spinemm.pipeline.result",
     "load_pipeline": "spinemm.pipeline.pipeline",
-    "submission_from_probs": "spinemm.pipeline.pipeline",
+    "submission_from_probs": "spinemm.pipeline.result",
 }
 
 __all__ = sorted(_LAZY)

@@ -27,9 +27,10 @@ import numpy as np
 import torch
 
 from ..errors import SpineModelError
+from .result import PipelineResult
 
-if TYPE_CHECKING:
-    from .pipeline import PipelineResult, SpinePipeline
+if TYPE_CHECKING:  # the pipeline imports this module to run in parallel: name its type, never import it
+    SpinePipeline = Any
 
 __all__ = ["run_in_workers", "run_distributed", "shares"]
 
@@ -46,8 +47,6 @@ def shares(study_ids: Sequence[int], parts: int) -> list[list[int]]:
 def run_in_workers(pipeline: SpinePipeline, root: str | Path, split: str, study_ids: Sequence[int], workers: int,
                    **run_kwargs: Any) -> PipelineResult:
     """Run ``pipeline`` over ``study_ids`` in ``workers`` forked CPU processes; results in study order."""
-    from .pipeline import PipelineResult
-
     if torch.cuda.is_initialized() or any(p.device.type != "cpu" for p in pipeline.detect.model.parameters()):
         # a forked child cannot use the CUDA context of its parent
         raise SpineModelError("predict(workers=N) forks its workers after CUDA was initialised here: keep the "
@@ -79,8 +78,6 @@ def run_distributed(pipeline: SpinePipeline, root: str | Path, split: str, study
     (on every process) in study order."""
     from accelerate import PartialState
     from accelerate.utils import gather_object
-
-    from .pipeline import PipelineResult
 
     device = run_kwargs.get("device")
     # no GPU (or a CPU run asked for): one gloo group over the CPU processes, as the engine's cpu=True

@@ -33,7 +33,8 @@ from ..metrics import classification_report, rsna_score, solution_frame
 from ..models.config import GraderConfig
 from ..models.lora import add_lora, merge_lora, resolve_targets
 from ..pipeline.grade import GradeStage
-from ..pipeline.pipeline import PipelineResult, SpinePipeline, submission_from_probs
+from ..pipeline.pipeline import SpinePipeline
+from ..pipeline.result import PipelineResult, submission_from_probs
 from .stage_fit import epoch_generator, fit_stage
 from .study_context import cross_fitted, fit_study_context, val_grades
 
