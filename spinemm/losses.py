@@ -122,10 +122,14 @@ def location_loss(
         mask: ``[B, 25]`` bool, True where the target location is known.
         coord_weight: weight of the L1 term.
 
-    The target cell is (round(slice), floor(y * h), floor(x * w)), clamped to the grid. The L1 term
-    compares the expected (x, y) under the softmax over the target slice's ``h * w`` cells (cell
-    centres at ``(j + 0.5) / w``) with the target, summed over x and y. Both terms are averaged over
-    masked targets; with no True in ``mask`` the result is a zero that keeps the graph.
+    The target cell is (slice, floor(y * h), floor(x * w)), clamped to the grid. A fractional slice
+    (a labelled slice the resampled stack does not show, between two that it does:
+    :func:`~spinemm.data.transforms.slice_position`) splits the cross-entropy's target between the
+    two shown slices in proportion, so the decoded slice marginal can point between them; an
+    integer slice is plain cross-entropy. The L1 term compares the expected (x, y) under the softmax
+    over the nearer slice's ``h * w`` cells (cell centres at ``(j + 0.5) / w``) with the target,
+    summed over x and y. Both terms are averaged over masked targets; with no True in ``mask`` the
+    result is a zero that keeps the graph.
     """
     if loc_logits.ndim != 5 or loc_logits.shape[:2] != target.shape[:2] or target.shape[-1] != 3:
         raise SpineModelError(
@@ -139,10 +143,17 @@ def location_loss(
     n_slices, h, w = loc_logits.shape[2:]
     logits = _upcast(loc_logits[mask])  # [M, S, h, w]
     tgt = _upcast(target[mask])  # [M, 3]
-    s = tgt[:, 0].round().long().clamp(0, n_slices - 1)
+    position = tgt[:, 0].clamp(0, n_slices - 1)
+    below = position.floor().long()
+    above = (below + 1).clamp(max=n_slices - 1)
+    share = position - below  # of the target on the shown slice above; 0 for a shown slice
+    s = torch.where(share > 0.5, above, below)  # the nearer shown slice
     row = (tgt[:, 2] * h).floor().long().clamp(0, h - 1)
     col = (tgt[:, 1] * w).floor().long().clamp(0, w - 1)
-    ce = F.cross_entropy(logits.flatten(1), (s * h + row) * w + col)
+    log_probs = logits.flatten(1).log_softmax(dim=-1)
+    cell = row * w + col
+    ce = -((1 - share) * log_probs.gather(1, (below * h * w + cell)[:, None])[:, 0]
+           + share * log_probs.gather(1, (above * h * w + cell)[:, None])[:, 0]).mean()
 
     m = torch.arange(len(s), device=logits.device)
     p = logits[m, s].flatten(1).softmax(dim=-1).view(-1, h, w)  # [M, h, w] over the target slice

@@ -24,6 +24,8 @@ from spinemm.data.transforms import (
     nearest_slice,
     preprocess_series,
     shift_stack,
+    slice_position,
+    source_slice,
 )
 from spinemm.errors import SpineDataError
 from spinemm.text import QUERY_TEXTS
@@ -100,6 +102,29 @@ def test_preprocess_resizes_with_antialiasing_and_keeps_geometry():
     assert float(out.image.float().std()) < 0.6 * original_std
     const = preprocess_series(FakeSeries(np.full((3, 8, 8), 5.0, np.float32), np.arange(3)), 3, 8)
     assert float(const.image.abs().max()) == 0.0  # a constant series cannot be normalised: zeros
+
+
+def test_slice_position_reaches_every_source_slice():
+    """A stack of 8 from 15 slices shows 0, 2, ..., 14: the midline (7) is never shown. Its target
+    position is 3.5, and a decoded 3.5 maps back to it; shown slices keep their own positions."""
+    indices = choose_slices(15, 8)
+    assert 7 not in indices and nearest_slice(indices, 7, 15) == 3  # rounded: the slice beside it
+    assert slice_position(indices, 7, 15) == 3.5 and slice_position(indices, 8, 15) == 4.0
+    for source in range(15):
+        assert source_slice(indices, slice_position(indices, source, 15)) == source
+    assert slice_position(indices, 13, 15) == pytest.approx(6.5)
+    shifted = np.array([0, 0, 0, 2, 4, 6, 8, 10])  # a shifted stack repeats its edge slice
+    assert slice_position(shifted, 0, 15) == 0.0 and slice_position(shifted, 1, 15) == 2.5
+    assert slice_position(shifted, 14, 15) is None  # moved out of the stack
+    # the first stage's answer between two shown slices names the slice between them
+    from spinemm.pipeline.detect import findings_from_outputs
+
+    meta = {"study_id": 1, "series_ids": [10, 11, 12], "original_shape": [(64, 64)] * 3,
+            "slice_indices": [indices] * 3, "source_instance_numbers": [np.arange(101, 116)] * 3}
+    location = np.zeros((1, 25, 3))
+    location[0, :, 0], location[0, :, 1:] = 3.5, 0.5
+    found = findings_from_outputs(location, np.ones((1, 25)), [meta])
+    assert (found.instance_number == 108).all()  # source 7
 
 
 def test_nearest_slice_and_tolerance():

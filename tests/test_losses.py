@@ -19,6 +19,7 @@ from spinemm.losses import (
     weighted_cross_entropy,
 )
 from spinemm.metrics import rsna_score, solution_frame, submission_frame
+from spinemm.models.heads import decode_location
 
 
 def random_batch(seed: int, b: int = 5):
@@ -94,7 +95,7 @@ def test_no_labels_gives_zero_with_graph_and_half_precision_works():
 def location_case():
     b, n_slices, h, w = 2, 4, 5, 6
     target = torch.zeros(b, 25, 3)
-    target[..., 0] = 2.4  # slice 2
+    target[..., 0] = 2.0  # slice 2
     target[..., 1] = 0.3  # x -> column floor(1.8) = 1, centre 1.5 / 6 = 0.25
     target[..., 2] = 0.75  # y -> row floor(3.75) = 3, centre 3.5 / 5 = 0.7
     mask = torch.zeros(b, 25, dtype=torch.bool)
@@ -118,6 +119,27 @@ def test_location_loss_on_the_target_cell():
     noisy = peaked.clone()
     noisy[~mask] = torch.randn_like(noisy[~mask]) * 10
     assert location_loss(noisy, target, mask).item() == pytest.approx(loss.item(), abs=1e-6)
+
+
+def test_a_slice_between_shown_slices_splits_the_target():
+    """A labelled slice the resampled stack does not show lies between two that it does (position
+    2.4: 60% on slice 2, 40% on slice 3); the loss is least when the mass is split so, and the
+    decoded slice then points between them."""
+    logits, target, mask = location_case()
+    target[..., 0] = 2.4
+    split = logits.clone()
+    split[..., 2, 3, 1] = math.log(0.6) + 60.0
+    split[..., 3, 3, 1] = math.log(0.4) + 60.0
+    entropy = -(0.6 * math.log(0.6) + 0.4 * math.log(0.4))
+    loss = location_loss(split, target, mask)
+    assert loss.item() == pytest.approx(entropy + abs(0.25 - 0.3) + abs(0.7 - 0.75), abs=1e-4)
+    for shares in ((1.0, 1e-9), (0.5, 0.5), (0.8, 0.2)):  # any other split costs more
+        other = logits.clone()
+        other[..., 2, 3, 1] = math.log(shares[0]) + 60.0
+        other[..., 3, 3, 1] = math.log(shares[1]) + 60.0
+        assert location_loss(other, target, mask) > loss
+    location, _ = decode_location(split)
+    assert location[0, 3, 0].item() == pytest.approx(2.4, abs=1e-4)
 
 
 def test_location_loss_decreases_under_gradient_descent():

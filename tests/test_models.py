@@ -93,7 +93,7 @@ def test_forward_shapes_and_ranges(model):
     assert out["query_embeds"].shape == (B, 25, model.config.fusion.dim)
     assert out["attn"].shape == (B, 25, S, h, w)
     loc = out["location"]
-    assert ((loc[..., 0] >= 0) & (loc[..., 0] < S) & (loc[..., 0] == loc[..., 0].round())).all()
+    assert ((loc[..., 0] >= 0) & (loc[..., 0] < S)).all()  # a slice position, between shown slices too
     assert ((loc[..., 1:] > 0) & (loc[..., 1:] < 1)).all()
     conf = out["location_confidence"]
     assert ((conf >= 1.0 / S - 1e-6) & (conf <= 1)).all()  # the best of S slices has at least 1/S mass

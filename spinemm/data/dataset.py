@@ -32,7 +32,7 @@ from .transforms import (
     AugmentConfig,
     PreprocessedSeries,
     augment_plane,
-    nearest_slice,
+    slice_position,
 )
 
 _FRAME_COLUMNS = ("study_id", "target", "label", "series_id", "candidate_series", "instance_number", "x", "y")
@@ -246,6 +246,8 @@ class SpineDataset(torch.utils.data.Dataset):
             "study_id": rec.study_id,
             "series_ids": [-1] * num_planes,
             "instance_numbers": [np.zeros(0, dtype=np.int64) for _ in range(num_planes)],
+            "slice_indices": [np.zeros(0, dtype=np.int64) for _ in range(num_planes)],  # shown slices' sorted index
+            "source_instance_numbers": [np.zeros(0, dtype=np.int64) for _ in range(num_planes)],
             "original_shape": [(0, 0)] * num_planes,
             "pixel_spacing": [(0.0, 0.0)] * num_planes,
         }
@@ -262,14 +264,16 @@ class SpineDataset(torch.utils.data.Dataset):
                     stack, indices, instances, points, valid, generator, self.augment
                 )
             for k, (t, source) in enumerate(zip(targets, sources, strict=True)):
-                slice_index = nearest_slice(indices, source, series.num_source_slices)
-                if valid[k] and slice_index is not None:
-                    location[t] = torch.tensor([float(slice_index), float(points[k, 0]), float(points[k, 1])])
+                position = slice_position(indices, source, series.num_source_slices)
+                if valid[k] and position is not None:
+                    location[t] = torch.tensor([position, float(points[k, 0]), float(points[k, 1])])
                     location_mask[t] = True
             image[plane] = stack
             plane_mask[plane] = True
             meta["series_ids"][plane] = series_id
             meta["instance_numbers"][plane] = np.asarray(instances, dtype=np.int64)
+            meta["slice_indices"][plane] = np.asarray(indices, dtype=np.int64)
+            meta["source_instance_numbers"][plane] = np.asarray(series.source_instance_numbers, dtype=np.int64)
             meta["original_shape"][plane] = series.original_shape
             meta["pixel_spacing"][plane] = series.pixel_spacing
         return {

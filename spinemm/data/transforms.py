@@ -228,6 +228,36 @@ def nearest_slice(indices: np.ndarray, source_index: int, num_source: int) -> in
     return best if distance[best] <= tolerance else None
 
 
+def slice_position(indices: np.ndarray, source_index: int, num_source: int) -> float | None:
+    """Where sorted-stack slice ``source_index`` lies in the resampled stack, as a float: its own
+    position when it is shown, else linear between the shown slices on either side (a stack of 8
+    drawn from 15 shows source 6 and 8 at 3 and 4, so source 7, the midline of an odd stack, is 3.5).
+
+    The first stage's slice target. :func:`nearest_slice` rounds it to a shown slice ("first on
+    ties"), which made the midline of every odd stack unreachable: trained to say 3, the stage
+    answered source 6 for a label on 7. None where :func:`nearest_slice` is None."""
+    nearest = nearest_slice(indices, source_index, num_source)
+    if nearest is None:
+        return None
+    shown = np.asarray(indices)
+    exact = np.flatnonzero(shown == source_index)
+    if exact.size:
+        return float(exact[0])
+    above = int(np.searchsorted(shown, source_index))  # the first shown slice past it
+    if above == 0 or above == len(shown) or shown[above] <= shown[above - 1]:
+        return float(nearest)  # beyond the stack's ends (a shifted stack): the nearest shown slice
+    low, high = float(shown[above - 1]), float(shown[above])
+    return (above - 1) + (source_index - low) / (high - low)
+
+
+def source_slice(indices: np.ndarray, position: float) -> int:
+    """The sorted-stack slice at a (fractional) resampled ``position``: the inverse of
+    :func:`slice_position`, rounded to the nearest source slice."""
+    shown = np.asarray(indices, dtype=np.float64)
+    source = np.interp(float(position), np.arange(len(shown)), shown)
+    return int(round(source))
+
+
 @dataclass
 class AugmentConfig:
     """Ranges of the train-time augmentations; set a range to its identity to switch one off."""

@@ -64,9 +64,12 @@ class LocationHead(nn.Module):
 def decode_location(loc_logits: torch.Tensor, radius: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """loc_logits [B, Q, S, h, w] -> (location [B, Q, 3] = (slice, x, y), confidence [B, Q]).
 
-    The slice is the argmax of the slice marginal (a float in [0, S)); x and y are the soft-argmax
-    of the patch distribution within that slice, at patch centres, normalised to [0, 1].
-    The confidence is the probability mass of the chosen slice.
+    The slice is the argmax of the slice marginal, moved towards its heavier neighbour by the
+    marginal's mean over the argmax and that neighbour (a float in [0, S)): a stage trained to split
+    a label between two shown slices, because the labelled slice lies between them
+    (:func:`~spinemm.data.transforms.slice_position`), answers between them. x and y are the
+    soft-argmax of the patch distribution within the argmax slice, at patch centres, normalised to
+    [0, 1]. The confidence is the probability mass of the argmax slice.
 
     ``radius``: take the soft-argmax only over the ``(2 radius + 1)`` square of cells around the
     slice's peak, so a distribution split between two places (two neighbouring discs) gives one of
@@ -92,4 +95,16 @@ def decode_location(loc_logits: torch.Tensor, radius: int | None = None) -> tupl
     ys = (torch.arange(h, device=loc_logits.device, dtype=probs.dtype) + 0.5) / h
     x = (within.sum(-2) * xs).sum(-1)
     y = (within.sum(-1) * ys).sum(-1)
-    return torch.stack([best.to(probs.dtype), x, y], dim=-1), confidence
+    return torch.stack([_slice_between(slice_probs, best), x, y], dim=-1), confidence
+
+
+def _slice_between(slice_probs: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
+    """The argmax slice ``best`` moved towards its heavier neighbour: the mean slice under the
+    marginal restricted to the two (``best`` itself when it has no neighbour)."""
+    s = slice_probs.shape[-1]
+    peak = slice_probs.gather(-1, best[..., None])[..., 0]
+    lower = slice_probs.gather(-1, (best - 1).clamp(min=0)[..., None])[..., 0] * (best > 0)
+    upper = slice_probs.gather(-1, (best + 1).clamp(max=s - 1)[..., None])[..., 0] * (best < s - 1)
+    step = torch.where(upper > lower, 1.0, -1.0).to(slice_probs.dtype)
+    neighbour = torch.maximum(lower, upper)
+    return best.to(slice_probs.dtype) + step * neighbour / (peak + neighbour).clamp_min(1e-12)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..constants import LABEL_COLUMNS, TARGET_PLANE_INDEX
+from ..data.transforms import source_slice
 from ..errors import SpineModelError
 from .findings import Findings
 
@@ -38,15 +39,17 @@ def findings_from_outputs(location: np.ndarray, confidence: np.ndarray, metas: l
     for b, meta in enumerate(metas):
         for target in range(n_targets):
             plane = TARGET_PLANE_INDEX[target]
-            instances = np.asarray(meta["instance_numbers"][plane])
+            shown = np.asarray(meta["slice_indices"][plane])
+            sources = np.asarray(meta["source_instance_numbers"][plane])
             row = b * n_targets + target
             series_id[row] = int(meta["series_ids"][plane])
-            if series_id[row] < 0 or len(instances) == 0:
+            if series_id[row] < 0 or len(shown) == 0:
                 series_id[row] = -1
                 continue
             slice_f, fx, fy = (float(v) for v in location[b, target])
             height, width = meta["original_shape"][plane]
-            instance[row] = int(instances[int(np.clip(round(slice_f), 0, len(instances) - 1))])
+            # a position between two shown slices is a source slice the stack did not show
+            instance[row] = int(sources[int(np.clip(source_slice(shown, slice_f), 0, len(sources) - 1))])
             x[row], y[row] = fx * width, fy * height
     study_ids = np.repeat([int(m["study_id"]) for m in metas], n_targets)
     return Findings(study_ids, np.tile(np.arange(n_targets), len(metas)), series_id, instance, x, y,
