@@ -13,7 +13,13 @@ import torch.nn.functional as F
 import spinemm
 from spinemm.constants import LEVELS, PLANES
 from spinemm.data import load_tables, read_series, series_path
-from spinemm.data.level_slices import SAGITTAL_CONDITIONS, LevelSlices, locator_input, square_frame
+from spinemm.data.level_slices import (
+    SAGITTAL_CONDITIONS,
+    LevelSlices,
+    foramen_offsets_mm,
+    locator_input,
+    square_frame,
+)
 from spinemm.data.store import SeriesStore
 from spinemm.errors import SpineModelError
 from spinemm.models.config import LocatorConfig
@@ -198,6 +204,53 @@ def test_height_prior_centres_each_level_on_its_canal_point(phantom_root):
         assert abs(float(peak_rows[LEVELS.index(row.level)]) - row.y) < height / grid, row.level
     for level in set(LEVELS) - anchored:  # no canal point: no prior
         assert torch.equal(prior[LEVELS.index(level)], torch.zeros(grid, grid))
+
+
+def test_foramen_offsets_are_measured_from_the_labels(phantom_root):
+    frame = load_tables(phantom_root, "train")
+    data = LevelSlices(phantom_root, frame, sorted(frame.study_id.unique()), size=32, progress=False)
+    assert len(data.patient_x) == int(data.mask.sum())  # one patient x per labelled sagittal point
+    offsets = foramen_offsets_mm(data.patient_x)
+    assert len(offsets) == len(LEVELS)
+    # the phantom's foramina lie half the canal's width plus 5 mm (x its scale, 0.9-1.1) from the midline
+    assert all(12 < v < 25 for v in offsets), offsets
+    assert foramen_offsets_mm(data.patient_x[data.patient_x.condition == "spinal_canal_stenosis"]) is None
+    # the stage's config carries them, and refuses what is not 5 distances
+    assert LocatorConfig(foramen_mm=list(offsets)).foramen_mm == offsets
+    with pytest.raises(SpineModelError, match="foramen_mm"):
+        LocatorConfig(foramen_mm=[17.0] * 4)
+
+
+def test_foramina_move_to_their_own_side_of_the_midline(phantom_root):
+    from spinemm.pipeline.locate import _foramina_beside_the_midline
+
+    frame = load_tables(phantom_root, "train")
+    truth, findings = _findings(frame)
+    data = LevelSlices(phantom_root, frame, sorted(frame.study_id.unique()), size=32, progress=False)
+    offsets = np.asarray(foramen_offsets_mm(data.patient_x))
+    foramen = truth.condition.str.contains("neural_foraminal").to_numpy()
+    left = truth.condition.str.startswith("left_neural").to_numpy()
+    # every foramen put on its partner's slice (both on one side, as a first stage may do)
+    swapped = findings.replace()
+    for study in truth.study_id.unique():
+        in_study = (truth.study_id == study).to_numpy()
+        for level in LEVELS:
+            at = in_study & (truth.level == level).to_numpy()
+            rows_l, rows_r = np.flatnonzero(at & left), np.flatnonzero(at & foramen & ~left)
+            if len(rows_l) and len(rows_r):
+                swapped.instance_number[rows_r] = swapped.instance_number[rows_l]
+    store = SeriesStore(phantom_root, "train")
+    moved = swapped.replace()
+    for study, rows in moved.by_study():
+        _foramina_beside_the_midline(moved, rows, store, study, offsets)
+    true_slice = truth.instance_number.astype(int).to_numpy()
+    assert (swapped.instance_number[foramen] == true_slice[foramen]).mean() < 0.7
+    # instances run across the stack; the grade stage's offset head moves a crop a slice either way
+    off = np.abs(moved.instance_number[foramen] - true_slice[foramen])
+    assert (off <= 1).all() and (off == 0).mean() > 0.6, off
+    untouched = ~foramen
+    np.testing.assert_array_equal(moved.instance_number[untouched], swapped.instance_number[untouched])
+    np.testing.assert_array_equal(moved.x, swapped.x)  # the in-plane point stays
 
 
 def test_locate_stage_leaves_an_unreadable_series_as_it_was(trained_locator):

@@ -4,6 +4,7 @@
   input, the same at training and inference).
 - :class:`LevelSlices`: every labelled sagittal slice of some studies, with the (x, y) of each level
   labelled on it.
+- :func:`foramen_offsets_mm`: how far the labelled foramina lie from the midline, per level.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from ..constants import CONDITION_PLANE, LEVELS, PLANES
 from .roi import label_slice, labelled_volumes
 from .store import SeriesStore
 
-__all__ = ["locator_input", "square_frame", "LevelSlices"]
+__all__ = ["locator_input", "square_frame", "LevelSlices", "foramen_offsets_mm"]
 
 #: Conditions read on a sagittal series, whose points the locator learns.
 SAGITTAL_CONDITIONS: tuple[str, ...] = tuple(c for c, plane in CONDITION_PLANE.items() if plane.startswith("Sagittal"))
@@ -55,7 +56,9 @@ class LevelSlices:
     Attributes: ``slices [N, 1 + 2 * context, size, size]`` float16, ``points [N, 5, 2]`` (each
     level's x, y as fractions of the slice's :func:`square_frame`, 0 where unlabelled), ``mask [N,
     5]`` (level labelled), ``planes [N]`` (the series' index in ``PLANES``) and ``mm_per_unit [N,
-    2]`` (the square's side in mm across x and y, to turn normalised errors into millimetres). Series paths come from validated integer ids.
+    2]`` (the square's side in mm across x and y, to turn normalised errors into millimetres);
+    ``patient_x``: a frame of every labelled point's patient x in mm (study_id, condition, level,
+    patient_x), for :func:`foramen_offsets_mm`. Series paths come from validated integer ids.
     """
 
     def __init__(self, root: str | Path, frame: pd.DataFrame, study_ids: Sequence[int], *, size: int,
@@ -63,7 +66,7 @@ class LevelSlices:
                  store: SeriesStore | None = None) -> None:
         rows = frame[frame["study_id"].isin([int(s) for s in study_ids])
                      & frame["condition"].isin(SAGITTAL_CONDITIONS) & frame["instance_number"].notna()]
-        slices, points, masks, planes, mm = [], [], [], [], []
+        slices, points, masks, planes, mm, patient_x = [], [], [], [], [], []
         store = store if store is not None else SeriesStore(root, split)
         for study_id, path, series, volume, group in labelled_volumes(store, rows, "locator slices", progress):
             side, top, left = square_frame(*volume.shape[-2:])
@@ -73,6 +76,8 @@ class LevelSlices:
                 for row in labelled.itertuples(index=False):
                     level = LEVELS.index(row.level)
                     point[level], mask[level] = ((row.x + left) / side, (row.y + top) / side), True
+                    x_mm = series.voxel_to_patient(np.array([[row.x, row.y, index]], dtype=np.float64))[0, 0]
+                    patient_x.append((study_id, condition, row.level, float(x_mm)))
                 slices.append(locator_input(volume, index, context, size).to(torch.float16))
                 points.append(point)
                 masks.append(mask)
@@ -84,6 +89,24 @@ class LevelSlices:
         self.mask = torch.tensor(np.array(masks, dtype=bool).reshape(-1, len(LEVELS)))
         self.planes = torch.tensor(planes, dtype=torch.long)
         self.mm_per_unit = torch.tensor(np.array(mm, dtype=np.float32).reshape(-1, 2))
+        self.patient_x = pd.DataFrame(patient_x, columns=["study_id", "condition", "level", "patient_x"])
 
     def __len__(self) -> int:
         return int(self.planes.shape[0])
+
+
+def foramen_offsets_mm(patient_x: pd.DataFrame) -> tuple[float, ...] | None:
+    """Per level (``LEVELS`` order), the median distance in patient x (left-right, mm) between a
+    labelled neural foramen and its study's midline, the median x of the study's canal points: the
+    :class:`~spinemm.models.config.LocatorConfig` ``foramen_mm`` that places foramina by anatomy.
+    A level without labelled pairs takes the median of all levels; None without any (no study has
+    both a canal and a foramen label)."""
+    canal = patient_x[patient_x.condition == "spinal_canal_stenosis"].groupby("study_id").patient_x.median()
+    foramina = patient_x[patient_x.condition.str.endswith("neural_foraminal_narrowing")]
+    distance = (foramina.patient_x - foramina.study_id.map(canal)).abs()
+    known = distance.notna()
+    if not known.any():
+        return None
+    by_level = distance[known].groupby(foramina.level[known]).median()
+    overall = float(distance[known].median())
+    return tuple(float(by_level.get(level, overall)) for level in LEVELS)

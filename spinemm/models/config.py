@@ -130,9 +130,18 @@ class LocatorConfig:
     channels: tuple[int, ...] = (16, 32, 64, 96)  # conv stages, each halving the side
     # sd (mm) of the Gaussian that holds each foramen's level near its level's canal height; None: off
     prior_mm: float | None = 12.0
+    # Per level, how far (mm, patient left-right) each neural foramen lies from the midline; the
+    # stage puts each foramen on the slice that far to its own side of the canal points. Measured
+    # on the training labels by spinemm.training.locate; None keeps the first stage's slices.
+    foramen_mm: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         self.channels = tuple(int(c) for c in self.channels)  # JSON gives a list
+        if self.foramen_mm is not None:
+            self.foramen_mm = tuple(float(v) for v in self.foramen_mm)
+            if len(self.foramen_mm) != 5 or not all(0 < v < 100 for v in self.foramen_mm):
+                raise SpineModelError(f"locator.foramen_mm must be 5 distances in mm (one per level, "
+                                      f"each in (0, 100)), got {self.foramen_mm}")
 
 
 @dataclass

@@ -1,7 +1,11 @@
 """Stage "locate": the level locator sharpens the first stage's points before anything is graded.
 
 - Sagittal findings (spinal canal, neural foramina): :class:`~spinemm.models.locator.LevelLocator`
-  reads the slice the first stage chose and gives each level's x, y; a foramen's level is held near
+  reads the slice the first stage chose and gives each level's x, y. A foramen's slice is first set
+  by anatomy when the stage knows how far the foramina lie from the midline (``foramen_mm``,
+  measured on the training labels): the slice that far to its own side of the canal points. The
+  first stage reads a few low-resolution slices in which left and right foramina look alike, and
+  one variety-trained pipeline put both on one slice at 73% of its levels. A foramen's level is held near
   the height of the same level's canal point (a Gaussian prior, ``prior_mm``), because the foramina
   sit beside their disc and the canal's level is the surer read.
 - Axial findings (subarticular): the axial slice is the one through the located canal point of the
@@ -76,6 +80,8 @@ class LocateStage(torch.nn.Module):
         device = next(self.locator.parameters()).device
         canal, foramina = [], []  # _Slice groups; a foramen group also keeps its study's canal rows
         for study_id, rows in studies:
+            if self.config.foramen_mm is not None:
+                _foramina_beside_the_midline(out, rows, store, study_id, np.asarray(self.config.foramen_mm))
             targets = out.target[rows]
             canal_rows = rows[_CONDITION[targets] == "spinal_canal_stenosis"]
             canal += _slices(out, canal_rows, store, study_id, self.config)
@@ -161,6 +167,30 @@ def _points_in(out: Findings, rows: np.ndarray, store: SeriesStore, study_id: in
         group, k = group[k >= 0], k[k >= 0]
         if len(group):
             yield source, group, np.stack([out.x[group], out.y[group], k.astype(np.float64)], axis=1)
+
+
+#: Each neural foramen's side of the midline, in DICOM patient x (+x is the patient's left).
+FORAMEN_SIDES = {"left_neural_foraminal_narrowing": 1.0, "right_neural_foraminal_narrowing": -1.0}
+
+
+def _foramina_beside_the_midline(out: Findings, rows: np.ndarray, store: SeriesStore, study_id: int,
+                                 foramen_mm: np.ndarray) -> None:
+    """Move each foramen of ``rows`` to the slice of its series through patient x = midline +-
+    ``foramen_mm[level]`` (+ on the patient's left), keeping its in-plane point. The midline is the
+    median patient x of the study's canal points; without one, or where that plane misses the
+    series, a foramen keeps its slice."""
+    targets = out.target[rows]
+    canal = list(_points_in(out, rows[_CONDITION[targets] == "spinal_canal_stenosis"], store, study_id))
+    if not canal:
+        return
+    midline = float(np.median(np.concatenate([source.voxel_to_patient(points)[:, 0] for source, _, points in canal])))
+    for condition, side in FORAMEN_SIDES.items():
+        for series, group, points in _points_in(out, rows[_CONDITION[targets] == condition], store, study_id):
+            patient = series.voxel_to_patient(points)
+            patient[:, 0] = midline + side * foramen_mm[out.target[group] % len(LEVELS)]
+            k = np.rint(series.patient_to_voxel(patient)[:, 2]).astype(np.int64)
+            inside = (k >= 0) & (k < len(series.instance_numbers))
+            out.instance_number[group[inside]] = series.instance_numbers[k[inside]]
 
 
 def axial_slices_from_canal(findings: Findings, store: SeriesStore) -> Findings:

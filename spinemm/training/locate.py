@@ -4,7 +4,8 @@ Each training slice is shifted at random by up to ``locator.shift`` of its side 
 move with it) and its contrast bent by a random gamma, so the locator learns where a level sits
 relative to the other discs, not where the training spines happened to lie in the field of view.
 Training runs through the engine (:mod:`.stage_fit`); the epoch with the lowest validation loss is
-kept and its validation errors are reported in millimetres.
+kept and its validation errors are reported in millimetres. How far the foramina lie from the
+midline (``LocatorConfig.foramen_mm``) is measured on the training labels, unless the config gives it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from ..data.level_slices import LevelSlices
+from ..data.level_slices import LevelSlices, foramen_offsets_mm
 from ..errors import SpineModelError
 from ..losses import heatmap_loss
 from ..models.config import LocatorConfig
@@ -134,11 +135,14 @@ def train_locate(config: dict[str, Any], run: Any, output_dir: Path, progress: b
     if len(train_set) == 0:
         raise SpineModelError(f"no labelled sagittal coordinates in the {len(run.train_ids)} training studies "
                               f"under {run.root}")
+    if cfg.foramen_mm is None:  # not given: measured on the training labels
+        cfg.foramen_mm = foramen_offsets_mm(train_set.patient_x)
     samples = LocatorSamples(train_set, float(options["shift"]), int(config["train"]["seed"]))
     state, metrics = fit_stage(config, "locator", stage, samples, locate_step,
                                lambda m: evaluate_locator(m, val_set), output_dir)
     best = next((h for h in state.history if h["epoch"] == state.best_epoch), {})
     return {"stage": None if state.stopped else stage, "state": state, "history": state.history,
             "metrics": {"val_loss": best.get("score", math.nan), "val_median_mm": best.get("val_median_mm", math.nan),
-                        "val_within_5mm": best.get("val_within_5mm", math.nan), "train_slices": len(train_set),
+                        "val_within_5mm": best.get("val_within_5mm", math.nan), "foramen_mm": cfg.foramen_mm,
+                        "train_slices": len(train_set),
                         "val_slices": len(val_set)}}
