@@ -13,17 +13,25 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import pandas as pd
 from accelerate import PartialState
 
 from spinemm.cli import run_recipe
 from spinemm.training import compare_backbones, config_from_argv
+from spinemm.training.compare import comparison_chart
+from spinemm.viz import bar_chart_png
 
 
 def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     """Parse ``--config`` + overrides and run the comparison; returns the table."""
-    table = compare_backbones(config_from_argv(argv))
+    config = config_from_argv(argv)
+    table = compare_backbones(config)
+    if PartialState().is_main_process:
+        rows, panels = comparison_chart(table)
+        chart = Path(config["compare"]["output_dir"]) / "comparison.png"
+        bar_chart_png(rows, panels, chart, title="spinemm backbone comparison (same split, same budget)")
     PartialState().print(table.to_string(index=False))
     return table
 

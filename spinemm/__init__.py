@@ -16,8 +16,8 @@ __version__ = "0.2.0"
 # public name -> module that defines it
 _LAZY = {
     "create_model": "spinemm.models.factory",
-    "list_models": "spinemm.models.factory",
-    "add_model_config": "spinemm.models.factory",
+    "list_models": "spinemm.models.presets",
+    "add_model_config": "spinemm.models.presets",
     "load_model": "spinemm.models.factory",
     "create_model_and_transforms": "spinemm.models.preprocess",
     "get_tokenizer": "spinemm.models.preprocess",

@@ -21,7 +21,6 @@ import os
 import weakref
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,87 +28,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .data.dicom import read_slice
 from .data.transforms import INTENSITY_PERCENTILES, intensity_window, to_unit_range
 from .errors import SpineDataError, SpineModelError
+from .models.prompt_classifier import Prompts, ZeroShotClassifier, build_zero_shot_classifier
 
-Prompts = Sequence[str] | Mapping[str, Sequence[str] | str]
 _CACHE_SIZE = 16
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> OrderedDict(key -> classifier)
 _NORMALIZE_MODES = ("auto", "percentile", "none")
-
-
-@dataclass
-class ZeroShotClassifier:
-    """Normalised class embeddings (and negatives) ready to score normalised image embeddings."""
-
-    classes: list[str]
-    weights: torch.Tensor  # [P, E]
-    negatives: torch.Tensor | None = None  # [P, E]
-
-    def __call__(self, image_embeds: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
-        """image_embeds [N, E] (normalised) -> probabilities [N, P], rows summing to 1."""
-        logits = logit_scale * image_embeds @ self.weights.T
-        if self.negatives is None:
-            return logits.softmax(dim=-1)
-        # softmax over the (positive, negative) pair of each class == sigmoid of their difference
-        positive = torch.sigmoid(logits - logit_scale * image_embeds @ self.negatives.T)
-        return positive / positive.sum(dim=-1, keepdim=True).clamp_min(1e-12)
-
-
-def _templates(prompts: Prompts) -> tuple[list[str], list[list[str]]]:
-    if isinstance(prompts, str):
-        raise SpineModelError(
-            "prompts must be a list of texts or a {class: [templates]} mapping, not one string"
-        )
-    if isinstance(prompts, Mapping):
-        classes = [str(c) for c in prompts]
-        groups = [[v] if isinstance(v, str) else list(v) for v in prompts.values()]
-    else:
-        classes = [str(p) for p in prompts]
-        groups = [[p] for p in classes]
-    if not groups or any(not g for g in groups):
-        raise SpineModelError("every class needs at least one prompt")
-    return classes, groups
-
-
-def _class_embeddings(model: Any, groups: list[list[str]], batch_size: int) -> torch.Tensor:
-    """Mean of each class's normalised template embeddings, renormalised: [P, E]."""
-    texts = [t for g in groups for t in g]
-    embeds = torch.cat(
-        [
-            model.encode_text(texts[i : i + batch_size], normalize=True)
-            for i in range(0, len(texts), batch_size)
-        ]
-    )
-    sizes = [len(g) for g in groups]
-    return F.normalize(torch.stack([chunk.mean(0) for chunk in embeds.split(sizes)]), dim=-1)
-
-
-@torch.no_grad()
-def build_zero_shot_classifier(
-    model: Any, prompts: Prompts, negative_prompts: Prompts | None = None, batch_size: int = 64
-) -> ZeroShotClassifier:
-    """Encode ``prompts`` (and aligned ``negative_prompts``) once, for reuse over many images."""
-    classes, groups = _templates(prompts)
-    negatives = None
-    if negative_prompts is not None:
-        if isinstance(prompts, Mapping) and isinstance(negative_prompts, Mapping):
-            if list(negative_prompts) != list(prompts):
-                raise SpineModelError(
-                    "negative_prompts must have the same classes, in the same order, as prompts"
-                )
-        _, negative_groups = _templates(negative_prompts)
-        if len(negative_groups) != len(groups):
-            raise SpineModelError(f"{len(negative_groups)} negative prompts for {len(groups)} classes")
-    was_training = model.training
-    model.eval()
-    try:
-        weights = _class_embeddings(model, groups, batch_size)
-        if negative_prompts is not None:
-            negatives = _class_embeddings(model, negative_groups, batch_size)
-    finally:
-        model.train(was_training)
-    return ZeroShotClassifier(classes, weights, negatives)
 
 
 def _cached_classifier(
@@ -227,26 +153,9 @@ def _prepare(image: torch.Tensor, image_size: int, normalize: str) -> torch.Tens
 
 
 def _read_dicom(path: Path) -> torch.Tensor:
-    """One greyscale DICOM slice -> [H, W] float32 physical intensities (modality LUT applied,
-    MONOCHROME1 inverted)."""
-    return _read_dicom_dataset(path)[0]
-
-
-def _read_dicom_dataset(path: Path) -> tuple[torch.Tensor, Any]:
-    """:func:`_read_dicom`'s pixels and the pydicom dataset they came from (for its other tags)."""
-    import pydicom
-    from pydicom.pixels import apply_modality_lut
-
-    try:
-        ds = pydicom.dcmread(path)
-        pixels = apply_modality_lut(ds.pixel_array, ds).astype(np.float32)
-    except Exception as exc:  # pydicom raises many kinds for unreadable files
-        raise SpineDataError(f"{path}: cannot read DICOM image ({type(exc).__name__}: {exc})") from exc
-    if pixels.ndim != 2:
-        raise SpineDataError(f"{path}: expected one greyscale slice, got pixel array of shape {pixels.shape}")
-    if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1":
-        pixels = pixels.max() + pixels.min() - pixels  # bright means dense, as in MONOCHROME2
-    return torch.from_numpy(pixels), ds
+    """One greyscale DICOM slice -> [H, W] float32 physical intensities (the data layer's reader:
+    modality LUT applied, MONOCHROME1 mirrored)."""
+    return torch.from_numpy(read_slice(path)[0])
 
 
 def crop_finding(
@@ -270,9 +179,11 @@ def crop_finding(
     from .data.roi import crop_roi
 
     if isinstance(image, (str, os.PathLike)):
-        pixels, ds = _read_dicom_dataset(Path(image))
-        if pixel_spacing is None:
-            pixel_spacing = _pixel_spacing(ds, Path(image))
+        pixels, recorded = read_slice(image)
+        pixels = torch.from_numpy(pixels)
+        if pixel_spacing is None and recorded is None:
+            raise SpineDataError(f"{image}: no PixelSpacing (0028,0030); pass pixel_spacing=(row mm, column mm)")
+        pixel_spacing = pixel_spacing or recorded
     else:
         pixels = torch.as_tensor(np.asarray(image, dtype=np.float32))
     if pixel_spacing is None:
@@ -281,14 +192,3 @@ def crop_finding(
         raise SpineDataError(f"crop_finding needs one [H, W] slice, got shape {tuple(pixels.shape)}")
     unit = to_unit_range(pixels.numpy(), intensity_window(pixels.numpy()))
     return crop_roi(unit[None], pixel_spacing, 0, x, y, side_mm, size, slice_offsets=(0,))
-
-
-def _pixel_spacing(ds: Any, path: Path) -> tuple[float, float]:
-    spacing = ds.get("PixelSpacing")
-    try:
-        values = tuple(float(v) for v in spacing) if spacing is not None else ()
-    except (TypeError, ValueError):
-        values = ()
-    if len(values) != 2 or not all(np.isfinite(v) and v > 0 for v in values):
-        raise SpineDataError(f"{path}: no usable PixelSpacing (0028,0030); pass pixel_spacing=(row mm, column mm)")
-    return values

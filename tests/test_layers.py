@@ -12,7 +12,13 @@ Layers, lowest first; a module may import only from its own layer or lower ones:
     5 entry     spinemm.demo, spinemm.cli, spinemm.__main__ (`python -m spinemm`)
 
 Inside ``apps``, training and inference stay apart: nothing under ``spinemm.training`` imports
-``spinemm.inference`` and ``spinemm.inference`` imports nothing from ``spinemm.training``.
+``spinemm.inference``, zero-shot scoring or the pictures and reports (``spinemm.zero_shot``,
+``spinemm.viz``, ``spinemm.report``, ``spinemm.demo_report``), and ``spinemm.inference`` imports
+nothing from ``spinemm.training``.
+
+No circle anywhere: the graph of every import (an import inside a function included) has no cycle.
+Third-party readers stay in their layer: ``pydicom`` is imported only under ``spinemm.data``, the
+backbone libraries (``timm``, ``open_clip``) only under ``spinemm.models``.
 
 Every ``import`` / ``from ... import`` node counts, wherever it is (module level, inside a
 function, under ``if TYPE_CHECKING:``), and so does ``importlib.import_module("literal")``.
@@ -66,10 +72,17 @@ def layer_of(module: str) -> int:
     return 4
 
 
+#: What training never imports: inference, zero-shot scoring, pictures and reports.
+TRAINING_NEVER = ("spinemm.inference", "spinemm.zero_shot", "spinemm.viz", "spinemm.report", "spinemm.demo_report")
+#: Third-party packages only one part of spinemm may import: package -> the part.
+THIRD_PARTY_HOME = {"pydicom": "spinemm.data", "timm": "spinemm.models", "open_clip": "spinemm.models"}
+
+
 def extra_rule(importer: str, target: str) -> str | None:
     """The layer-4 rule ``importer -> target`` breaks, if any."""
-    if _within(importer, "spinemm.training") and _within(target, "spinemm.inference"):
-        return "spinemm.training must not import spinemm.inference"
+    for never in TRAINING_NEVER:
+        if _within(importer, "spinemm.training") and _within(target, never):
+            return f"spinemm.training must not import {never}"
     if _within(importer, "spinemm.inference") and _within(target, "spinemm.training"):
         return "spinemm.inference must not import spinemm.training"
     return None
@@ -198,6 +211,78 @@ def apps_violations(files: list[Path], root: Path = ROOT) -> list[str]:
     return out
 
 
+def import_graph(files: list[Path], root: Path = ROOT) -> dict[str, dict[str, Import]]:
+    """importer -> {target: the first import statement of it}, over every spinemm import."""
+    graph: dict[str, dict[str, Import]] = {}
+    for path in files:
+        for imp in imports_of(path, root):
+            if imp.target != imp.importer:
+                graph.setdefault(imp.importer, {}).setdefault(imp.target, imp)
+    return graph
+
+
+def import_cycles(files: list[Path], root: Path = ROOT) -> list[list[Import]]:
+    """Each circle of imports (a strongly connected set of modules, Tarjan's algorithm), as the
+    import statements that close it; the facade ``spinemm/__init__.py`` is exempt (it is lazy)."""
+    graph = {k: {t: i for t, i in v.items() if t not in EXEMPT} for k, v in import_graph(files, root).items()
+             if k not in EXEMPT}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[Import]] = []
+    for start in sorted(graph):
+        if start in index:
+            continue
+        work = [(start, iter(sorted(graph.get(start, {}))))]
+        index[start] = low[start] = len(index)
+        stack.append(start)
+        on_stack.add(start)
+        while work:  # iterative depth-first search: no recursion limit on a deep package
+            node, targets = work[-1]
+            target = next(targets, None)
+            if target is not None:
+                if target not in index:
+                    index[target] = low[target] = len(index)
+                    stack.append(target)
+                    on_stack.add(target)
+                    work.append((target, iter(sorted(graph.get(target, {})))))
+                elif target in on_stack:
+                    low[node] = min(low[node], index[target])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                members = set()
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    members.add(member)
+                    if member == node:
+                        break
+                if len(members) > 1:
+                    found.append([imp for m in sorted(members) for t, imp in sorted(graph.get(m, {}).items())
+                                  if t in members])
+    return found
+
+
+def third_party_violations(files: list[Path], root: Path = ROOT) -> list[str]:
+    """Imports of :data:`THIRD_PARTY_HOME` packages outside their home part of spinemm."""
+    out = []
+    for path in files:
+        importer = module_name(path, root)
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
+            for name in names:
+                home = THIRD_PARTY_HOME.get(name.split(".")[0])
+                if home and not _within(importer, home):
+                    out.append(f"{path.relative_to(root).as_posix()}:{node.lineno}: {importer} imports {name}, "
+                               f"which only {home} may import")
+    return out
+
+
 # ----------------------------------------------------------------------- stages set to None
 
 _STAGE_NONE_LINE = re.compile(r"\.(?:" + "|".join(STAGE_ATTRS) + r")\s*=\s*None\b")
@@ -265,6 +350,18 @@ def test_imports_follow_the_layers():
 def test_training_and_inference_stay_apart():
     violations = apps_violations(FILES)
     assert not violations, f"{len(violations)} training <-> inference import(s):\n" + "\n".join(violations)
+
+
+def test_no_import_circles():
+    cycles = import_cycles(FILES)
+    assert not cycles, f"{len(cycles)} import circle(s):\n" + "\n\n".join(
+        "\n".join(f"{imp.where()}: {imp.importer} -> {imp.target}: `{imp.statement}`" for imp in cycle)
+        for cycle in cycles)
+
+
+def test_third_party_readers_stay_in_their_layer():
+    violations = third_party_violations(FILES)
+    assert not violations, "\n".join(violations)
 
 
 def test_no_stage_is_switched_off_by_assigning_none():
@@ -337,6 +434,38 @@ def test_checker_flags_upward_and_lazy_imports_and_skips_strings(tmp_path):
         "import spinemm.inference): `from .. import inference`"]
     loop = imports_of(tmp_path / "spinemm/training/loop.py", tmp_path)
     assert loop[0].target == "spinemm.models.factory"  # a lazy name resolves to its module
+
+
+def test_checker_finds_circles_and_stray_readers(tmp_path):
+    lazy_names.cache_clear()
+    files = _write(tmp_path, {
+        "spinemm/__init__.py": "from .models import a\n",  # the exempt facade closes no circle
+        "spinemm/models/__init__.py": "",
+        "spinemm/models/a.py": "import timm\nfrom .b import f\n",
+        "spinemm/models/b.py": "def f():\n    from .c import g  # inside a function: still an import\n",
+        "spinemm/models/c.py": "from . import a\nimport spinemm\n",
+        "spinemm/models/d.py": "from .a import x\n",  # imports into the circle, not part of it
+        "spinemm/zero_shot.py": "import pydicom\nfrom .training import loop\n",
+        "spinemm/training/__init__.py": "",
+        "spinemm/training/loop.py": "from ..viz import chart\nfrom ..data import tables\n",
+        "spinemm/viz.py": "",
+        "spinemm/data/__init__.py": "",
+        "spinemm/data/tables.py": "import pydicom.uid\n",
+    })
+    try:
+        cycles = import_cycles(files, tmp_path)
+        apps = apps_violations(files, tmp_path)
+        readers = third_party_violations(files, tmp_path)
+    finally:
+        lazy_names.cache_clear()
+    assert [[(i.importer, i.target, i.line) for i in cycle] for cycle in cycles] == [[
+        ("spinemm.models.a", "spinemm.models.b", 2), ("spinemm.models.b", "spinemm.models.c", 2),
+        ("spinemm.models.c", "spinemm.models.a", 1)]]
+    assert apps == ["spinemm/training/loop.py:1: spinemm.training.loop imports spinemm.viz (spinemm.training must "
+                    "not import spinemm.viz): `from ..viz import chart`"]
+    assert readers == ["spinemm/zero_shot.py:1: spinemm.zero_shot imports pydicom, which only spinemm.data may import"]
+    # and the real package: its import graph is big enough for the check to mean something
+    assert sum(len(v) for v in import_graph(FILES).values()) > 100
 
 
 def test_stage_none_forms(tmp_path):

@@ -231,7 +231,7 @@ def test_overrides_dotted_and_nested():
 
 
 def test_add_model_config(tmp_path):
-    config = json.loads((spinemm.models.factory._CONFIG_DIR / "spine-tiny.json").read_text())
+    config = json.loads((spinemm.models.presets.CONFIG_DIR / "spine-tiny.json").read_text())
     config["fusion"]["dim"] = 32
     (tmp_path / "my-tiny.json").write_text(json.dumps(config))
     add_model_config(tmp_path / "my-tiny.json")

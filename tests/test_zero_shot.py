@@ -159,8 +159,9 @@ def test_dicom_paths(model, tmp_path):
     _write_dicom(tmp_path / "b.dcm", stored, photometric="MONOCHROME1")
     physical = stored.astype(np.float32) * 2 - 100
     torch.testing.assert_close(_read_dicom(tmp_path / "a.dcm"), torch.from_numpy(physical))
-    inverted = _read_dicom(tmp_path / "b.dcm")
-    torch.testing.assert_close(inverted, torch.from_numpy(physical.max() + physical.min() - physical))
+    inverted = _read_dicom(tmp_path / "b.dcm")  # MONOCHROME1: mirrored across the mapped storable range
+    mirror = (0 * 2 - 100) + (65535 * 2 - 100)
+    torch.testing.assert_close(inverted, torch.from_numpy(mirror - physical))
     probs = zero_shot_classify(model, [tmp_path / "a.dcm", str(tmp_path / "b.dcm")], PROMPTS)
     expect = zero_shot_classify(model, [physical, inverted.numpy()], PROMPTS)
     torch.testing.assert_close(probs, expect)

@@ -61,10 +61,10 @@ from .dicom_tags import (
     pixel_tag,
     tokens,
 )
-from .pixels import physical_volume, unit_volume
+from .pixels import physical_slice, physical_volume, unit_volume
 from .series import NOMINAL_ORIENTATION, Series, map_point, series_files
 
-__all__ = ["Series", "read_series", "map_point"]
+__all__ = ["Series", "read_series", "read_slice", "map_point"]
 
 @dataclass
 class _Slice:
@@ -76,6 +76,7 @@ class _Slice:
     position: np.ndarray | None
     orientation: np.ndarray | None
     spacing: tuple[float, float]
+    spacing_recorded: bool  # False: the file has no PixelSpacing and ``spacing`` is the 1 mm default
     thickness: float  # SpacingBetweenSlices, else SliceThickness, else 1 mm: the gap of a lone slice
     slope: float
     intercept: float
@@ -144,6 +145,16 @@ def read_series(series_dir: str | os.PathLike, windowed: bool = False) -> Series
 _MAX_BLOCK_ANGLE = 60.0
 
 
+def read_slice(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """One greyscale DICOM file, read with :func:`read_series`'s checks and decoders: ``(float32
+    [H, W] physical intensities (modality LUT applied, MONOCHROME1 mirrored), (row mm, column mm)
+    PixelSpacing or None when the file records none)``. A bad file raises SpineDataError naming it."""
+    s = _read_slice(Path(path), in_series=False)
+    out = np.empty(s.pixels.shape, dtype=np.float32)
+    physical_slice(s, s.pixels.shape, out)
+    return out, s.spacing if s.spacing_recorded else None
+
+
 def _geometric_order(slices: list[_Slice], series_dir: Path) -> tuple[list[_Slice], np.ndarray | None, np.ndarray]:
     """Sort slices into blocks of one orientation each: within a block along its own normal
     (InstanceNumber breaks ties of repeated positions), blocks along the body axis (the mean of
@@ -186,8 +197,9 @@ def _same_orientation(a: np.ndarray, b: np.ndarray) -> bool:
     return bool((np.abs(a - b) <= 1e-4 + 1e-5 * np.abs(b)).all())
 
 
-def _read_slice(path: Path) -> _Slice:
-    """Open ``path`` once and pull out its pixels and placing tags; bad files raise SpineDataError."""
+def _read_slice(path: Path, in_series: bool = True) -> _Slice:
+    """Open ``path`` once and pull out its pixels and placing tags; bad files raise SpineDataError.
+    ``in_series=False``: a lone slice, which needs no InstanceNumber (0 when it has none)."""
     try:
         ds = pydicom.dcmread(path)
     except InvalidDicomError as exc:
@@ -195,14 +207,14 @@ def _read_slice(path: Path) -> _Slice:
     except Exception as exc:  # truncated headers and garbage raise many kinds inside pydicom
         raise SpineDataError(f"{path}: cannot parse DICOM file ({type(exc).__name__}: {exc})") from exc
     try:
-        return _parse_slice(ds, path)
+        return _parse_slice(ds, path, in_series)
     except SpineDataError:
         raise
     except Exception as exc:  # pydicom converts elements lazily: a malformed one fails only when read
         raise SpineDataError(f"{path}: malformed DICOM header ({type(exc).__name__}: {exc})") from exc
 
 
-def _parse_slice(ds: pydicom.Dataset, path: Path) -> _Slice:
+def _parse_slice(ds: pydicom.Dataset, path: Path, in_series: bool = True) -> _Slice:
     if TAG["PixelData"] not in ds:
         raise SpineDataError(f"{path}: DICOM file has no pixel data")
     frames = integer(ds, "NumberOfFrames", path) or 1
@@ -231,7 +243,8 @@ def _parse_slice(ds: pydicom.Dataset, path: Path) -> _Slice:
         )
     mirror = float(np.sum(mapped)) if photometric == "MONOCHROME1" else None
     orientation = numbers(ds, "ImageOrientationPatient", 6, path)
-    spacing = numbers(ds, "PixelSpacing", 2, path) or (1.0, 1.0)
+    recorded = numbers(ds, "PixelSpacing", 2, path)
+    spacing = recorded or (1.0, 1.0)
     if min(spacing) <= 0:
         raise SpineDataError(f"{path}: PixelSpacing {list(spacing)} must be positive (mm per pixel)")
     thickness = number(ds, "SpacingBetweenSlices", path) or number(ds, "SliceThickness", path) or 1.0
@@ -239,10 +252,11 @@ def _parse_slice(ds: pydicom.Dataset, path: Path) -> _Slice:
     return _Slice(
         path=path,
         pixels=pixels,
-        instance=_instance_number(ds, path),
+        instance=_instance_number(ds, path) if in_series else integer(ds, "InstanceNumber", path) or 0,
         position=None if position is None else np.array(position),
         orientation=None if orientation is None else np.array(orientation).reshape(2, 3),
         spacing=(spacing[0], spacing[1]),
+        spacing_recorded=recorded is not None,
         thickness=thickness if thickness > 0 else 1.0,
         slope=slope,
         intercept=intercept,

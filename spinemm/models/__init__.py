@@ -7,8 +7,8 @@ from .._lazy import lazy_getattr
 _LAZY = {
     "SliceEncoder": "spinemm.models.base",
     "create_model": "spinemm.models.factory",
-    "list_models": "spinemm.models.factory",
-    "add_model_config": "spinemm.models.factory",
+    "list_models": "spinemm.models.presets",
+    "add_model_config": "spinemm.models.presets",
     "load_model": "spinemm.models.factory",
     "create_model_and_transforms": "spinemm.models.preprocess",
     "get_tokenizer": "spinemm.models.preprocess",

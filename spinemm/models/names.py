@@ -20,6 +20,7 @@ from typing import Literal
 
 from ..errors import SpineModelError
 from .hub import download_repo, refuse_pickle
+from .presets import list_models
 
 HF_HUB_PREFIX = "hf-hub:"
 #: The file that marks a pipeline folder (:mod:`spinemm.pipeline`) rather than a single model's.
@@ -69,8 +70,6 @@ def parse_model_name(name: str | os.PathLike, *, setting: str = "model") -> Mode
 
     ``setting`` names the argument or config key in error messages (e.g. ``"--model"``).
     """
-    from .factory import list_models
-
     text = os.fspath(name)
     if isinstance(name, str) and text.startswith(HF_HUB_PREFIX):
         return ModelName("hub", _repo_id(text.removeprefix(HF_HUB_PREFIX), setting), text)

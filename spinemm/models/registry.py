@@ -14,12 +14,14 @@ fresh Linear. Text towers may do the same for ``encode_text``.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import SpineModelError
+from .hub import MissingHubFiles
 
 #: ``vision.type`` -> builder(cfg: VisionConfig, ctx: BuildContext) -> SliceEncoder
 VISION_BUILDERS: dict[str, Callable[..., Any]] = {}
@@ -71,3 +73,41 @@ def register_vision(name: str) -> Callable[[Callable], Callable]:
 def register_text(name: str) -> Callable[[Callable], Callable]:
     """Decorator: register a text builder under ``text.type == name``."""
     return _register(TEXT_BUILDERS, "text", name)
+
+
+#: Modules whose import registers the built-in tower builders (the registry names no tower class;
+#: these modules import it). ``baselines`` needs timm and is skipped when it is not installed.
+BUILDER_MODULES = ("spinemm.models.vision", "spinemm.models.towers", "spinemm.models.baselines")
+
+
+def import_builders() -> None:
+    """Import :data:`BUILDER_MODULES`, so that their builders are registered."""
+    for module in BUILDER_MODULES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:  # a missing dependency *inside* the module is a real error
+                raise
+
+
+def build_towers(vision_cfg: Any, text_cfg: Any, ctx: BuildContext) -> tuple[Any, Any]:
+    """The vision and text towers their configs' ``type`` names; a tower whose upstream files are
+    missing does not stop the other, so one :class:`MissingHubFiles` lists every file needed."""
+    import_builders()
+    vision_builder = _lookup(VISION_BUILDERS, "vision", vision_cfg.type)
+    text_builder = _lookup(TEXT_BUILDERS, "text", text_cfg.type)
+    towers, missing = [], []
+    for builder, cfg in ((vision_builder, vision_cfg), (text_builder, text_cfg)):
+        try:
+            towers.append(builder(cfg, ctx))
+        except MissingHubFiles as exc:  # keep going: one error should list every file the model needs
+            missing.append(exc)
+    if missing:
+        raise MissingHubFiles.merge(missing)
+    return towers[0], towers[1]
+
+
+def _lookup(table: dict[str, Any], kind: str, name: str) -> Any:
+    if name not in table:
+        raise SpineModelError(f"unknown {kind}.type {name!r}; registered: {sorted(table)}")
+    return table[name]

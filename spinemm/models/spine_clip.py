@@ -25,17 +25,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..constants import NUM_CLASSES, PLANES, TARGET_PLANE_INDEX
-from ..errors import SpineModelError
+from ..errors import SpineError, SpineModelError
 from ..text import QUERY_TEXTS
 from .base import SliceEncoder
 from .config import ModelConfig
 from .fusion import QueryDecoder, SlicePlaneEmbedding
 from .heads import LocationHead, SeverityHead, decode_location, pool_at_location
+from .hub import MissingHubFiles
 from .hub_mixin import SpineHubMixin
+from .registry import BuildContext, build_towers
+from .saved import CONFIG_NAME, WEIGHTS_NAME, load_weights, read_saved_config
 from .towers import TextTower
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 
 
 def _describe(value: Any) -> str:
@@ -264,10 +264,32 @@ class SpineCLIP(nn.Module, SpineHubMixin):
             self.tokenizer.save_pretrained(str(out))
 
     @classmethod
-    def _load_folder(cls, folder: Path) -> SpineCLIP:
-        from .factory import load_model
+    def from_config(cls, config: ModelConfig, *, load_pretrained: bool = True,
+                    source_dir: Path | None = None) -> SpineCLIP:
+        """Build the towers from the registries (:func:`~spinemm.models.registry.build_towers`)
+        and assemble the model. Builders fill resolved upstream details into ``config`` (so saving
+        it rebuilds offline); ``load_pretrained=False``: no upstream weights (architecture only)."""
+        ctx = BuildContext(embed_dim=config.embed_dim, load_pretrained=load_pretrained, source_dir=source_dir)
+        vision, text = build_towers(config.vision, config.text, ctx)
+        if ctx.logit_scale is not None:
+            config.logit_scale_init = ctx.logit_scale
+        image_proj = vision.pop_projection() if hasattr(vision, "pop_projection") else None
+        text_proj = text.pop_projection() if hasattr(text, "pop_projection") else None
+        return cls(config, vision, text, image_proj=image_proj, text_proj=text_proj)
 
-        return load_model(folder)
+    @classmethod
+    def _load_folder(cls, folder: Path) -> SpineCLIP:
+        """The model ``save_pretrained`` wrote to ``folder``."""
+        meta = read_saved_config(folder)
+        try:
+            model = cls.from_config(ModelConfig.from_dict(meta["model_cfg"]), load_pretrained=False, source_dir=folder)
+        except MissingHubFiles:
+            raise
+        except Exception as exc:  # it parses, but spinemm / torch / transformers / open_clip refuse what it describes
+            kind = "" if isinstance(exc, SpineError) else f"{type(exc).__name__}: "
+            raise SpineModelError(f"{folder / CONFIG_NAME}: model_cfg does not build a model ({kind}{exc})") from exc
+        load_weights(model, folder / WEIGHTS_NAME)
+        return model
 
     def card_facts(self) -> dict[str, Any]:
         return {

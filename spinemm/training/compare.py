@@ -3,7 +3,8 @@
 Each entry of ``compare.backbones`` is ``{name, overrides}``; the overrides (dotted keys, e.g.
 ``model.kwargs: {vision: {type: cnn}}`` or ``grader.towers: {vision: ...}``) are applied over the
 base config, the run goes to ``compare.output_dir/<name>``, and its val metrics land in one table:
-``comparison.md`` / ``comparison.csv`` / ``comparison.png`` beside the runs.
+``comparison.md`` / ``comparison.csv`` beside the runs (the recipe adds ``comparison.png``:
+:func:`comparison_chart`).
 
 ``compare.stage`` says which stage the rows train:
 
@@ -136,7 +137,6 @@ def _write(table: pd.DataFrame, config: dict[str, Any], out: Path) -> pd.DataFra
         save_config(config, out / "config.yaml")
         table.to_csv(out / "comparison.csv", index=False)
         (out / "comparison.md").write_text(markdown_table(table, config))
-        plot_comparison(table, out / "comparison.png")
     PartialState().wait_for_everyone()
     return table
 
@@ -144,7 +144,7 @@ def _write(table: pd.DataFrame, config: dict[str, Any], out: Path) -> pd.DataFra
 def _preprocessing(run: dict[str, Any]) -> tuple[int, int, str]:
     """(num_slices, image_size, channels) a run's model will ask for, without building the model."""
     from ..models.config import merge_overrides
-    from ..models.factory import get_model_config
+    from ..models.presets import get_model_config
     from .common import model_overrides
 
     if run["init_from"]:
@@ -225,13 +225,13 @@ def markdown_table(table: pd.DataFrame, config: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_comparison(table: pd.DataFrame, path: str | Path) -> Path:
-    """Bar charts of accuracy, precision, recall, official score and throughput per backbone (PNG)."""
-    from ..viz import bar_chart_png
-
+def comparison_chart(table: pd.DataFrame) -> tuple[dict[str, dict[str, float]], list[str]]:
+    """What the comparison's bar chart shows: ``(rows, panels)``, ``rows[backbone][panel]`` the
+    value, one panel per metric (accuracy, precision, recall, official score, throughput), each
+    titled with which way is better. Draw it with :func:`spinemm.viz.bar_chart_png` (the
+    ``compare_backbones`` recipe writes ``comparison.png``); training draws no pictures."""
     panels = {key: f"{header} ({'higher' if higher else 'lower'} is better)"
               for key, header, higher in COLUMNS if key in table and key not in ("best_score", "trainable_params")}
     rows = {str(row["backbone"]): {title: float(pd.to_numeric(row[key], errors="coerce"))
                                    for key, title in panels.items()} for _, row in table.iterrows()}
-    return bar_chart_png(rows, list(panels.values()), path,
-                         title="spinemm backbone comparison (same split, same budget)")
+    return rows, list(panels.values())

@@ -36,9 +36,9 @@ from ..constants import CONDITIONS, LEVELS, SEVERITIES
 from ..errors import SpineModelError
 from ..losses import clip_loss
 from ..metrics import classification_report
+from ..models.prompt_classifier import build_zero_shot_classifier
 from ..pipeline.detect import preprocess_settings
 from ..text import severity_prompts
-from ..zero_shot import build_zero_shot_classifier
 from .common import prepare_training, save_model, start_run
 from .config import load_config
 from .engine import fit, make_loader
