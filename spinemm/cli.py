@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .constants import CANAL, CONDITIONS, LEVELS
 from .errors import SpineError
 
 EXIT_OK, EXIT_UNEXPECTED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -212,8 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("images", nargs="+", help="DICOM files")
     p.add_argument("--prompt", action="append", help="a prompt (repeat); default: the severity prompts")
-    p.add_argument("--condition", default="spinal_canal_stenosis", help="condition of the default severity prompts")
-    p.add_argument("--level", default=None, help="level of the default severity prompts, e.g. l4_l5 (default: none named)")
+    p.add_argument("--condition", default=CANAL, choices=CONDITIONS, help="condition of the default severity prompts")
+    p.add_argument("--level", default=None, choices=LEVELS,
+                   help="level of the default severity prompts, e.g. l4_l5 (default: none named)")
     p.add_argument("--at", nargs=2, type=float, metavar=("X", "Y"), default=None,
                    help="score a crop around this pixel (column, row), model.config.roi_side_mm wide, as "
                         "pretraining cut them (default: the whole image)")

@@ -63,6 +63,24 @@ METRIC_GROUPS: dict[str, tuple[str, ...]] = {
 }
 
 
+#: The spinal canal: the condition on the midline, whose point anchors each level.
+CANAL: str = CONDITIONS[0]
+#: The neural foramina, left and right.
+FORAMINA: tuple[str, ...] = METRIC_GROUPS["foraminal"]
+#: Each sided condition's side of the midline in DICOM patient x (+x is the patient's left): +1
+#: left, -1 right (the canal, on the midline, has none).
+CONDITION_SIDE: dict[str, float] = {
+    key: 1.0 if name.startswith("Left ") else -1.0
+    for key, name in zip(CONDITIONS, CONDITION_NAMES, strict=True) if name.startswith(("Left ", "Right "))
+}
+#: Short names for figure labels: SCS, L NFN, R NFN, L SS, R SS.
+CONDITION_SHORT: dict[str, str] = {
+    key: " ".join(filter(None, ({"Left": "L", "Right": "R"}.get(name.split()[0], ""),
+                                "".join(w[0] for w in name.split() if w not in ("Left", "Right")))))
+    for key, name in zip(CONDITIONS, CONDITION_NAMES, strict=True)
+}
+
+
 def condition_key(name: str) -> str:
     """``"Left Neural Foraminal Narrowing"`` -> ``"left_neural_foraminal_narrowing"``."""
     return name.strip().lower().replace(" ", "_")

@@ -94,7 +94,7 @@ def severity_prompts(condition: str, level: str | None = None) -> dict[str, list
     Returns ``{"Normal/Mild": [...], "Moderate": [...], "Severe": [...]}``; pass it to
     :func:`spinemm.zero_shot_classify`, which averages each class's template embeddings.
     """
-    plane, lev, cond = _names(condition, level or "L4/L5")
+    plane, lev, cond = _names(condition, level or LEVELS[0])  # without a level, only the names are used
     where = f" at {lev}" if level else ""
     out: dict[str, list[str]] = {}
     for sev in SEVERITIES:

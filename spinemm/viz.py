@@ -13,16 +13,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .constants import LEVEL_NAMES, LEVELS, PLANES, SEVERITIES, TARGET_PLANE_INDEX, target_index
+from .constants import (
+    CONDITION_SHORT,
+    LEVEL_NAMES,
+    LEVELS,
+    METRIC_GROUPS,
+    PLANES,
+    SEVERITIES,
+    TARGET_PLANE_INDEX,
+    target_index,
+)
 
 # The paper's colour code: spinal canal red, foraminal pink, subarticular yellow.
-CONDITION_COLORS = {
-    "spinal_canal_stenosis": "#e6194b",
-    "left_neural_foraminal_narrowing": "#f58fd0",
-    "right_neural_foraminal_narrowing": "#f58fd0",
-    "left_subarticular_stenosis": "#ffe119",
-    "right_subarticular_stenosis": "#ffe119",
-}
+_GROUP_COLORS = {"spinal": "#e6194b", "foraminal": "#f58fd0", "subarticular": "#ffe119"}
+CONDITION_COLORS = {condition: _GROUP_COLORS[group] for group, members in METRIC_GROUPS.items() for condition in members}
 
 
 #: Predicted grade colours of the overlays and the grade tables: green, amber, red.
@@ -73,8 +77,7 @@ def _save(fig, out: str | Path) -> Path:
 
 
 def finding_label(column_condition: str, level: str) -> str:
-    cond = column_condition.replace("_neural_foraminal_narrowing", " NFN").replace("_subarticular_stenosis", " SS")
-    cond = cond.replace("spinal_canal_stenosis", "SCS").replace("left", "L").replace("right", "R")
+    cond = CONDITION_SHORT.get(column_condition, column_condition)
     return f"{cond} {LEVEL_NAMES[LEVELS.index(level)] if level in LEVELS else level}"
 
 

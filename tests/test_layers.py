@@ -283,6 +283,17 @@ def third_party_violations(files: list[Path], root: Path = ROOT) -> list[str]:
     return out
 
 
+def name_literals(files: list[Path], names: set[str], root: Path = ROOT) -> list[str]:
+    """String literals in ``files`` that spell one of ``names`` exactly (docstrings and f-string
+    parts are longer text, so they never match)."""
+    out = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names:
+                out.append(f"{path.relative_to(root).as_posix()}:{node.lineno}: {node.value!r}")
+    return out
+
+
 # ----------------------------------------------------------------------- stages set to None
 
 _STAGE_NONE_LINE = re.compile(r"\.(?:" + "|".join(STAGE_ATTRS) + r")\s*=\s*None\b")
@@ -362,6 +373,15 @@ def test_no_import_circles():
 def test_third_party_readers_stay_in_their_layer():
     violations = third_party_violations(FILES)
     assert not violations, "\n".join(violations)
+
+
+def test_condition_and_level_names_come_from_constants():
+    from spinemm import constants
+
+    names = {*constants.CONDITIONS, *constants.CONDITION_NAMES, *constants.LEVELS, *constants.LEVEL_NAMES,
+             *constants.LABEL_COLUMNS}
+    found = name_literals([p for p in FILES if p.name != "constants.py" or p.parent != PACKAGE], names)
+    assert not found, "spell condition and level names through spinemm.constants:\n" + "\n".join(found)
 
 
 def test_no_stage_is_switched_off_by_assigning_none():

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from ..constants import CONDITION_PLANE, LEVELS, PLANES
+from ..constants import CANAL, CONDITION_PLANE, FORAMINA, LEVELS, PLANES
 from .roi import label_slice, labelled_volumes
 from .store import SeriesStore
 
@@ -101,8 +101,8 @@ def foramen_offsets_mm(patient_x: pd.DataFrame) -> tuple[float, ...] | None:
     :class:`~spinemm.models.config.LocatorConfig` ``foramen_mm`` that places foramina by anatomy.
     A level without labelled pairs takes the median of all levels; None without any (no study has
     both a canal and a foramen label)."""
-    canal = patient_x[patient_x.condition == "spinal_canal_stenosis"].groupby("study_id").patient_x.median()
-    foramina = patient_x[patient_x.condition.str.endswith("neural_foraminal_narrowing")]
+    canal = patient_x[patient_x.condition == CANAL].groupby("study_id").patient_x.median()
+    foramina = patient_x[patient_x.condition.isin(FORAMINA)]
     distance = (foramina.patient_x - foramina.study_id.map(canal)).abs()
     known = distance.notna()
     if not known.any():

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from ..constants import CONDITION_PLANE, CONDITIONS, LEVELS, PLANES
+from ..constants import CANAL, CONDITION_PLANE, CONDITION_SIDE, CONDITIONS, FORAMINA, LEVELS, PLANES
 from ..data.level_slices import locator_input, square_frame
 from ..data.series import Series, map_points
 from ..data.store import SeriesStore
@@ -83,7 +83,7 @@ class LocateStage(torch.nn.Module):
             if self.config.foramen_mm is not None:
                 _foramina_beside_the_midline(out, rows, store, study_id, np.asarray(self.config.foramen_mm))
             targets = out.target[rows]
-            canal_rows = rows[_CONDITION[targets] == "spinal_canal_stenosis"]
+            canal_rows = rows[_CONDITION[targets] == CANAL]
             canal += _slices(out, canal_rows, store, study_id, self.config)
             foramina += [(group, canal_rows) for group in
                          _slices(out, rows[_PLANE[targets] == "Sagittal T1"], store, study_id, self.config)]
@@ -169,10 +169,6 @@ def _points_in(out: Findings, rows: np.ndarray, store: SeriesStore, study_id: in
             yield source, group, np.stack([out.x[group], out.y[group], k.astype(np.float64)], axis=1)
 
 
-#: Each neural foramen's side of the midline, in DICOM patient x (+x is the patient's left).
-FORAMEN_SIDES = {"left_neural_foraminal_narrowing": 1.0, "right_neural_foraminal_narrowing": -1.0}
-
-
 def _foramina_beside_the_midline(out: Findings, rows: np.ndarray, store: SeriesStore, study_id: int,
                                  foramen_mm: np.ndarray) -> None:
     """Move each foramen of ``rows`` to the slice of its series through patient x = midline +-
@@ -180,11 +176,12 @@ def _foramina_beside_the_midline(out: Findings, rows: np.ndarray, store: SeriesS
     median patient x of the study's canal points; without one, or where that plane misses the
     series, a foramen keeps its slice."""
     targets = out.target[rows]
-    canal = list(_points_in(out, rows[_CONDITION[targets] == "spinal_canal_stenosis"], store, study_id))
+    canal = list(_points_in(out, rows[_CONDITION[targets] == CANAL], store, study_id))
     if not canal:
         return
     midline = float(np.median(np.concatenate([source.voxel_to_patient(points)[:, 0] for source, _, points in canal])))
-    for condition, side in FORAMEN_SIDES.items():
+    for condition in FORAMINA:
+        side = CONDITION_SIDE[condition]  # +1: the patient's left (+x)
         for series, group, points in _points_in(out, rows[_CONDITION[targets] == condition], store, study_id):
             patient = series.voxel_to_patient(points)
             patient[:, 0] = midline + side * foramen_mm[out.target[group] % len(LEVELS)]
@@ -209,7 +206,7 @@ def _axial_from_canal(out: Findings, rows: np.ndarray, store: SeriesStore, study
     if not len(axial):
         return
     axial_levels = out.target[axial] % len(LEVELS)
-    canal_rows = rows[_CONDITION[targets] == "spinal_canal_stenosis"]
+    canal_rows = rows[_CONDITION[targets] == CANAL]
     for source, canal, points in _points_in(out, canal_rows, store, study_id):
         canal_levels = out.target[canal] % len(LEVELS)
         for series_id in np.unique(out.series_id[axial]):
