@@ -8,6 +8,7 @@ the traceback); 130 interrupted (Ctrl-C).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -49,27 +50,30 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
 
 def _cmd_predict(args: argparse.Namespace) -> None:
     from .data.store import SeriesStore
+    from .files import OutputLock, write_together
     from .inference import predict
     from .pipeline import load_pipeline
 
-    model = load_pipeline(args.model)
-    _note_if_preset(args.model)
-    store = SeriesStore(args.data, args.split, cache_dir=args.cache_dir)  # the overlays read the same series
-    submission, locations = predict(model, args.data, split=args.split, batch_size=args.batch_size,
-                                    device=args.device, store=store, workers=args.workers)
-    if not _main_rank():  # every rank has all rows; one writes
-        return
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    submission.to_csv(out / "submission.csv", index=False)
-    locations.to_csv(out / "locations.csv", index=False)
-    print(f"wrote {out / 'submission.csv'} ({len(submission)} rows) and {out / 'locations.csv'}")
-    if args.png:
-        from .viz import location_overlays
+    # one run writes into --out at a time (taken before the work, so a clash is refused at once); every
+    # rank has all rows and the main one writes them, the pair replacing the old pair whole
+    with OutputLock(out) if _main_rank() else contextlib.nullcontext():
+        model = load_pipeline(args.model)
+        _note_if_preset(args.model)
+        store = SeriesStore(args.data, args.split, cache_dir=args.cache_dir)  # the overlays read the same series
+        submission, locations = predict(model, args.data, split=args.split, batch_size=args.batch_size,
+                                        device=args.device, store=store, workers=args.workers)
+        if not _main_rank():
+            return
+        write_together({out / "submission.csv": submission.to_csv(index=False).encode(),
+                        out / "locations.csv": locations.to_csv(index=False).encode()})
+        print(f"wrote {out / 'submission.csv'} ({len(submission)} rows) and {out / 'locations.csv'}")
+        if args.png:
+            from .viz import location_overlays
 
-        for path in location_overlays(args.data, locations, out / "overlays", split=args.split, max_studies=args.png,
-                                      store=store):
-            print(f"  overlay {path}")
+            for path in location_overlays(args.data, locations, out / "overlays", split=args.split,
+                                          max_studies=args.png, store=store):
+                print(f"  overlay {path}")
 
 
 def _note_if_preset(name: str) -> None:
@@ -83,12 +87,13 @@ def _note_if_preset(name: str) -> None:
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     import pandas as pd
 
+    from .files import write_atomic
     from .metrics import evaluate_frames, format_metrics
 
     result = evaluate_frames(pd.read_csv(args.solution), pd.read_csv(args.submission))
     print(format_metrics(result))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        write_atomic(args.json, json.dumps(result, indent=2).encode())
 
 
 def _cmd_zero_shot(args: argparse.Namespace) -> None:

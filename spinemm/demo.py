@@ -22,6 +22,7 @@ import pandas as pd
 
 from .constants import SEVERITIES
 from .demo_report import report_pictures, write_report_page
+from .files import write_atomic, write_together
 
 #: Settings of the full demo; ``quick`` shrinks them for smoke tests.
 DEMO = {"n_studies": 160, "n_test": 40, "phantom_size": 96, "image_size": 64, "num_slices": 8,
@@ -162,8 +163,8 @@ def run_demo(out: str | Path = "demo_out", n_studies: int | None = None, seed: i
     pipeline = load_pipeline(model_dir)
     result = predict(pipeline, root, split="test", store=store)
     submission, locations = result.submission(), result.locations()
-    submission.to_csv(report / "submission.csv", index=False)
-    locations.to_csv(report / "locations.csv", index=False)
+    write_together({report / "submission.csv": submission.to_csv(index=False).encode(),
+                    report / "locations.csv": locations.to_csv(index=False).encode()})
     solution = pd.read_csv(root / "solution.csv")
     metrics = evaluate_frames(solution, submission)
     fusion_score = rsna_score(solution, result.submission("detect"))  # the first stage alone, read from the run
@@ -178,7 +179,7 @@ def run_demo(out: str | Path = "demo_out", n_studies: int | None = None, seed: i
                "grader": {"history": graded["history"], "val": graded.get("metrics")},
                "settings": settings, "model_dir": str(model_dir), "seconds": time.perf_counter() - start,
                "step_seconds": seconds}
-    (report / "metrics.json").write_text(json.dumps(summary, indent=2, default=str))
+    write_atomic(report / "metrics.json", json.dumps(summary, indent=2, default=str).encode())
     confusion_matrix_png(metrics["classification"]["confusion_matrix"], report / "confusion_matrix.png",
                          title="held-out phantom studies")
     curves = [{"epoch": h["epoch"], **{k: h[k] for k in ("train_loss", "score") if k in h}} for h in trained["history"]]
@@ -205,7 +206,7 @@ def run_demo(out: str | Path = "demo_out", n_studies: int | None = None, seed: i
         *([f"![what the grader looked at]({pictures['attention'].name})"] if pictures["attention"] else []),
         "", "The whole report, in order: index.html.",
     ]
-    (report / "summary.md").write_text("\n".join(lines) + "\n")
+    write_atomic(report / "summary.md", ("\n".join(lines) + "\n").encode())
     print(format_metrics(metrics))
     print(f"\nofficial score {score:.4f}   prior-only {prior:.4f}   oracle floor {oracle:.4f}   "
           f"gap closed {gap_closed:.0%}   (fusion model alone {fusion_score:.4f})")

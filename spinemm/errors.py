@@ -13,3 +13,7 @@ class SpineDataError(SpineError):
 
 class SpineModelError(SpineError):
     """A model config, checkpoint or pretrained weight cannot be used; the message says why."""
+
+
+class SpineOutputError(SpineError):
+    """An output cannot be written (a full disk, a folder another live run holds); the message names the path."""

@@ -22,6 +22,7 @@ from .constants import (
     SUBMISSION_COLUMNS,
     parse_row_id,
 )
+from .files import write_atomic
 from .viz import GRADE_COLORS, predicted_grades
 
 __all__ = ["grade_table", "grade_table_html", "recorded_grades", "write_index"]
@@ -77,9 +78,7 @@ def write_index(report_dir: str | Path, title: str, sections: Sequence[tuple[str
     body = "\n".join(f"<h2>{html.escape(heading)}</h2>\n{content}" for heading, content in sections)
     page = (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head>\n<body><h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n")
-    out = Path(report_dir) / "index.html"
-    out.write_text(page, encoding="utf-8")
-    return out
+    return write_atomic(Path(report_dir) / "index.html", page.encode("utf-8"))
 
 
 def image(name: str, alt: str) -> str:

@@ -6,6 +6,7 @@ and always with the non-interactive Agg backend, so these work on headless machi
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from .constants import (
     TARGET_PLANE_INDEX,
     target_index,
 )
+from .files import write_atomic
 
 # The paper's colour code: spinal canal red, foraminal pink, subarticular yellow.
 _GROUP_COLORS = {"spinal": "#e6194b", "foraminal": "#f58fd0", "subarticular": "#ffe119"}
@@ -69,11 +71,11 @@ def _display(image: np.ndarray) -> np.ndarray:
 
 
 def _save(fig, out: str | Path) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110, bbox_inches="tight")
+    """The figure as a PNG at ``out``, written whole or not at all (:func:`~spinemm.files.write_atomic`)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     _pyplot().close(fig)
-    return out
+    return write_atomic(out, buffer.getvalue())
 
 
 def finding_label(column_condition: str, level: str) -> str:

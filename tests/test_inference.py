@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import warnings
 
@@ -79,3 +80,35 @@ def test_cli_predict_writes_both_files(tiny_model, phantom_root, tmp_path):
     _check_submission(submission, phantom_root)
     assert len(pd.read_csv(out / "locations.csv")) == len(submission)
     assert len(list((out / "overlays").glob("study_*.png"))) == 1
+
+
+def test_cli_predict_never_leaves_a_cut_pair(tiny_model, phantom_root, tmp_path, monkeypatch, capsys):
+    import spinemm.files
+    from spinemm.cli import main
+
+    model_dir = tmp_path / "model"
+    tiny_model.save_pretrained(model_dir)
+    out = tmp_path / "preds"
+    args = ["predict", "--model", str(model_dir), "--data", str(phantom_root), "--out", str(out)]
+    assert main(args) == 0
+    before = {name: (out / name).read_bytes() for name in ("submission.csv", "locations.csv")}
+
+    # another live run holds the folder: refused before any work, nothing touched
+    (out / spinemm.files.LOCK_NAME).write_text(f"{os.getppid()}\n")
+    assert main(args) == 2
+    assert f"{out} is being written by another spinemm run (pid {os.getppid()})" in capsys.readouterr().err
+    (out / spinemm.files.LOCK_NAME).unlink()
+
+    # the disk fills while the second file is written: the old pair stays, byte for byte
+    real = spinemm.files._temp_beside
+
+    def full_disk(path, data):
+        if path.name == "locations.csv":
+            raise spinemm.errors.SpineOutputError(f"cannot write {path}: No space left on device")
+        return real(path, data)
+
+    monkeypatch.setattr(spinemm.files, "_temp_beside", full_disk)
+    assert main(args) == 2
+    assert f"cannot write {out / 'locations.csv'}: No space left on device" in capsys.readouterr().err
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert sorted(p.name for p in out.iterdir()) == ["locations.csv", "submission.csv"]  # no temp file, no lock

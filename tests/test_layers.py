@@ -2,7 +2,7 @@
 
 Layers, lowest first; a module may import only from its own layer or lower ones:
 
-    0 base      spinemm (the facade's own helpers), spinemm._lazy, constants, errors, text,
+    0 base      spinemm (the facade's own helpers), spinemm._lazy, constants, errors, files, text,
                 tokenizer, metrics, losses
     1 data      spinemm.data.*
     2 models    spinemm.models.*
@@ -46,8 +46,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "spinemm"
 
 LAYERS = ("base", "data", "models", "pipeline", "apps", "entry")
-BASE_MODULES = ("spinemm._lazy", "spinemm.constants", "spinemm.errors", "spinemm.text", "spinemm.tokenizer",
-                "spinemm.metrics", "spinemm.losses")
+BASE_MODULES = ("spinemm._lazy", "spinemm.constants", "spinemm.errors", "spinemm.files", "spinemm.text",
+                "spinemm.tokenizer", "spinemm.metrics", "spinemm.losses")
 ENTRY_MODULES = ("spinemm.demo", "spinemm.cli", "spinemm.__main__")
 EXEMPT = {"spinemm"}  # spinemm/__init__.py: the public facade (lazy attributes)
 STAGE_ATTRS = ("grader", "locator")

@@ -32,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -47,6 +46,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as save_tensors
 
+from ..files import write_atomic
 from . import transforms
 from .series import Series, series_files
 from .transforms import PreprocessedSeries, preprocess_series
@@ -111,19 +111,6 @@ def entry_key(content: str, num_slices: int, image_size: int, channels: str) -> 
     }
     blob = content + json.dumps(params, sort_keys=True)
     return hashlib.blake2b(blob.encode(), digest_size=20).hexdigest()
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temp file next to ``path``, then rename over it (atomic on POSIX and Windows)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class SeriesCache:

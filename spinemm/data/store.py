@@ -31,7 +31,8 @@ from safetensors import safe_open
 from safetensors.torch import save as save_tensors
 
 from ..errors import SpineDataError
-from .cache import FORMAT_VERSION, SeriesCache, key_context, write_atomic
+from ..files import write_atomic
+from .cache import FORMAT_VERSION, SeriesCache, key_context
 from .series import Series
 from .tables import series_path
 from .transforms import PreprocessedSeries, intensity_window, to_unit_float16

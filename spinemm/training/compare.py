@@ -26,6 +26,7 @@ from typing import Any
 import pandas as pd
 
 from ..errors import SpineModelError
+from ..files import write_together
 from .config import load_config, save_config
 
 #: Table columns: (key, header, higher is better).
@@ -135,8 +136,8 @@ def _write(table: pd.DataFrame, config: dict[str, Any], out: Path) -> pd.DataFra
     if PartialState().is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / "config.yaml")
-        table.to_csv(out / "comparison.csv", index=False)
-        (out / "comparison.md").write_text(markdown_table(table, config))
+        write_together({out / "comparison.csv": table.to_csv(index=False).encode(),
+                        out / "comparison.md": markdown_table(table, config).encode()})
     PartialState().wait_for_everyone()
     return table
 

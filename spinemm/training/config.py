@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from ..errors import SpineModelError
+from ..files import write_atomic
 from ..models.config import GraderConfig, LocatorConfig
 
 
@@ -328,8 +329,7 @@ def save_config(config: dict[str, Any], path: str | Path) -> Path:
     """Write the resolved config as YAML (re-loadable with :func:`load_config`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
+    return write_atomic(path, yaml.safe_dump(config, sort_keys=False).encode())
 
 
 def flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:

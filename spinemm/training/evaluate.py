@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..constants import MISSING_LABEL
+from ..files import write_together
 from ..metrics import (
     classification_report,
     per_condition_report,
@@ -130,9 +131,9 @@ def write_predictions(result: dict[str, Any], directory: str | Path, prefix: str
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = {name: directory / f"{prefix}{name}.csv" for name in ("submission", "solution", "locations")}
-    result["submission"].to_csv(paths["submission"], index=False)
-    solution_frame(result["study_ids"], result["labels"]).to_csv(paths["solution"], index=False)
     locations: pd.DataFrame = findings_from_outputs(result["location"], result["location_confidence"],
                                                     result["meta"]).to_frame()
-    locations.to_csv(paths["locations"], index=False)
+    frames = {"submission": result["submission"], "solution": solution_frame(result["study_ids"], result["labels"]),
+              "locations": locations}
+    write_together({paths[name]: frame.to_csv(index=False).encode() for name, frame in frames.items()})
     return paths

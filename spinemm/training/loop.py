@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ..files import write_atomic
 from ..losses import location_loss, severity_loss
 from .common import prepare_training, save_model, setup_run
 from .config import load_config
@@ -91,7 +92,7 @@ def train_severity(config: dict[str, Any] | str | Path | None = None, overrides:
                "per_condition": metrics.get("per_condition"), "confusion_matrix": metrics.get("confusion_matrix"),
                "train_studies": len(run.train_ids), "val_studies": len(run.val_ids), "steps": state.step}
     if accelerator.is_main_process:
-        (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2, default=str))
+        write_atomic(output_dir / "metrics.json", json.dumps(summary, indent=2, default=str).encode())
     accelerator.wait_for_everyone()
     return result
 

@@ -34,6 +34,7 @@ from torch.utils.data import Dataset, default_collate
 
 from ..constants import CONDITIONS, LEVELS, SEVERITIES
 from ..errors import SpineModelError
+from ..files import write_atomic
 from ..losses import clip_loss
 from ..metrics import classification_report
 from ..models.prompt_classifier import build_zero_shot_classifier
@@ -242,7 +243,7 @@ def pretrain_clip(config: dict[str, Any] | str | Path | None = None, overrides: 
                    "crop_size": train_windows.size, "train_pairs": len(train_pairs), "val_pairs": len(val_pairs),
                    "skipped_rows": train_windows.skipped + val_windows.skipped,
                    "num_processes": accelerator.num_processes}
-        (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+        write_atomic(output_dir / "metrics.json", json.dumps(summary, indent=2).encode())
     accelerator.wait_for_everyone()
     result["model_dir"] = output_dir / "model"
     return result

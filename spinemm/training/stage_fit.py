@@ -60,7 +60,7 @@ def fit_stage(config: dict[str, Any], section: str, module: torch.nn.Module, tra
     final state and last evaluation (None if stopped early)."""
     from safetensors.torch import load_file, save
 
-    from ..data.cache import write_atomic
+    from ..files import write_atomic
 
     run = stage_config(config, section, output_dir)
     options = config[section]

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SpineModelError
+from ..files import write_atomic
 from ..pipeline.pipeline import STAGE_ORDER, load_pipeline
 from .common import start_run
 from .config import load_config
@@ -68,7 +69,7 @@ def train_stages(config: dict[str, Any] | str | Path | None = None, overrides: A
         pipeline.save_pretrained(output_dir / "pipeline")
         summary = {"stages": result["stages"], "pipeline_stages": pipeline.stages,
                    "train_studies": len(run.train_ids), "val_studies": len(run.val_ids)}
-        (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2, default=str))
+        write_atomic(output_dir / "metrics.json", json.dumps(summary, indent=2, default=str).encode())
     run.accelerator.wait_for_everyone()
     result["pipeline_dir"] = output_dir / "pipeline"
     return result
