@@ -68,6 +68,13 @@ HEADER_FAULTS = {
     "intercept overflows float32": (_rescale("1", "-3.5e38"), "RescaleIntercept"),
     "PixelSpacing 0": (_set("PixelSpacing", [0, 0.5]), "PixelSpacing"),
     "PixelSpacing negative": (_set("PixelSpacing", [0.5, -0.5]), "PixelSpacing"),
+    # bounds before allocation (issue 28): a 60,000 px wide crop, a 20000 x 20000 slice
+    "PixelSpacing 0.001": (_set("PixelSpacing", [0.001, 0.001]), "PixelSpacing (00280030) [0.001, 0.001] mm"),
+    "PixelSpacing 50": (_set("PixelSpacing", [0.5, 50]), "PixelSpacing (00280030)"),
+    "Rows 20000": (_set("Rows", 20000), "Rows (00280010) is 20000"),
+    "Columns 65535": (_set("Columns", 65535), "Columns (00280011) is 65535"),
+    "three frames without NumberOfFrames": (lambda ds: setattr(ds, "PixelData", ds.PixelData * 3),
+                                            "3 frames"),
     # found by the fuzz (tests/test_fuzz.py): an int64 overflow while ordering the slices
     "InstanceNumber past int64": (_set("InstanceNumber", "1e38"), "InstanceNumber"),
 }
@@ -144,6 +151,15 @@ def test_differing_pixel_spacing_warns_naming_the_file(tmp_path):
     with pytest.warns(UserWarning, match=r"2\.dcm.*PixelSpacing"):
         series = read_series(folder)
     assert series.pixel_spacing == (0.5, 0.5)
+
+
+def test_missing_pixel_spacing_warns_naming_the_series(tmp_path):
+    folder, _ = _series(tmp_path)
+    for path in folder.glob("*.dcm"):
+        _edit(path, lambda ds: delattr(ds, "PixelSpacing"))
+    with pytest.warns(UserWarning, match=rf"{folder}: no PixelSpacing \(00280030\).*read as 1.0 mm"):
+        series = read_series(folder)
+    assert series.pixel_spacing == (1.0, 1.0)
 
 
 @pytest.mark.parametrize(("row", "column", "warns"), [(0.5004, 0.5, False), (0.5, 0.4996, False), (0.5, 0.5006, True)])

@@ -52,6 +52,7 @@ from spinemm.errors import SpineDataError
 
 from .dicom_tags import (
     FLOAT32_MAX,
+    PIXEL_SPACING_RANGE_MM,
     TAG,
     PixelModule,
     check_pixel_module,
@@ -97,6 +98,11 @@ def read_series(series_dir: str | os.PathLike, windowed: bool = False) -> Series
     slices = [_read_slice(path) for path in series_files(series_dir)]
     _check_unique_instances(slices, series_dir)
     _check_common_spacing(slices, series_dir)
+    unmeasured = [s.path.name for s in slices if not s.spacing_recorded]
+    if unmeasured:
+        warnings.warn(f"{series_dir}: no PixelSpacing (00280030) in {unmeasured[:3]}"
+                      f"{' ...' if len(unmeasured) > 3 else ''}; read as 1.0 mm, so millimetre crops and "
+                      f"distances in this series are only as right as that guess", stacklevel=2)
 
     geometric = all(s.position is not None and s.orientation is not None for s in slices)
     orientations = None
@@ -247,6 +253,10 @@ def _parse_slice(ds: pydicom.Dataset, path: Path, in_series: bool = True) -> _Sl
     spacing = recorded or (1.0, 1.0)
     if min(spacing) <= 0:
         raise SpineDataError(f"{path}: PixelSpacing {list(spacing)} must be positive (mm per pixel)")
+    low, high = PIXEL_SPACING_RANGE_MM
+    if not all(low <= v <= high for v in spacing):
+        raise SpineDataError(f"{path}: PixelSpacing (00280030) {list(spacing)} mm lies outside {low}-{high} mm, "
+                             f"the range of an MR slice (spinemm.data.dicom_tags.PIXEL_SPACING_RANGE_MM)")
     thickness = number(ds, "SpacingBetweenSlices", path) or number(ds, "SliceThickness", path) or 1.0
     position = numbers(ds, "ImagePositionPatient", 3, path)
     return _Slice(
@@ -270,7 +280,7 @@ def _decode(ds: pydicom.Dataset, module: PixelModule, path: Path) -> np.ndarray:
 
     Decoder and corruption failures become SpineDataError naming the file.
     """
-    native = _native_pixels(ds, module)
+    native = _native_pixels(ds, module, path)
     if native is not None:
         return native
     try:
@@ -295,7 +305,7 @@ def _decode(ds: pydicom.Dataset, module: PixelModule, path: Path) -> np.ndarray:
 _NATIVE_LITTLE_ENDIAN = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
 
-def _native_pixels(ds: pydicom.Dataset, module: PixelModule) -> np.ndarray | None:
+def _native_pixels(ds: pydicom.Dataset, module: PixelModule, path: Path) -> np.ndarray | None:
     """The values ``ds.pixel_array`` would give, as a read-only view on the file's bytes; None when
     the data is not plain native little-endian (then pixel_array decodes it or reports the fault)."""
     if module.syntax not in _NATIVE_LITTLE_ENDIAN:
@@ -305,9 +315,14 @@ def _native_pixels(ds: pydicom.Dataset, module: PixelModule) -> np.ndarray | Non
     if not isinstance(data, bytes):
         return None
     dtype = np.dtype(f"<{'ui'[module.signed]}{bits // 8}")
-    if len(data) < rows * cols * dtype.itemsize:
+    needed = rows * cols * dtype.itemsize
+    if len(data) < needed:
         return None  # short data: let pixel_array raise its precise error
-    pixels = np.frombuffer(data, dtype=dtype, count=rows * cols).reshape(rows, cols)  # excess padding ignored
+    if len(data) >= 2 * needed:  # trailing padding happens (pydicom's MR_small_padded); a whole frame more does not
+        raise SpineDataError(f"{path}: PixelData (7FE00010) holds {len(data)} bytes, {len(data) // needed} frames "
+                             f"of {rows} x {cols} x {dtype.itemsize} bytes, but NumberOfFrames says 1: hidden "
+                             f"frames or a wrong Rows/Columns")
+    pixels = np.frombuffer(data, dtype=dtype, count=rows * cols).reshape(rows, cols)
     if stored < bits:
         # Unused high bits carry no meaning (PS3.5 8.1.1); pydicom shifts them out. Do the same, but
         # only when some value lies outside the stored range, which is rare.

@@ -76,6 +76,15 @@ def integer(ds: pydicom.Dataset, keyword: str, path: Path) -> int | None:
 
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+#: Largest Rows or Columns read. MR scanners write matrices of up to 1024 (the RSNA set: 256-1024);
+#: 4096 leaves room for interpolated reconstructions, and a 4096² slice is 64 MiB as float32. A
+#: larger claim is a corrupt header, refused before anything is decoded or allocated.
+MAX_MATRIX_SIDE = 4096
+#: PixelSpacing (mm) outside this range is refused. Finer than 0.05 mm is microscopy, not an MR
+#: slice of the spine (real lumbar series: about 0.3-0.9 mm); coarser than 20 mm is a 300 mm field
+#: of view in 15 pixels, no image at all (the smallest test phantoms use 12.5 mm). Within it, the
+#: grade stage's 60 mm crop spans 3 to 1,200 pixels, so no crop runs away with the memory.
+PIXEL_SPACING_RANGE_MM = (0.05, 20.0)
 
 
 def pixel_tag(ds: pydicom.Dataset, keyword: str, path: Path, default: int | None = None) -> int:
@@ -123,6 +132,9 @@ def check_pixel_module(ds: pydicom.Dataset, path: Path) -> PixelModule:
     for keyword, value in (("Rows", rows), ("Columns", columns)):
         if value < 1:
             raise SpineDataError(f"{path}: {keyword} must be at least 1, got {ds[keyword].value}")
+        if value > MAX_MATRIX_SIDE:
+            raise SpineDataError(f"{path}: {keyword} ({tag_for_keyword(keyword):08X}) is {value}, over the "
+                                 f"{MAX_MATRIX_SIDE} a slice may have (spinemm.data.dicom_tags.MAX_MATRIX_SIDE)")
     allocated = pixel_tag(ds, "BitsAllocated", path)
     if allocated not in (8, 16, 32):
         raise SpineDataError(f"{path}: BitsAllocated {allocated} is not supported; expected 8, 16 or 32")
