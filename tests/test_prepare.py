@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 
@@ -99,3 +100,47 @@ def test_cache_under_accelerate_launch_splits_the_series_between_processes(phant
     assert re.findall(r"(\d+) series: (\d+) written", proc.stdout) == [(str(len(pairs)), str(len(pairs)))]
     store = SeriesStore(phantom_root, "train", cache_dir=tmp_path / "cache")
     assert all(store.cached(*pair) for pair in pairs)
+
+
+def _listing(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+@pytest.mark.parametrize("how", ["not writable", "write refused"])
+def test_a_read_only_cache_serves_predict_and_is_never_written(phantom_root, tmp_path, monkeypatch, count_reads, how):
+    import os
+
+    import pandas as pd
+    import torch
+
+    import spinemm
+    import spinemm.files
+    from spinemm.errors import SpineOutputError
+    from spinemm.models.config import LocatorConfig
+    from spinemm.pipeline import LocateStage, SpinePipeline
+
+    torch.manual_seed(0)
+    pipeline = SpinePipeline(spinemm.create_model("spine-tiny", num_slices=4, **{"vision.image_size": 32}),
+                             LocateStage(LocatorConfig(size=32, channels=(8, 16, 16))))
+    cache = tmp_path / "cache"
+    prepare.fill_cache(phantom_root, cache, split="test", workers=0, progress=False)  # full-res series only
+    before = _listing(cache)
+    expected = spinemm.predict(pipeline, phantom_root, "test", progress=False)  # no cache at all
+    if how == "not writable":  # a read-only mount (a Kaggle input dataset)
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == cache else real_access(p, mode))
+    else:  # a folder whose writes fail for want of permission
+        real_temp = spinemm.files._temp_beside
+
+        def refused(path, data):
+            if cache in Path(path).parents:
+                raise SpineOutputError(f"cannot write {path}") from PermissionError(13, "Permission denied")
+            return real_temp(path, data)
+
+        monkeypatch.setattr(spinemm.files, "_temp_beside", refused)
+    count_reads.clear()
+    with pytest.warns(UserWarning, match="read-only") if how == "write refused" else contextlib.nullcontext():
+        got = spinemm.predict(pipeline, phantom_root, "test", progress=False, cache_dir=cache)
+    assert _listing(cache) == before  # nothing written, nothing touched
+    assert not count_reads  # every series came from the cache's entries: no DICOM file opened
+    pd.testing.assert_frame_equal(got.submission(), expected.submission())

@@ -29,6 +29,7 @@ Layout under ``cache_dir``::
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -46,6 +47,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as save_tensors
 
+from ..errors import SpineOutputError
 from ..files import write_atomic
 from . import transforms
 from .series import Series, series_files
@@ -127,9 +129,28 @@ class SeriesCache:
 
     def __init__(self, cache_dir: str | os.PathLike, *, verify: bool = False) -> None:
         self.cache_dir = Path(cache_dir)
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        if not self.cache_dir.is_dir():
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.verify_content = bool(verify)
+        # A read-only folder (a Kaggle input dataset, a shared cache) is read and never written:
+        # what it lacks is made in memory. A write refused later switches to the same mode.
+        self.read_only = not os.access(self.cache_dir, os.W_OK)
         self.reset_stats()
+
+    def publish(self, path: Path, data: bytes) -> None:
+        """Write ``data`` to ``path`` in the cache folder, unless the folder is read-only (then,
+        or when the write is refused for want of permission, nothing is written; warned once)."""
+        if self.read_only:
+            return
+        try:
+            write_atomic(path, data)
+        except SpineOutputError as err:
+            cause = err.__cause__
+            if not (isinstance(cause, PermissionError) or getattr(cause, "errno", None) == errno.EROFS):
+                raise
+            self.read_only = True
+            warnings.warn(f"{self.cache_dir} is read-only ({cause.strerror}): the cache is read, and what it "
+                          f"lacks is made in memory without being stored", stacklevel=3)
 
     def reset_stats(self) -> None:
         """Set every counter to zero."""
@@ -236,7 +257,7 @@ class SeriesCache:
             "content": content,
             "trusted": all(now - mtime > _RACY_NS for _, _, mtime in signature),
         }
-        write_atomic(self._index_path(series_dir), json.dumps(record).encode())
+        self.publish(self._index_path(series_dir), json.dumps(record).encode())
         return content
 
     def _write(self, path: Path, entry: PreprocessedSeries, series_dir: Path) -> None:
@@ -257,7 +278,7 @@ class SeriesCache:
             "pixel_spacing": list(entry.pixel_spacing),
             "slice_spacing": entry.slice_spacing,
         }
-        write_atomic(path, save_tensors(tensors, metadata={"spinemm": json.dumps(meta)}))
+        self.publish(path, save_tensors(tensors, metadata={"spinemm": json.dumps(meta)}))
 
     def _read(self, path: Path, image_shape: tuple[int, int, int, int]) -> PreprocessedSeries | None:
         """The entry at ``path``, or None (with a warning) when it is truncated or malformed."""

@@ -31,7 +31,6 @@ from safetensors import safe_open
 from safetensors.torch import save as save_tensors
 
 from ..errors import SpineDataError
-from ..files import write_atomic
 from .cache import FORMAT_VERSION, SeriesCache, key_context
 from .series import Series
 from .tables import series_path
@@ -174,7 +173,7 @@ class SeriesStore:
                 return series
         self.decodes += 1
         series = read_series(series_dir, windowed=True)
-        _write_entry(path, series)
+        _write_entry(self.cache, path, series)
         return series
 
 
@@ -185,7 +184,7 @@ def _entry_key(content: str) -> str:
     return hashlib.blake2b(blob.encode(), digest_size=20).hexdigest()
 
 
-def _write_entry(path: Path, series: Series) -> None:
+def _write_entry(cache: SeriesCache, path: Path, series: Series) -> None:
     tensors = {
         "volume": torch.from_numpy(np.ascontiguousarray(series.volume, dtype=np.float16)),
         "instance_numbers": torch.from_numpy(np.ascontiguousarray(series.instance_numbers, dtype=np.int64)),
@@ -197,7 +196,7 @@ def _write_entry(path: Path, series: Series) -> None:
         tensors["orientations"] = torch.from_numpy(np.ascontiguousarray(series.orientations, dtype=np.float64))
     meta = {"version": FORMAT_VERSION, "pixel_spacing": list(series.pixel_spacing),
             "slice_spacing": series.slice_spacing, "files": [p.name for p in series.files]}
-    write_atomic(path, save_tensors(tensors, metadata={"spinemm": json.dumps(meta)}))
+    cache.publish(path, save_tensors(tensors, metadata={"spinemm": json.dumps(meta)}))
 
 
 def _read_entry(path: Path, series_dir: Path) -> Series | None:
