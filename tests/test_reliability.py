@@ -198,3 +198,31 @@ def test_header_repeated_after_stripping_is_refused(tmp_path):
 
     with pytest.raises(SpineDataError, match=r"train\.csv: line 1 \(header\) repeats column 'spinal_canal"):
         load_tables(root)
+
+
+# --- one label check for every reader of label coordinates (issue 28) ------------------------------
+
+
+@pytest.mark.parametrize("reader", ["SpineDataset", "ROIWindows", "LevelSlices"])
+@pytest.mark.parametrize("point", [{"x": 1e6}, {"x": -30.0}, {"y": "height + 0.6"}])
+def test_every_reader_refuses_a_label_off_its_slice(phantom_root, reader, point):
+    from spinemm.data import SpineDataset, load_tables
+    from spinemm.data.level_slices import LevelSlices
+    from spinemm.data.roi import ROIWindows
+
+    frame = load_tables(phantom_root, "train")
+    study = int(frame.study_id.iloc[0])
+    frame = frame[frame.study_id == study].copy()
+    row = frame.index[(frame.condition == "spinal_canal_stenosis") & frame.instance_number.notna()][0]
+    (key, value), = point.items()
+    if value == "height + 0.6":
+        folder = Path(phantom_root, "train_images", str(study), str(int(frame.at[row, "series_id"])))
+        value = read_series(folder).volume.shape[-2] + 0.6
+    frame.loc[row, key] = value
+    with pytest.raises(SpineDataError, match=rf"{study}.*\((x|label point)|lies outside|not a finite"):
+        if reader == "SpineDataset":
+            SpineDataset(phantom_root, frame=frame, num_slices=4, image_size=32, on_bad_series="raise")[0]
+        elif reader == "ROIWindows":
+            ROIWindows(phantom_root, frame, [study], side_mm=60, size=16, progress=False)
+        else:
+            LevelSlices(phantom_root, frame, [study], size=32, progress=False)

@@ -25,6 +25,7 @@ from spinemm.errors import SpineDataError
 from spinemm.text import QUERY_TEXTS
 
 from .cache import SeriesCache
+from .roi import point_outside
 from .store import SeriesStore
 from .tables import load_tables, series_path
 from .transforms import (
@@ -227,8 +228,9 @@ class SpineDataset(torch.utils.data.Dataset):
             if source is None:
                 self._policy(f"{where}: instance {int(instance)} is not a slice of the series")
                 continue
-            if not (0.0 <= x <= width and 0.0 <= y <= height):
-                self._policy(f"{where}: (x={x}, y={y}) lies outside the {width}x{height} image")
+            problem = point_outside(x, y, width, height)
+            if problem:
+                self._policy(f"{where}: {problem}")
                 continue
             targets.append(t)
             sources.append(source)

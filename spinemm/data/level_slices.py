@@ -71,9 +71,9 @@ class LevelSlices:
         for study_id, path, series, volume, group in labelled_volumes(store, rows, "locator slices", progress):
             side, top, left = square_frame(*volume.shape[-2:])
             for (condition, instance), labelled in group.groupby(["condition", "instance_number"], sort=True):
-                index = label_slice(series, path, instance, study_id, condition)
                 point, mask = np.zeros((len(LEVELS), 2), np.float32), np.zeros(len(LEVELS), bool)
-                for row in labelled.itertuples(index=False):
+                for row in labelled.itertuples(index=False):  # every point on its slice, or a named error
+                    index = label_slice(series, path, instance, study_id, f"{condition} {row.level}", row.x, row.y)
                     level = LEVELS.index(row.level)
                     point[level], mask[level] = ((row.x + left) / side, (row.y + top) / side), True
                     x_mm = series.voxel_to_patient(np.array([[row.x, row.y, index]], dtype=np.float64))[0, 0]

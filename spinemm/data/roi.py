@@ -34,7 +34,8 @@ from ..text import finding_texts
 from .series import Series
 from .store import SeriesStore, windowed
 
-__all__ = ["normalized_volume", "crop_roi", "crop_rois", "ROIWindows", "labelled_volumes", "label_slice"]
+__all__ = ["normalized_volume", "crop_roi", "crop_rois", "ROIWindows", "labelled_volumes", "label_slice",
+           "point_outside"]
 
 
 def normalized_volume(series: Series) -> torch.Tensor:
@@ -142,7 +143,7 @@ class ROIWindows:
         windows, targets, labels, studies, texts = [], [], [], [], []
         store = store if store is not None else SeriesStore(root, split)
         for study_id, path, series, volume, group in labelled_volumes(store, rows, "ROI windows", progress):
-            index = [label_slice(series, path, row.instance_number, study_id, row.column)
+            index = [label_slice(series, path, row.instance_number, study_id, row.column, row.x, row.y)
                      for row in group.itertuples(index=False)]
             windows.append(crop_rois(volume, series.pixel_spacing, index, group["x"].to_numpy(), group["y"].to_numpy(),
                                      side_mm * outer / self.size, outer, offsets).to(torch.float16))
@@ -194,10 +195,27 @@ def labelled_volumes(store: SeriesStore, rows: pd.DataFrame, desc: str,
         yield int(study_id), store.path(study_id, series_id), series, normalized_volume(series), group
 
 
-def label_slice(series: Series, path: Path, instance: float, study_id: int, what: str) -> int:
-    """The slice index of a label's InstanceNumber, or a :class:`SpineDataError` naming the series."""
+def point_outside(x: float, y: float, width: int, height: int) -> str | None:
+    """Why a label point (x = column, y = row, in the pixels of its slice) cannot be on a ``width`` x
+    ``height`` slice, or None when it can: the one label check of every reader of label coordinates."""
+    if not (np.isfinite(x) and np.isfinite(y)):
+        return f"(x={x}, y={y}) is not a finite point"
+    if not (0.0 <= x <= width and 0.0 <= y <= height):
+        return f"(x={x}, y={y}) lies outside the {width}x{height} image"
+    return None
+
+
+def label_slice(series: Series, path: Path, instance: float, study_id: int, what: str,
+                x: float | None = None, y: float | None = None) -> int:
+    """The slice index of a label's InstanceNumber, or a :class:`SpineDataError` naming the series;
+    with ``x``, ``y`` the point is checked against the slice's size too (:func:`point_outside`)."""
+    where = f"train_label_coordinates.csv, study {study_id}, {what}"
     index = series.instance_to_index.get(int(instance))
     if index is None:
-        raise SpineDataError(f"{path}: no slice with InstanceNumber {int(instance)} "
-                             f"(train_label_coordinates.csv, study {study_id}, {what})")
+        raise SpineDataError(f"{path}: no slice with InstanceNumber {int(instance)} ({where})")
+    if x is not None and y is not None:
+        height, width = series.volume.shape[-2:]
+        problem = point_outside(float(x), float(y), width, height)
+        if problem:
+            raise SpineDataError(f"{path}: label point {problem} of InstanceNumber {int(instance)} ({where})")
     return index
