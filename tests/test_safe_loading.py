@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +95,109 @@ def test_malformed_tokenizer_is_refused(saved_model, tmp_path):
     tokenizer.write_text(json.dumps(data))
     with pytest.raises(SpineModelError, match=rf"{folder}: cannot load the tokenizer files"):
         load_model(folder)
+
+
+def test_non_finite_weights_name_the_file_and_tensor(saved_model, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from spinemm.models.factory import load_model
+
+    folder = _copy(saved_model, tmp_path)
+    weights = folder / "model.safetensors"
+    state = load_file(str(weights))
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    state[name][..., 0] = float("nan")
+    save_file(state, str(weights))
+    with pytest.raises(SpineModelError, match=rf"{weights}: tensor '{name}' holds NaN or inf"):
+        load_model(folder)
+
+
+@pytest.mark.parametrize(("change", "words"), [
+    ({"fusion": {"layers": 100_000}}, "fusion.layers = 100000 is outside 0..64"),
+    ({"vision": {"image_size": 10**9}}, "vision.image_size"),
+    ({"embed_dim": 10**7}, "embed_dim = 10000000"),
+    ({"text": {"max_length": 10**9}}, "text.max_length"),
+    ({"roi_side_mm": -60}, "roi_side_mm = -60"),
+    ({"fusion": {"dropout": "abc"}}, "fusion.dropout must be float"),
+])
+def test_model_config_sizes_are_refused_before_anything_is_built(saved_model, tmp_path, change, words):
+    import time
+
+    from spinemm.models.factory import load_model
+
+    folder = _copy(saved_model, tmp_path)
+    config = folder / "config.json"
+    meta = json.loads(config.read_text())
+    for key, value in change.items():
+        if isinstance(value, dict):
+            meta["model_cfg"][key].update(value)
+        else:
+            meta["model_cfg"][key] = value
+    config.write_text(json.dumps(meta))
+    start = time.perf_counter()
+    with pytest.raises(SpineModelError, match=re.escape(words)):
+        load_model(folder)
+    assert time.perf_counter() - start < 5  # refused, not allocated
+
+
+# --- pipeline.json ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved_pipeline(tmp_path_factory) -> Path:
+    from spinemm.models.config import GraderConfig, LocatorConfig
+    from spinemm.models.factory import create_model
+    from spinemm.pipeline import GradeStage, LocateStage, SpinePipeline
+
+    torch.manual_seed(0)
+    detect = create_model("spine-tiny", num_slices=4, **{"vision.image_size": 32})
+    grade = GradeStage(GraderConfig(backbone="cnn", size=16, channels=(8, 16)), query_dim=detect.config.fusion.dim)
+    folder = tmp_path_factory.mktemp("pipeline") / "pipeline"
+    SpinePipeline(detect, LocateStage(LocatorConfig(size=32, channels=(8, 16, 16))), grade).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(("edit", "words"), [
+    (lambda meta: "not json {", "not valid JSON"),
+    (lambda meta: [1, 2], "must hold a JSON object, got list"),
+    (lambda meta: {**meta, "stages": "detect"}, "stages must be a list"),
+    (lambda meta: {**meta, "locate": {**meta["locate"], "size": "abc"}}, "locate.size must be int"),
+    (lambda meta: {**meta, "locate": {**meta["locate"], "channels": [-4]}}, "locate.channels = (-4,) is outside"),
+    (lambda meta: {**meta, "locate": {**meta["locate"], "channels": ["abc"]}}, "locate: bad LocatorConfig"),
+    (lambda meta: {**meta, "grade": {**meta["grade"], "query_dim": "abc"}}, "grade.query_dim must be an integer"),
+    (lambda meta: {**meta, "grade": {**meta["grade"], "query_dim": 10**9}}, "grade.query_dim must be an integer"),
+    (lambda meta: {**meta, "grade": {**meta["grade"], "backbone": "resnet9000"}}, "grade: "),
+    (lambda meta: {**meta, "grade": 7}, "grade must be a mapping"),
+])
+def test_a_bad_pipeline_json_names_file_and_key(saved_pipeline, tmp_path, edit, words):
+    import shutil
+
+    from spinemm.pipeline import load_pipeline
+
+    folder = Path(shutil.copytree(saved_pipeline, tmp_path / "pipeline"))
+    path = folder / "pipeline.json"
+    meta = edit(json.loads(path.read_text()))
+    path.write_text(meta if isinstance(meta, str) else json.dumps(meta))
+    with pytest.raises(SpineModelError) as err:
+        load_pipeline(folder)
+    assert str(path) in str(err.value) and words in str(err.value), str(err.value)
+
+
+def test_non_finite_stage_weights_are_named(saved_pipeline, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from spinemm.pipeline import load_pipeline
+
+    folder = Path(shutil.copytree(saved_pipeline, tmp_path / "pipeline"))
+    weights = folder / "locate.safetensors"
+    state = load_file(str(weights))
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    state[name].fill_(float("inf"))
+    save_file(state, str(weights))
+    with pytest.raises(SpineModelError, match=rf"{weights}: tensor '{name}' holds NaN or inf"):
+        load_pipeline(folder)
 
 
 # --- resume ----------------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -188,12 +190,15 @@ class ModelConfig:
         cfg = cls(**top)
         for attr in ("mean", "std"):
             value = getattr(cfg.vision, attr)
-            if value is not None:
+            if isinstance(value, (list, tuple)):
                 setattr(cfg.vision, attr, tuple(float(v) for v in value))
         if cfg.channels not in CHANNEL_MODES:
             raise SpineModelError(
                 f"model config 'channels' must be one of {CHANNEL_MODES}, got {cfg.channels!r}"
             )
+        check_config(cfg, "model config ")
+        for key in sections:
+            check_config(getattr(cfg, key), f"model config {key}.")
         return cfg
 
     def to_dict(self) -> dict[str, Any]:
@@ -209,6 +214,67 @@ class ModelConfig:
             "mean": list(mean),
             "std": list(std),
         }
+
+
+#: Bounds of numeric config values, checked before any module is built, so a ``config.json`` or
+#: ``pipeline.json`` asking for 100,000 layers or a 10^7-wide embedding is refused at once instead
+#: of allocating gigabytes first. Generous: the base presets (ViT-B/16, BERT-base) sit far inside.
+BOUNDS: dict[str, tuple[float, float]] = {
+    "ModelConfig.embed_dim": (1, 8192), "ModelConfig.num_slices": (1, 256), "ModelConfig.roi_side_mm": (1, 500),
+    "ModelConfig.logit_scale_init": (-10, 10),
+    "VisionConfig.image_size": (8, 2048),
+    "TextConfig.width": (1, 8192), "TextConfig.layers": (0, 64), "TextConfig.heads": (1, 128),
+    "TextConfig.intermediate_size": (1, 32768), "TextConfig.max_length": (1, 4096),
+    "FusionConfig.dim": (1, 8192), "FusionConfig.layers": (0, 64), "FusionConfig.heads": (1, 128),
+    "FusionConfig.mlp_ratio": (0.25, 16), "FusionConfig.dropout": (0, 0.99), "FusionConfig.loc_dim": (1, 4096),
+    "LocatorConfig.size": (8, 1024), "LocatorConfig.context": (0, 8), "LocatorConfig.channels": (1, 2048),
+    "LocatorConfig.prior_mm": (0.1, 1000),
+    "GraderConfig.side_mm": (1, 500), "GraderConfig.size": (4, 512), "GraderConfig.context": (0, 8),
+    "GraderConfig.channels": (1, 2048), "GraderConfig.layers": (0, 32), "GraderConfig.dropout": (0, 0.99),
+    "GraderConfig.refine": (0, 16),
+}
+
+
+def check_config(cfg: Any, where: str = "") -> None:
+    """Every field of the config dataclass ``cfg`` against its type and :data:`BOUNDS`; a value of
+    the wrong type or out of bounds is a :class:`SpineModelError` naming ``where`` and the key."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value, key = getattr(cfg, f.name), f"{where}{f.name}"
+        if not _fits(value, hints[f.name]):
+            raise SpineModelError(f"{key} must be {_describe(hints[f.name])}, got {value!r}")
+        low, high = BOUNDS.get(f"{type(cfg).__name__}.{f.name}", (-math.inf, math.inf))
+        for v in value if isinstance(value, tuple) else (value,):
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not low <= v <= high:
+                raise SpineModelError(f"{key} = {value!r} is outside {low:g}..{high:g} "
+                                      f"(spinemm.models.config.BOUNDS)")
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is Any:
+        return True
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is tuple:
+        return isinstance(value, tuple) and all(_fits(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    return isinstance(value, origin or hint)
+
+
+def _describe(hint: Any) -> str:
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
 def _check_keys(cls: type, data: Mapping[str, Any], prefix: str) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from ..errors import SpineModelError
 from .hub import PICKLE_SUFFIXES, refuse_pickle, resolve_files
 from .names import PIPELINE_CONFIG
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "read_saved_config", "load_weights"]
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "read_saved_config", "load_weights", "check_finite"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -53,3 +53,12 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
     except RuntimeError as exc:
         name = getattr(getattr(model, "config", None), "name", type(model).__name__)
         raise SpineModelError(f"{path} does not match model {name!r}: {exc}") from exc
+    check_finite(model, path)
+
+
+def check_finite(model: torch.nn.Module, path: Path) -> None:
+    """A :class:`SpineModelError` naming ``path`` and the tensor when a loaded weight holds NaN or
+    inf (otherwise every prediction turns NaN far from the cause)."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise SpineModelError(f"{path}: tensor {name!r} holds NaN or inf values")

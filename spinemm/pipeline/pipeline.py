@@ -30,9 +30,10 @@ from tqdm.auto import tqdm
 from ..constants import LABEL_COLUMNS
 from ..data.store import SeriesStore
 from ..errors import SpineModelError
-from ..models.config import GraderConfig, LocatorConfig
+from ..models.config import GraderConfig, LocatorConfig, check_config
 from ..models.hub_mixin import SpineHubMixin
 from ..models.names import PIPELINE_CONFIG, parse_model_name
+from ..models.saved import check_finite
 from ..models.towers import TextTower
 from .detect import DetectStage
 from .findings import Findings
@@ -207,8 +208,10 @@ def load_pipeline(source: str | os.PathLike) -> SpinePipeline:
     folder = None if name.is_config else name.saved_folder("load_pipeline(source)")
     if folder is None or not (folder / PIPELINE_CONFIG).is_file():
         return SpinePipeline(load_model(folder if folder is not None else name.target))
-    meta = json.loads((folder / PIPELINE_CONFIG).read_text())
+    meta = _read_pipeline_json(folder / PIPELINE_CONFIG)
     stages = meta.get("stages", ["detect"])
+    if not isinstance(stages, list) or not all(isinstance(s, str) for s in stages):
+        raise SpineModelError(f"{folder / PIPELINE_CONFIG}: stages must be a list of stage names, got {stages!r}")
     unknown = sorted(set(stages) - set(STAGE_ORDER))
     if unknown or "detect" not in stages:
         raise SpineModelError(f"{folder / PIPELINE_CONFIG}: stages {stages} must include detect and be among {STAGE_ORDER}")
@@ -217,23 +220,55 @@ def load_pipeline(source: str | os.PathLike) -> SpinePipeline:
         weights = folder / "locate.safetensors"
         if not weights.is_file():
             raise SpineModelError(f"{weights} is missing: the pipeline folder lists stage 'locate'")
-        pipeline.locate = LocateStage(_config(LocatorConfig, meta.get("locate") or {}, folder))
+        pipeline.locate = LocateStage(_config(LocatorConfig, meta.get("locate") or {}, folder, "locate"))
         try:
             load_weights(pipeline.locate, str(weights))
         except Exception as err:  # safetensors' own error types: not a safetensors file, wrong keys
             raise SpineModelError(f"cannot load {weights}: {type(err).__name__}: {err}") from None
+        check_finite(pipeline.locate, weights)
     if "grade" in stages:
-        values = dict(meta.get("grade") or {})
-        query_dim = int(values.pop("query_dim", 256))
-        pipeline.grade = GradeStage.load_from(folder, _config(GraderConfig, values, folder), query_dim)
+        values = _section(meta, "grade", folder)
+        query_dim = values.pop("query_dim", 256)
+        if isinstance(query_dim, bool) or not isinstance(query_dim, int) or not 1 <= query_dim <= 8192:
+            raise SpineModelError(f"{folder / PIPELINE_CONFIG}: grade.query_dim must be an integer in 1..8192, "
+                                  f"got {query_dim!r}")
+        config = _config(GraderConfig, values, folder, "grade")
+        try:
+            pipeline.grade = GradeStage.load_from(folder, config, query_dim)
+        except SpineModelError as err:  # e.g. a backbone no registry knows: say which file asked for it
+            raise SpineModelError(err if str(folder) in str(err) else f"{folder / PIPELINE_CONFIG}: grade: {err}") \
+                from None
+        check_finite(pipeline.grade, folder / "grade.safetensors")
     return pipeline
 
 
-def _config(cls: type, values: dict[str, Any], folder: Path) -> Any:
+def _read_pipeline_json(path: Path) -> dict[str, Any]:
     try:
-        return cls(**values)
-    except TypeError as err:
-        raise SpineModelError(f"{folder / PIPELINE_CONFIG}: bad {cls.__name__}: {err}") from None
+        meta = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SpineModelError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise SpineModelError(f"{path}: must hold a JSON object, got {type(meta).__name__}")
+    return meta
+
+
+def _section(meta: dict[str, Any], name: str, folder: Path) -> dict[str, Any]:
+    values = meta.get(name) or {}
+    if not isinstance(values, dict):
+        raise SpineModelError(f"{folder / PIPELINE_CONFIG}: {name} must be a mapping, got {type(values).__name__}")
+    return dict(values)
+
+
+def _config(cls: type, values: dict[str, Any], folder: Path, name: str) -> Any:
+    """The stage config of section ``name``, every key typed and bounded (``check_config``)."""
+    where = f"{folder / PIPELINE_CONFIG}: {name}."
+    values = _section({name: values}, name, folder)
+    try:
+        config = cls(**values)
+    except (TypeError, ValueError) as err:
+        raise SpineModelError(f"{where[:-1]}: bad {cls.__name__}: {err}") from None
+    check_config(config, where)
+    return config
 
 
 def _sample_submission_order(root: Path, split: str) -> list[str] | None:
