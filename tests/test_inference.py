@@ -15,6 +15,7 @@ import spinemm
 from spinemm.constants import LABEL_COLUMNS, SUBMISSION_COLUMNS
 from spinemm.data import read_series, series_path
 from spinemm.data.tables import load_series_descriptions
+from spinemm.errors import SpineDataError
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +113,21 @@ def test_cli_predict_never_leaves_a_cut_pair(tiny_model, phantom_root, tmp_path,
     assert f"cannot write {out / 'locations.csv'}: No space left on device" in capsys.readouterr().err
     assert {name: (out / name).read_bytes() for name in before} == before
     assert sorted(p.name for p in out.iterdir()) == ["locations.csv", "submission.csv"]  # no temp file, no lock
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ("study_id,normal_mild\n1,0.3\n", "missing column 'row_id'"),
+    ("", "file is empty"),
+    ("row_id,normal_mild,moderate,severe\n", "no rows"),
+    ("repeat", "repeats row_id"),
+])
+def test_a_bad_sample_submission_is_named(tiny_model, phantom_root, tmp_path, text, words):
+    root = tmp_path / "copy"
+    shutil.copytree(phantom_root, root)
+    sample = root / "sample_submission.csv"
+    if text == "repeat":
+        lines = sample.read_text().splitlines()
+        text = "\n".join([*lines, lines[1]]) + "\n"
+    sample.write_text(text)
+    with pytest.raises(SpineDataError, match=rf"{sample}.*{words}"):
+        spinemm.predict(tiny_model, root, split="test", progress=False)

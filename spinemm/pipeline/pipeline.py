@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 from ..constants import LABEL_COLUMNS
 from ..data.store import SeriesStore
-from ..errors import SpineModelError
+from ..data.validate import read_csv
+from ..errors import SpineDataError, SpineModelError
 from ..models.config import GraderConfig, LocatorConfig, check_config
 from ..models.hub_mixin import SpineHubMixin
 from ..models.names import PIPELINE_CONFIG, parse_model_name
@@ -272,7 +272,16 @@ def _config(cls: type, values: dict[str, Any], folder: Path, name: str) -> Any:
 
 
 def _sample_submission_order(root: Path, split: str) -> list[str] | None:
+    """sample_submission.csv's row_ids, the order of the submission's rows (checked: a missing
+    column, an empty file or a repeated row_id is a SpineDataError naming the file)."""
     path = root / "sample_submission.csv"
     if split != "test" or not path.exists():
         return None
-    return pd.read_csv(path, usecols=["row_id"])["row_id"].astype(str).tolist()
+    rows = read_csv(path, ["row_id"])["row_id"]
+    if rows.empty:
+        raise SpineDataError(f"{path}: no rows (expected one row_id per study, condition and level)")
+    repeated = rows[rows.duplicated()]
+    if len(repeated):
+        raise SpineDataError(f"{path}: line {repeated.index[0] + 2} repeats row_id {repeated.iloc[0]!r}; "
+                             f"each row_id must appear once")
+    return rows.tolist()
