@@ -75,6 +75,11 @@ HEADER_FAULTS = {
     "Columns 65535": (_set("Columns", 65535), "Columns (00280011) is 65535"),
     "three frames without NumberOfFrames": (lambda ds: setattr(ds, "PixelData", ds.PixelData * 3),
                                             "3 frames"),
+    "RescaleSlope 0": (_rescale("0", "0"), "RescaleSlope (00281053) is 0"),
+    "ImageOrientationPatient not unit": (_set("ImageOrientationPatient", [2, 0, 0, 0, 1, 0]),
+                                         "ImageOrientationPatient (00200037)"),
+    "ImageOrientationPatient not orthogonal": (_set("ImageOrientationPatient", [1, 0, 0, 0.6, 0.8, 0]),
+                                               "not two unit vectors at right angles"),
     # found by the fuzz (tests/test_fuzz.py): an int64 overflow while ordering the slices
     "InstanceNumber past int64": (_set("InstanceNumber", "1e38"), "InstanceNumber"),
 }

@@ -235,7 +235,10 @@ def _parse_slice(ds: pydicom.Dataset, path: Path, in_series: bool = True) -> _Sl
     if pixels.ndim != 2:
         raise SpineDataError(f"{path}: expected a 2-D greyscale slice, got pixel array of shape {pixels.shape}")
 
-    slope = number(ds, "RescaleSlope", path) or 1.0  # 0 is not a valid slope: treat it as absent
+    slope = number(ds, "RescaleSlope", path)
+    if slope == 0:  # every pixel would map to the intercept: a broken header, not a flat image
+        raise SpineDataError(f"{path}: RescaleSlope (00281053) is 0; a modality rescale needs a non-zero slope")
+    slope = 1.0 if slope is None else slope
     intercept = number(ds, "RescaleIntercept", path) or 0.0
     lut_dataset = ds if TAG["ModalityLUTSequence"] in ds else None
     # The ends of the storable range, mapped: the LUT is monotonic in practice and linear when it is
@@ -249,6 +252,8 @@ def _parse_slice(ds: pydicom.Dataset, path: Path, in_series: bool = True) -> _Sl
         )
     mirror = float(np.sum(mapped)) if photometric == "MONOCHROME1" else None
     orientation = numbers(ds, "ImageOrientationPatient", 6, path)
+    if orientation is not None:
+        _check_orientation(np.array(orientation).reshape(2, 3), path)
     recorded = numbers(ds, "PixelSpacing", 2, path)
     spacing = recorded or (1.0, 1.0)
     if min(spacing) <= 0:
@@ -350,6 +355,17 @@ def _instance_number(ds: pydicom.Dataset, path: Path) -> int:
     if not -(1 << 31) <= instance < (1 << 31):  # the range of an IS value; labels key on it as int64
         raise SpineDataError(f"{path}: InstanceNumber {instance} is outside the range of a DICOM IS value")
     return instance
+
+
+def _check_orientation(orientation: np.ndarray, path: Path) -> None:
+    """Row and column cosines must be unit vectors at right angles (to 1%): anything else places
+    every pixel wrongly in patient space, silently."""
+    lengths = np.linalg.norm(orientation, axis=1)
+    angle = float(np.dot(orientation[0], orientation[1]))
+    if not (np.allclose(lengths, 1.0, atol=0.01) and abs(angle) < 0.01):
+        raise SpineDataError(f"{path}: ImageOrientationPatient (00200037) {orientation.reshape(-1).tolist()} is not "
+                             f"two unit vectors at right angles (lengths {np.round(lengths, 3).tolist()}, "
+                             f"cosine between them {angle:.3f})")
 
 
 def _unit_normal(orientation: np.ndarray, path: Path) -> np.ndarray:
