@@ -113,3 +113,26 @@ def test_load_model_points_a_pipeline_folder_at_load_pipeline(tmp_path):
     with pytest.raises(SpineModelError, match="pipeline folder.*load_pipeline"):
         spinemm.load_model(tmp_path / "pipe")
     assert spinemm.load_pipeline(tmp_path / "pipe").stages == ["detect"]
+
+
+def test_loading_returns_eval_mode_and_from_pretrained_takes_the_transformers_keywords(tmp_path, monkeypatch):
+    from spinemm.models.spine_clip import SpineCLIP
+
+    torch.manual_seed(0)
+    model = spinemm.create_model("spine-tiny", **{"text.layers": 1})
+    model.save_pretrained(tmp_path / "m")
+    for loaded in (spinemm.load_model(tmp_path / "m"), SpineCLIP.from_pretrained(tmp_path / "m"),
+                   spinemm.load_pipeline(tmp_path / "m").detect.model):
+        assert not loaded.training and not any(m.training for m in loaded.modules())
+        first, again = loaded.encode_text(["spinal canal stenosis"]), loaded.encode_text(["spinal canal stenosis"])
+        torch.testing.assert_close(first, again, rtol=0, atol=0)  # dropout is off
+    half = SpineCLIP.from_pretrained(tmp_path / "m", torch_dtype=torch.bfloat16, device="cpu")
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16} and not half.training
+    with pytest.raises(SpineModelError, match="unknown keyword 'revison'; did you mean 'revision'"):
+        SpineCLIP.from_pretrained(tmp_path / "m", revison="main")
+    with pytest.raises(SpineModelError, match="revision='v1' needs a hub name"):
+        SpineCLIP.from_pretrained(tmp_path / "m", revision="v1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(SpineModelError, match="(?s)at revision v1.*hf download org/m --revision v1"):
+        SpineCLIP.from_pretrained("hf-hub:org/m", revision="v1")

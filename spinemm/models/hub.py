@@ -285,7 +285,7 @@ def unreachable_reason(timeout: float = PROBE_TIMEOUT_S) -> str:
     return f"cannot reach {endpoint}{via} ({why})"
 
 
-def download_repo(repo: str, *, setting: str) -> Path:
+def download_repo(repo: str, *, setting: str, revision: str | None = None) -> Path:
     """A whole spinemm model or pipeline repo (``hf-hub:org/name``) as a local folder: downloaded
     into the hub cache when the hub is reachable, else the cache's copy, else a
     :class:`~spinemm.errors.SpineModelError` that says why and what to download."""
@@ -296,15 +296,17 @@ def download_repo(repo: str, *, setting: str) -> Path:
     reason = OFFLINE_REASON if hub_offline() else unreachable_reason()
     if not reason:
         try:
-            return Path(snapshot_download(repo, cache_dir=cache))
+            return Path(snapshot_download(repo, cache_dir=cache, revision=revision))
         except Exception as exc:  # unknown repo, auth, network: the message names it; the cache may still hold it
             reason = f"download failed: {type(exc).__name__}: {exc}"
     try:
-        return Path(snapshot_download(repo, cache_dir=cache, local_files_only=True))
+        return Path(snapshot_download(repo, cache_dir=cache, revision=revision, local_files_only=True))
     except LocalEntryNotFoundError:
         raise SpineModelError(
-            f"{setting}: cannot get hf-hub:{repo}: {reason}, and the hub cache {cache} has no copy.\n"
-            f"To fix, on a machine with network run:\n    hf download {repo} --cache-dir {cache}\n"
+            f"{setting}: cannot get hf-hub:{repo}{f' at revision {revision}' if revision else ''}: {reason}, "
+            f"and the hub cache {cache} has no copy.\n"
+            f"To fix, on a machine with network run:\n    hf download {repo}"
+            f"{f' --revision {revision}' if revision else ''} --cache-dir {cache}\n"
             f"and bring {cache} here (or set HF_HUB_CACHE to a copy), or give the folder the repo was "
             f"downloaded to (hf download {repo} --local-dir FOLDER)."
         ) from None

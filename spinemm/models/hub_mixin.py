@@ -14,12 +14,14 @@ synthetic phantom: the card then says the numbers are not about real MRI).
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import ModelCard, ModelHubMixin
 
+from ..errors import SpineModelError
 from .names import parse_model_name
 
 CARD_TEMPLATE = """---
@@ -107,13 +109,36 @@ class SpineHubMixin(
         return super().push_to_hub(repo_id, model_card_kwargs=card, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **_: Any):
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *, revision: str | None = None,
+                        torch_dtype: Any = None, device: Any = None, map_location: Any = None, **unknown: Any):
         """Load by model name: a saved folder or ``hf-hub:org/name`` (read from the hub cache or
-        downloaded; offline, a clear error in seconds)."""
+        downloaded; offline, a clear error in seconds), in eval mode.
+
+        ``revision``: a hub branch, tag or commit to pin (hub names only); ``torch_dtype``: cast the
+        weights (e.g. ``torch.bfloat16``); ``device`` (or ``map_location``): move the model there.
+        Any other keyword is refused, with the nearest accepted one."""
         setting = f"{cls.__name__}.from_pretrained"
-        folder = parse_model_name(pretrained_model_name_or_path, setting=setting).saved_folder(setting)
-        return cls._from_pretrained(model_id=str(folder), revision=None, cache_dir=None, force_download=False,
-                                    local_files_only=True, token=None)
+        if unknown:
+            accepted = ("revision", "torch_dtype", "device", "map_location")
+            key = sorted(unknown)[0]
+            near = difflib.get_close_matches(key, accepted, n=1)
+            raise SpineModelError(f"{setting}: unknown keyword {key!r}"
+                                  + (f"; did you mean {near[0]!r}?" if near else f"; accepted: {list(accepted)}"))
+        name = parse_model_name(pretrained_model_name_or_path, setting=setting)
+        if revision is not None and name.kind != "hub":
+            raise SpineModelError(f"{setting}: revision={revision!r} needs a hub name (hf-hub:org/name), "
+                                  f"not the {name.kind} {name.name!r}")
+        folder = name.saved_folder(setting, revision=revision)
+        model = cls._from_pretrained(model_id=str(folder), revision=revision, cache_dir=None, force_download=False,
+                                     local_files_only=True, token=None)
+        if device is not None and map_location is not None and device != map_location:
+            raise SpineModelError(f"{setting}: give device or map_location, not both")
+        device = device if device is not None else map_location
+        if torch_dtype is not None:
+            model = model.to(dtype=torch_dtype)
+        if device is not None:
+            model = model.to(device)
+        return model.eval()
 
     @classmethod
     def _from_pretrained(cls, *, model_id: str, **_: Any):

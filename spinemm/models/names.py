@@ -43,11 +43,12 @@ class ModelName:
         """An architecture only (a preset or a JSON config), no trained weights."""
         return self.kind == "preset" or (self.kind == "file" and self.target.lower().endswith(".json"))
 
-    def saved_folder(self, setting: str) -> Path:
+    def saved_folder(self, setting: str, revision: str | None = None) -> Path:
         """The local folder of a saved model or pipeline (hub repos are downloaded or read from the
-        hub cache). Raises for a preset or JSON config, and refuses pickle files."""
+        hub cache, at ``revision`` when given). Raises for a preset or JSON config, and refuses
+        pickle files."""
         if self.kind == "hub":
-            return download_repo(self.target, setting=setting)
+            return download_repo(self.target, setting=setting, revision=revision)
         if self.kind == "folder":
             return Path(self.target)
         if self.kind == "file":

@@ -289,7 +289,7 @@ class SpineCLIP(nn.Module, SpineHubMixin):
             kind = "" if isinstance(exc, SpineError) else f"{type(exc).__name__}: "
             raise SpineModelError(f"{folder / CONFIG_NAME}: model_cfg does not build a model ({kind}{exc})") from exc
         load_weights(model, folder / WEIGHTS_NAME)
-        return model
+        return model.eval()  # loaded to be used: dropout off, as transformers' from_pretrained does
 
     def card_facts(self) -> dict[str, Any]:
         return {

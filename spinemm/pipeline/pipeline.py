@@ -61,11 +61,21 @@ class SpinePipeline(SpineHubMixin):
     def stages(self) -> list[str]:
         return [name for name in STAGE_ORDER if getattr(self, name) is not None]
 
-    def to(self, device: torch.device | str) -> SpinePipeline:
-        self.detect.model.to(device)
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SpinePipeline:
+        """Every stage's model moved to ``device`` and/or cast to ``dtype`` (in place; returns self)."""
+        kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+        self.detect.model.to(**kwargs)
         for stage in (self.locate, self.grade):
             if stage is not None:
-                stage.to(device)
+                stage.to(**kwargs)
+        return self
+
+    def eval(self) -> SpinePipeline:
+        """Every stage's model in eval mode (loading does this; :meth:`run` reads in eval mode anyway)."""
+        self.detect.model.eval()
+        for stage in (self.locate, self.grade):
+            if stage is not None:
+                stage.eval()
         return self
 
     def __repr__(self) -> str:
@@ -239,7 +249,7 @@ def load_pipeline(source: str | os.PathLike) -> SpinePipeline:
             raise SpineModelError(err if str(folder) in str(err) else f"{folder / PIPELINE_CONFIG}: grade: {err}") \
                 from None
         check_finite(pipeline.grade, folder / "grade.safetensors")
-    return pipeline
+    return pipeline.eval()
 
 
 def _read_pipeline_json(path: Path) -> dict[str, Any]:
