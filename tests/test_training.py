@@ -63,6 +63,31 @@ def test_config_override_forms_and_errors(tmp_path):
         config_from_argv(["--train.epochs"])
     with pytest.raises(SpineModelError, match="true or false"):
         load_config(None, ["log.progress=maybe"])
+    with pytest.raises(SpineModelError, match="'train.epochs' must be an integer, got 'abc'"):
+        load_config(None, ["train.epochs=abc"])
+    with pytest.raises(SpineModelError, match="'optim.lr' must be a number"):
+        load_config(None, ["optim.lr=fast"])
+    assert load_config(None, ["train.epochs=1e1"])["train"]["epochs"] == 10  # a whole float for an int
+
+
+def test_a_data_root_given_alone_never_becomes_a_phantom(tmp_path):
+    from types import SimpleNamespace
+
+    from spinemm.errors import SpineDataError
+    from spinemm.training.common import prepare_root
+
+    path = tmp_path / "c.yaml"
+    path.write_text(f"data:\n  root: {tmp_path / 'p'}\n  phantom: {{n_studies: 3, n_test: 1, image_size: 32}}\n")
+    assert load_config(path)["data"]["phantom"]  # the config asks for a phantom beside its root
+    typo = tmp_path / "rsna-typo"
+    config = load_config(path, [f"data.root={typo}"])
+    assert config["data"]["phantom"] is None  # the YAML's phantom was for the YAML's root
+    main = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
+    with pytest.raises(SpineDataError, match=f"{typo}/train.csv does not exist"):
+        prepare_root(config, main)
+    assert not typo.exists()  # nothing written there
+    both = load_config(path, [f"data.root={typo}", "data.phantom.seed=1"])
+    assert both["data"]["phantom"]["seed"] == 1  # asked for together: a phantom is written there
 
 
 # -------------------------------------------------------------------------------------- checkpoint

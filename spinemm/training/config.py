@@ -209,11 +209,24 @@ def _check_key(defaults: dict[str, Any], dotted: str, where: str) -> None:
 
 
 def _coerce(default: Any, value: Any, dotted: str) -> Any:
-    """Keep YAML's type, except ints where the default is a float (``lr=1`` means 1.0)."""
-    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+    """Keep YAML's type, checked against the default's: ints where the default is a float
+    (``lr=1`` means 1.0), a whole float where it is an int (``1e3``); anything else of the wrong
+    type is a SpineModelError naming the key (``train.epochs=abc``)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            _fail(f"config key {dotted!r} must be true or false, got {value!r}")
+    elif isinstance(default, int):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if not (number and isinstance(value, int)):
+            _fail(f"config key {dotted!r} must be an integer, got {value!r}")
+    elif isinstance(default, float):
+        if not number:
+            _fail(f"config key {dotted!r} must be a number, got {value!r}")
         return float(value)
-    if isinstance(default, bool) and not isinstance(value, bool):
-        _fail(f"config key {dotted!r} must be true or false, got {value!r}")
+    elif isinstance(default, str) and value is not None and not isinstance(value, str):
+        _fail(f"config key {dotted!r} must be a string, got {value!r}")
     return value
 
 
@@ -297,6 +310,12 @@ def load_config(path: str | Path | dict[str, Any] | None = None,
             _merge(config, value, defaults, "command line", prefix=f"{key}.")
         else:
             set_dotted(config, key, value, defaults)
+    given = {f"{key}.{sub}" for key, value in pairs if isinstance(value, dict) for sub in value}
+    given |= {key for key, value in pairs if not isinstance(value, dict)}
+    if "data" in config and "data.root" in given and not any(k.startswith("data.phantom") for k in given):
+        # a phantom is written only into the root it was asked for beside: data.root given on its
+        # own (a real data folder, or a typo of one) never turns into a synthetic dataset
+        config["data"]["phantom"] = None
     return config
 
 
