@@ -30,7 +30,8 @@ def _cmd_phantom(args: argparse.Namespace) -> None:
     root = make_phantom(args.root, n_studies=args.n_studies, n_test=args.n_test, seed=args.seed,
                         image_size=args.image_size, label_noise=args.label_noise, progress=not args.quiet,
                         workers=args.workers, variety=args.variety, oblique_axial=args.oblique_axial,
-                        axial_slices=tuple(args.axial_slices) if args.axial_slices else None)
+                        axial_slices=tuple(args.axial_slices) if args.axial_slices else None,
+                        overwrite=args.overwrite)
     info = json.loads((Path(root) / "phantom_info.json").read_text())
     print(f"phantom written to {root}: {args.n_studies} train studies, {info.get('n_test')} test studies")
     print(f"  prior-only score {info['prior_score']:.4f}   oracle floor {info['oracle_score']:.4f}")
@@ -163,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("phantom", "write the synthetic RSNA-layout phantom dataset", _cmd_phantom)
     p.add_argument("root", help="the folder to write (created)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a phantom already there, finished or interrupted (never other data)")
     p.add_argument("--n-studies", type=int, default=60, help="train studies")
     p.add_argument("--n-test", type=int, default=None, help="test studies (default: a fifth of --n-studies, at least 2)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes the same files")
@@ -248,6 +251,9 @@ def run_guarded(func: Callable[[], Any], name: str, debug: bool) -> int:
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader closed the pipe (`spinemm evaluate ... | head -2`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return EXIT_OK
     except Exception as err:
         if debug:
             raise

@@ -21,6 +21,36 @@ def test_phantom_command_writes_layout_and_reports_scores(tmp_path, capsys):
     assert (root / "train.csv").exists() and (root / "test_series_descriptions.csv").exists()
 
 
+def test_phantom_overwrite_replaces_a_phantom_and_never_other_data(tmp_path, capsys):
+    args = ["phantom", str(tmp_path / "ph"), "--n-studies", "2", "--n-test", "2", "--image-size", "24", "--quiet"]
+    assert main(args) == 0
+    first = (tmp_path / "ph" / "train.csv").read_bytes()
+    assert main(args) == 2 and "--overwrite" in capsys.readouterr().err  # refused, and told the way out
+    assert main([*args, "--overwrite"]) == 0 and (tmp_path / "ph" / "train.csv").read_bytes() == first
+    assert not (tmp_path / "ph" / ".phantom-unfinished").exists()
+    # an interrupted phantom (its marker, some images, no tables) is replaced too
+    (tmp_path / "ph" / "phantom_info.json").unlink()
+    (tmp_path / "ph" / ".phantom-unfinished").write_text("")
+    assert main([*args, "--overwrite"]) == 0
+    # a folder of real data is never deleted
+    real = tmp_path / "rsna"
+    (real / "train_images").mkdir(parents=True)
+    (real / "train.csv").write_text("study_id\n1\n")
+    assert main(["phantom", str(real), "--overwrite", "--quiet"]) == 2
+    assert "refusing to overwrite" in capsys.readouterr().err and (real / "train.csv").read_text() == "study_id\n1\n"
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path):
+    import subprocess
+    import sys
+
+    script = ("import sys; from spinemm.cli import run_guarded; "
+              "sys.exit(run_guarded(lambda: [print('x' * 100) for _ in range(100_000)], 'spinemm x', False))")
+    proc = subprocess.run(["bash", "-c", f'{sys.executable} -c "{script}" | head -1; echo "rc=${{PIPESTATUS[0]}}"'],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.stdout.splitlines() == ["x" * 100, "rc=0"] and proc.stderr == "", proc.stderr
+
+
 def test_inspect_summarises_and_draws(phantom_root, tmp_path, capsys):
     png = tmp_path / "montage.png"
     assert main(["inspect", str(phantom_root), "--png", str(png)]) == 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +64,8 @@ _OUTPUTS = (
     "train_images",
     "test_images",
 )
+#: Written first and removed last: a folder holding it is an interrupted phantom.
+_UNFINISHED = ".phantom-unfinished"
 
 
 def noise_transition(label_noise: float) -> np.ndarray:
@@ -168,6 +171,7 @@ def make_phantom(
     oblique_axial: float = 0.0,
     axial_slices: tuple[int, int] | None = None,
     variety: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write a synthetic RSNA 2024 Lumbar Spine dataset under ``root`` and return ``root``.
 
@@ -195,7 +199,9 @@ def make_phantom(
     MONOCHROME1 and, where pydicom can encode them, JPEG 2000, JPEG-LS and RLE lossless files;
     ``image_size`` is then unused. Worker processes are spawned, so a script that asks for them must
     call ``make_phantom`` under ``if __name__ == "__main__":``, as for a DataLoader's workers. Same arguments give byte-identical tables and identical pixels, whatever ``workers``. ``root`` must not already hold
-    phantom outputs (else SpineDataError). Raises ValueError on bad arguments.
+    phantom outputs (else SpineDataError), unless ``overwrite``: then a phantom there, finished or
+    interrupted, is deleted first (never a folder make_phantom did not write). Raises ValueError on
+    bad arguments.
     """
     n_test = max(2, n_studies // 5) if n_test is None else n_test
     _check_args(n_studies, n_test, image_size, label_noise, workers)
@@ -209,10 +215,14 @@ def make_phantom(
             or not 1 <= axial_slices[0] <= axial_slices[1]:
         raise ValueError(f"axial_slices must be two integers 1 <= fewest <= most, got {axial_slices!r}")
     root = Path(root)
+    if overwrite:
+        _remove_phantom(root)
     clash = [name for name in _OUTPUTS if (root / name).exists()]
     if clash:
-        raise SpineDataError(f"{root} already holds phantom outputs {clash}; use an empty folder")
+        raise SpineDataError(f"{root} already holds phantom outputs {clash}; use an empty folder, or "
+                             f"overwrite=True (spinemm phantom --overwrite) if it is a phantom")
     root.mkdir(parents=True, exist_ok=True)
+    (root / _UNFINISHED).write_text("make_phantom is writing here; removed when it has finished\n")
 
     n_total = n_studies + n_test
     ids_ss, labels_ss, coords_ss, images_ss = np.random.SeedSequence(seed).spawn(4)
@@ -307,4 +317,21 @@ def make_phantom(
         info["variety"] = variety
         info["transfer_syntaxes"] = list(scan.syntaxes)
     (root / "phantom_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    (root / _UNFINISHED).unlink()
     return root
+
+
+def _remove_phantom(root: Path) -> None:
+    """Delete a phantom's outputs from ``root``: only where a finished or interrupted phantom lies
+    (``phantom_info.json`` or the unfinished marker), so real data is never deleted."""
+    if not any((root / name).exists() for name in (*_OUTPUTS, _UNFINISHED)):
+        return
+    if not ((root / "phantom_info.json").is_file() or (root / _UNFINISHED).is_file()):
+        raise SpineDataError(f"{root} holds data that make_phantom did not write (no phantom_info.json): "
+                             f"refusing to overwrite it")
+    for name in (*_OUTPUTS, _UNFINISHED):
+        path = root / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
