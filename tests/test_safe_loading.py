@@ -138,6 +138,9 @@ def test_model_config_sizes_are_refused_before_anything_is_built(saved_model, tm
     with pytest.raises(SpineModelError, match=re.escape(words)):
         load_model(folder)
     assert time.perf_counter() - start < 5  # refused, not allocated
+    from spinemm.models.config import BOUNDS
+
+    assert BOUNDS["FusionConfig.layers"] == (0, 64)  # the bound the first case names
 
 
 # --- pipeline.json ---------------------------------------------------------------------------------

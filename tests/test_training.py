@@ -141,6 +141,34 @@ def test_interrupted_save_leaves_previous_checkpoint_loadable(tmp_path, monkeypa
 # ------------------------------------------------------------------------------------- severity run
 
 
+def test_resume_knows_its_run_and_keep_last_keeps_the_newest_writes(tmp_path):
+    accelerator, model, optimizer = _toy_accelerator(tmp_path)
+    config = load_config(None, ["train.epochs=3"])
+    settings = ckpt_mod.run_settings(config)
+    assert "train.epochs" in settings and "data.num_workers" not in settings and "log.progress" not in settings
+    assert ckpt_mod.resolve_resume(None, tmp_path, settings) is None  # an empty folder: a fresh start
+    said = []
+    assert ckpt_mod.resolve_resume("latest", tmp_path, settings, say=said.append) is None
+    assert said == [f"resume=latest: no checkpoint in {tmp_path}; starting a new run"]
+    for step in (15, 20):  # an earlier run, further along
+        ckpt_mod.save_checkpoint(accelerator, tmp_path, step, {"run_settings": settings}, keep_last=2)
+    other = ckpt_mod.run_settings(load_config(None, ["train.epochs=1", "optim.lr=1e-4"]))
+    with pytest.raises(SpineModelError, match=r"checkpoint-20 was written by a run with other settings "
+                                              r"\(optim.lr 0.0003 -> 0.0001, train.epochs 3 -> 1\): resume=force"):
+        ckpt_mod.resolve_resume("latest", tmp_path, other)
+    assert ckpt_mod.resolve_resume("force", tmp_path, other).name == "checkpoint-20"
+    assert ckpt_mod.resolve_resume("latest", tmp_path, settings).name == "checkpoint-20"  # the same run resumes
+    with pytest.raises(SpineModelError, match="holds checkpoints of an earlier run.*checkpoint.overwrite=true"):
+        ckpt_mod.resolve_resume(None, tmp_path, other)
+    # told to overwrite, the old run's checkpoints go before the new run writes any
+    assert ckpt_mod.resolve_resume(None, tmp_path, other, overwrite=True) is None
+    assert list_checkpoints(tmp_path) == []
+    # keep_last keeps the newest by write order, even when an older run left a higher step
+    for step in (30, 1, 2):
+        ckpt_mod.save_checkpoint(accelerator, tmp_path, step, {}, keep_last=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-1", "checkpoint-2"]
+
+
 @pytest.fixture(scope="module")
 def full_run(phantom_root, tmp_path_factory):
     """The uninterrupted reference run: 2 epochs x 3 steps."""
@@ -272,6 +300,20 @@ def test_stop_then_resume_matches_uninterrupted(full_run, phantom_root, tmp_path
     again = _run(phantom_root, tmp_path, "resume=latest")
     assert again["state"].step == 6
     _assert_same_run(reference, ref_out, again, tmp_path)
+
+
+def test_a_recipe_refuses_another_runs_checkpoints(full_run, phantom_root, tmp_path):
+    import shutil
+
+    _, ref_out = full_run
+    out = tmp_path / "run"
+    shutil.copytree(ref_out, out)
+    with pytest.raises(SpineModelError, match=r"other settings \(optim.lr 0.002 -> 0.0001"):
+        _run(phantom_root, out, "optim.lr=1e-4", "resume=latest")
+    with pytest.raises(SpineModelError, match="holds checkpoints of an earlier run"):
+        _run(phantom_root, out, "optim.lr=1e-4")
+    fresh = _run(phantom_root, out, "optim.lr=1e-4", "checkpoint.overwrite=true")
+    assert fresh["state"].step == 6
 
 
 def test_kill_during_save_then_resume(full_run, phantom_root, tmp_path, monkeypatch):

@@ -47,17 +47,79 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def resolve_resume(resume: str | Path | None, output_dir: str | Path) -> Path | None:
-    """``None`` -> None; ``"latest"`` -> the newest checkpoint of ``output_dir`` (None if there is
-    none, so a first run with ``resume=latest`` simply starts); a path -> that checkpoint."""
+#: Keys that may change between a run and its resume: where things are kept and how fast they
+#: run, not what is trained (and the stop_at_step of any section, which tests a kill).
+OPERATIONAL = ("data.cache_dir", "data.num_workers", "data.eval_batch_size", "data.phantom", "train.compile")
+#: The config sections that decide what a fit trains; a stage adds its own section.
+RUN_SECTIONS = ("init_from", "model", "data", "split", "train", "optim", "lora")
+
+
+def run_settings(config: dict[str, Any], sections: tuple[str, ...] = ()) -> dict[str, str]:
+    """The settings a checkpoint records and a resume must match: ``RUN_SECTIONS`` plus
+    ``sections``, flattened to dotted keys (values as text), without :data:`OPERATIONAL` keys."""
+    out: dict[str, str] = {}
+
+    def walk(value: Any, key: str) -> None:
+        if isinstance(value, dict) and value:
+            for sub, item in value.items():
+                walk(item, f"{key}.{sub}")
+        elif not (key in OPERATIONAL or any(key.startswith(o + ".") for o in OPERATIONAL)
+                  or key.endswith(".stop_at_step")):
+            out[key] = json.dumps(value, sort_keys=True, default=str)
+
+    for section in (*RUN_SECTIONS, *sections):
+        if section in config:
+            walk(config[section], section)
+    return out
+
+
+def resolve_resume(resume: str | Path | None, output_dir: str | Path, settings: dict[str, str] | None = None,
+                   overwrite: bool = False, say: Any = print) -> Path | None:
+    """The checkpoint a run starts from, or None for a fresh start.
+
+    - ``None``: a fresh run; a folder already holding checkpoints (another run's) is refused,
+      unless ``overwrite``, which deletes them first (so no old checkpoint outlives the new run);
+    - ``"latest"``: the newest checkpoint of ``output_dir``, refused (naming the keys) when it was
+      written with other ``settings`` (:func:`run_settings`); no checkpoint: a fresh start, said;
+    - ``"force"``: the newest checkpoint whatever its settings;
+    - a path: that checkpoint, checked like ``"latest"``."""
+    output_dir = Path(output_dir)
     if resume in (None, "", False):
+        found = list_checkpoints(output_dir)
+        if found and not overwrite:
+            raise SpineModelError(f"{output_dir} holds checkpoints of an earlier run ({found[-1].name}): "
+                                  f"resume=latest continues it, checkpoint.overwrite=true replaces it, or "
+                                  f"choose another output_dir")
+        for old in found:
+            shutil.rmtree(old, ignore_errors=True)
         return None
-    if str(resume) == "latest":
-        return latest_checkpoint(output_dir)
-    path = Path(resume)
-    if not (path / STATE_FILE).is_file():
-        raise SpineModelError(f"resume={resume}: {path} is not a complete checkpoint (no {STATE_FILE})")
+    if str(resume) in ("latest", "force"):
+        path = latest_checkpoint(output_dir)
+        if path is None:
+            say(f"resume={resume}: no checkpoint in {output_dir}; starting a new run")
+            return None
+    else:
+        path = Path(resume)
+        if not (path / STATE_FILE).is_file():
+            raise SpineModelError(f"resume={resume}: {path} is not a complete checkpoint (no {STATE_FILE})")
+    if str(resume) != "force" and settings is not None:
+        _check_same_run(path, settings)
     return path
+
+
+def _check_same_run(path: Path, settings: dict[str, str]) -> None:
+    try:
+        recorded = json.loads((path / STATE_FILE).read_text()).get("run_settings")
+    except (OSError, ValueError, AttributeError):
+        return  # an unreadable state file is named by load_checkpoint
+    if not isinstance(recorded, dict):
+        return  # written before checkpoints recorded their settings
+    changed = sorted(k for k in set(recorded) | set(settings) if recorded.get(k) != settings.get(k))
+    if changed:
+        shown = ", ".join(f"{k} {recorded.get(k, '(unset)')} -> {settings.get(k, '(unset)')}" for k in changed[:4])
+        raise SpineModelError(f"{path} was written by a run with other settings ({shown}"
+                              f"{f' and {len(changed) - 4} more' if len(changed) > 4 else ''}): resume=force "
+                              f"resumes it anyway; a new run needs another output_dir or checkpoint.overwrite=true")
 
 
 def _commit(tmp: Path, final: Path) -> None:
@@ -96,8 +158,9 @@ def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, state: 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _commit(tmp, final)
-        if keep_last:
-            for old in list_checkpoints(root)[:-keep_last]:
+        if keep_last:  # the newest by write order, never an older run's higher-numbered ones
+            by_write = sorted(list_checkpoints(root), key=lambda p: (p / STATE_FILE).stat().st_mtime_ns)
+            for old in by_write[:-keep_last]:
                 if old != final:
                     shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()

@@ -38,7 +38,7 @@ def _fields(cls: type) -> dict[str, Any]:
 DEFAULTS: dict[str, Any] = {
     "output_dir": "runs/severity",
     "init_from": None,  # a model dir (e.g. pretrain_clip's output/model) to start from
-    "resume": None,  # null | "latest" | path to a checkpoint-STEP dir
+    "resume": None,  # null | "latest" (checked against the run's settings) | "force" | a checkpoint-STEP dir
     "model": {
         "name": "spine-tiny",  # spinemm.list_models() preset
         "kwargs": {},  # create_model(name, **kwargs) config overrides, e.g. {text.type: none}
@@ -88,7 +88,9 @@ DEFAULTS: dict[str, Any] = {
         "max_grad_norm": 1.0,
     },
     "lora": {"r": 0, "alpha": 16, "dropout": 0.05, "targets": None},
-    "checkpoint": {"every_steps": 50, "keep_last": 2},
+    # overwrite: a new run (resume null) into an output_dir holding an earlier run's checkpoints
+    # deletes them first; false refuses (resume=latest continues that run, resume=force whatever it was)
+    "checkpoint": {"every_steps": 50, "keep_last": 2, "overwrite": False},
     "log": {"tensorboard": True, "progress": True, "every_steps": 10},
     "pretrain": {  # recipes/pretrain_clip.py; other sections (data, split, train, optim, lora) are shared
         "output_dir": "runs/pretrain",
@@ -213,6 +215,8 @@ def _coerce(default: Any, value: Any, dotted: str) -> Any:
     (``lr=1`` means 1.0), a whole float where it is an int (``1e3``); anything else of the wrong
     type is a SpineModelError naming the key (``train.epochs=abc``)."""
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if value is None and not isinstance(default, bool):
+        return None  # null: unset, the key's documented fallback
     if isinstance(default, bool):
         if not isinstance(value, bool):
             _fail(f"config key {dotted!r} must be true or false, got {value!r}")
@@ -225,7 +229,7 @@ def _coerce(default: Any, value: Any, dotted: str) -> Any:
         if not number:
             _fail(f"config key {dotted!r} must be a number, got {value!r}")
         return float(value)
-    elif isinstance(default, str) and value is not None and not isinstance(value, str):
+    elif isinstance(default, str) and not isinstance(value, str):
         _fail(f"config key {dotted!r} must be a string, got {value!r}")
     return value
 

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from ..errors import SpineModelError
-from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from .checkpoint import load_checkpoint, resolve_resume, run_settings, save_checkpoint
 from .config import flat
 
 StepFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -233,14 +233,17 @@ def _batch_size(batch: dict) -> int:
 
 def fit(accelerator: Any, model: torch.nn.Module, optimizer: Any, scheduler: Any, train_loader: DataLoader,
         sampler: EpochSampler, step_fn: StepFn, eval_fn: EvalFn, config: dict[str, Any], output_dir: Path,
-        on_best: Callable[[dict[str, Any]], None] | None = None) -> tuple[TrainState, dict[str, Any] | None]:
+        on_best: Callable[[dict[str, Any]], None] | None = None,
+        watch: tuple[str, ...] = ()) -> tuple[TrainState, dict[str, Any] | None]:
     """Train until the epochs / max_steps budget is spent, resuming from ``config["resume"]``.
 
     All objects must already be prepared by ``accelerator``. ``step_fn(model, batch)`` returns the
     loss and a dict of scalar tensors to log; ``eval_fn(model)`` returns metrics with ``"score"``
     (lower is better), called on every process. ``on_best(metrics)`` runs when the selection score
     (:func:`selection_score` over ``train.select_window`` evaluations) improves. Returns the final
-    state and the last evaluation's metrics (None if nothing ran).
+    state and the last evaluation's metrics (None if nothing ran). Each checkpoint records the run's
+    settings (:func:`~.checkpoint.run_settings` of the shared sections and ``watch``, the stage's own
+    section), which a resume must match (``resume=force`` skips the check).
     """
     train, ckpt, log = config["train"], config["checkpoint"], config["log"]
     select_window = int(train.get("select_window", 1))
@@ -248,7 +251,9 @@ def fit(accelerator: Any, model: torch.nn.Module, optimizer: Any, scheduler: Any
     grad_accum = accelerator.gradient_accumulation_steps
     _, total = budget(config, len(train_loader), grad_accum)
     state = TrainState()
-    resume = resolve_resume(config.get("resume"), output_dir)
+    settings = run_settings(config, watch)
+    resume = resolve_resume(config.get("resume"), output_dir, settings, bool(ckpt.get("overwrite")),
+                            say=accelerator.print)
     if resume is not None:
         state = TrainState.from_dict(load_checkpoint(accelerator, resume))
         state.stopped = False
@@ -259,7 +264,8 @@ def fit(accelerator: Any, model: torch.nn.Module, optimizer: Any, scheduler: Any
 
     def checkpoint() -> None:
         nonlocal saved_step
-        save_checkpoint(accelerator, output_dir, state.step, asdict(state), keep_last=ckpt["keep_last"])
+        save_checkpoint(accelerator, output_dir, state.step, {**asdict(state), "run_settings": settings},
+                        keep_last=ckpt["keep_last"])
         saved_step = state.step
 
     bar = tqdm(total=total, initial=state.step, desc="train", unit="step",

@@ -227,7 +227,7 @@ def pretrain_clip(config: dict[str, Any] | str | Path | None = None, overrides: 
         accelerator.wait_for_everyone()
 
     state, metrics = fit(accelerator, objective, optimizer, scheduler, run.train_loader, run.sampler, step, eval_fn,
-                         config, output_dir, on_best=on_best)
+                         config, output_dir, on_best=on_best, watch=("pretrain",))
     result = {"output_dir": output_dir, "model_dir": None, "best_dir": output_dir / "best", "metrics": metrics,
               "history": state.history, "state": state, "stopped": state.stopped,
               "roi_side_mm": model.config.roi_side_mm}

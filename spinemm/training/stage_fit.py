@@ -84,7 +84,7 @@ def fit_stage(config: dict[str, Any], section: str, module: torch.nn.Module, tra
         accelerator.wait_for_everyone()
 
     state, metrics = fit(accelerator, wrapped, optimizer, scheduler, loader, sampler, step_fn,
-                         lambda _: eval_fn(module), run, output_dir, on_best=on_best)
+                         lambda _: eval_fn(module), run, output_dir, on_best=on_best, watch=(section,))
     if state.stopped:
         return state, None
     if "state" in best:
