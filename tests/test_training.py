@@ -176,6 +176,17 @@ def full_run(phantom_root, tmp_path_factory):
     return _run(phantom_root, out, "log.tensorboard=true"), out
 
 
+def test_the_model_card_says_what_the_model_was_trained_on(full_run):
+    result, out = full_run
+    card = (out / "model" / "README.md").read_text()
+    head = card.split("## Use")[0]
+    assert "synthetic phantom, not on MRI of people" in head  # said first, not only among the caveats
+    assert "training and 2 validation studies of `" in card and "seed 0" in card
+    assert "Not recorded" not in card and "None recorded" not in card
+    assert f"| score | {round(result['metrics']['score'], 4)} |" in card
+    assert "| phantom prior-only score |" in card and "| phantom oracle score |" in card
+
+
 def test_train_severity_outputs(full_run, phantom_root):
     result, out = full_run
     assert result["stopped"] is False and result["state"].step == 6 and result["num_processes"] == 1

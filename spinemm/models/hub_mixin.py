@@ -29,7 +29,10 @@ CARD_TEMPLATE = """---
 ---
 
 # {{ title }}
-
+{% if phantom %}
+> **Trained on spinemm's synthetic phantom, not on MRI of people.** Its numbers say how well the
+> code learns a known synthetic task, nothing about real scans. Not for clinical use.
+{% endif %}
 {{ summary }}
 
 - Architecture preset: `{{ preset }}`

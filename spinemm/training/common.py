@@ -8,6 +8,7 @@ tiny preset can train at 32 px) and must agree with it when the model is loaded 
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,18 +143,43 @@ def seed_everything(seed: int) -> None:
     set_seed(int(seed))
 
 
-def save_model(model: torch.nn.Module, directory: str | Path) -> Path:
-    """``save_pretrained(directory)``, loadable by :func:`spinemm.load_model`. A LoRA model is saved
-    merged (a copy; ``merge_lora`` checks the merge numerically) with its adapter in ``directory/adapter``."""
+def model_card(run: Run, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The model card's facts of a run (``save_pretrained(model_card_kwargs=...)``): what it was
+    trained on (folder, studies, split, whether it is spinemm's synthetic phantom and its seed),
+    its validation metrics (scalars) and, for a phantom, the prior-only and oracle scores that
+    bracket them."""
+    split = run.config["split"]
+    how = (f"fold {split['fold']} of {split['folds']}" if split.get("fold") is not None
+           else f"a {split['val_fraction']:.0%} hold-out")
+    data = (f"{len(run.train_ids)} training and {len(run.val_ids)} validation studies of `{run.root.name}` "
+            f"(study-level split: {how}, seed {split['seed']})")
+    scalars = {k: round(float(v), 4) for k, v in (metrics or {}).items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v}
+    info_path = run.root / "phantom_info.json"
+    phantom = info_path.is_file()
+    if phantom:
+        info = json.loads(info_path.read_text())
+        variety = f", variety {info['variety']}" if info.get("variety") else ""
+        data += (f". The data is spinemm's synthetic phantom (seed {info.get('seed')}, {info.get('n_studies')} "
+                 f"studies{variety}), not MRI of people")
+        scalars.update({"phantom prior-only score": info.get("prior_score"),
+                        "phantom oracle score": info.get("oracle_score")})
+    return {"training_data": data + ".", "metrics": scalars, "phantom": phantom}
+
+
+def save_model(model: torch.nn.Module, directory: str | Path, card: dict[str, Any] | None = None) -> Path:
+    """``save_pretrained(directory)``, loadable by :func:`spinemm.load_model`, with the model card's
+    ``card`` facts (:func:`model_card`). A LoRA model is saved merged (a copy; ``merge_lora`` checks
+    the merge numerically) with its adapter in ``directory/adapter``."""
     if getattr(model, "lora_config", None) is None:
-        return model.save_pretrained(directory)
+        return model.save_pretrained(directory, model_card_kwargs=card)
     from ..models.lora import merge_lora, save_adapter
 
     save_adapter(model, Path(directory) / "adapter")
     # A model prepared for mixed precision runs forward under autocast; the merge check compares
     # outputs in fp32 (to 1e-4), so the copy gets its own forward back (the model keeps autocast)
     plain = extract_model_from_parallel(copy.deepcopy(model), keep_fp32_wrapper=False)
-    return merge_lora(plain).save_pretrained(directory)
+    return merge_lora(plain).save_pretrained(directory, model_card_kwargs=card)
 
 
 @dataclass

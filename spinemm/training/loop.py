@@ -23,7 +23,7 @@ import torch
 
 from ..files import write_atomic
 from ..losses import location_loss, severity_loss
-from .common import prepare_training, save_model, setup_run
+from .common import model_card, prepare_training, save_model, setup_run
 from .config import load_config
 from .engine import TrainState, fit
 from .evaluate import SCALAR_METRICS, evaluate_model, write_predictions
@@ -72,7 +72,7 @@ def train_severity(config: dict[str, Any] | str | Path | None = None, overrides:
 
     def on_best(metrics: dict[str, Any]) -> None:
         if accelerator.is_main_process:
-            save_model(accelerator.unwrap_model(model), output_dir / "best")
+            save_model(accelerator.unwrap_model(model), output_dir / "best", model_card(run, _scalars(metrics)))
             write_predictions(last["result"], output_dir / "best")
         accelerator.wait_for_everyone()
 
@@ -85,7 +85,7 @@ def train_severity(config: dict[str, Any] | str | Path | None = None, overrides:
     if metrics is None:  # resumed after the run had finished: evaluate the restored model again
         metrics = eval_fn(model)
     if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), output_dir / "model")
+        save_model(accelerator.unwrap_model(model), output_dir / "model", model_card(run, _scalars(metrics)))
         write_predictions(last["result"], output_dir)
     result.update(model_dir=output_dir / "model", metrics=_scalars(metrics))
     summary = {**{k: v for k, v in result.items() if k not in ("output_dir", "model_dir", "best_dir", "state")},

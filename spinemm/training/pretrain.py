@@ -40,7 +40,7 @@ from ..metrics import classification_report
 from ..models.prompt_classifier import build_zero_shot_classifier
 from ..pipeline.detect import preprocess_settings
 from ..text import severity_prompts
-from .common import prepare_training, save_model, start_run
+from .common import model_card, prepare_training, save_model, start_run
 from .config import load_config
 from .engine import fit, make_loader
 
@@ -221,9 +221,9 @@ def pretrain_clip(config: dict[str, Any] | str | Path | None = None, overrides: 
     def eval_fn(_: nn.Module) -> dict[str, Any]:
         return evaluate_pairs(inner(), val_pairs, positives)
 
-    def on_best(_: dict[str, Any]) -> None:
+    def on_best(metrics: dict[str, Any]) -> None:
         if accelerator.is_main_process:
-            save_model(inner(), output_dir / "best")
+            save_model(inner(), output_dir / "best", model_card(run, metrics))
         accelerator.wait_for_everyone()
 
     state, metrics = fit(accelerator, objective, optimizer, scheduler, run.train_loader, run.sampler, step, eval_fn,
@@ -236,7 +236,7 @@ def pretrain_clip(config: dict[str, Any] | str | Path | None = None, overrides: 
     if metrics is None:  # resumed after the run had finished
         metrics = result["metrics"] = eval_fn(objective)
     if accelerator.is_main_process:
-        save_model(inner(), output_dir / "model")
+        save_model(inner(), output_dir / "model", model_card(run, metrics))
         summary = {"metrics": metrics, "best": {"score": state.best_score, "epoch": state.best_epoch,
                                                 "step": state.best_step},
                    "history": state.history, "steps": state.step, "roi_side_mm": model.config.roi_side_mm,

@@ -21,7 +21,7 @@ from typing import Any
 from ..errors import SpineModelError
 from ..files import write_atomic
 from ..pipeline.pipeline import STAGE_ORDER, load_pipeline
-from .common import start_run
+from .common import model_card, start_run
 from .config import load_config
 from .grade import train_grade
 from .locate import train_locate
@@ -66,7 +66,9 @@ def train_stages(config: dict[str, Any] | str | Path | None = None, overrides: A
         trained["stage"].requires_grad_(False)
         setattr(pipeline, name, trained["stage"].eval())
     if run.accelerator.is_main_process:
-        pipeline.save_pretrained(output_dir / "pipeline")
+        metrics = {f"{name} {key}": value for name, stage in result["stages"].items()
+                   for key, value in (stage["metrics"] or {}).items()}
+        pipeline.save_pretrained(output_dir / "pipeline", model_card_kwargs=model_card(run, metrics))
         summary = {"stages": result["stages"], "pipeline_stages": pipeline.stages,
                    "train_studies": len(run.train_ids), "val_studies": len(run.val_ids)}
         write_atomic(output_dir / "metrics.json", json.dumps(summary, indent=2, default=str).encode())
