@@ -144,6 +144,29 @@ def test_adapter_save_load_reproduces_outputs(tmp_path):
         load_adapter(spinemm.create_model("spine-tiny"), tmp_path / "nowhere")
 
 
+def test_save_pretrained_of_a_lora_model_loads_back_adapter_or_merged(tmp_path):
+    model = add_lora(_model(), r=4)
+    _perturb_adapters(model)
+    batch = probe_batch(model)
+    expected = _outputs(model, batch)
+    model.save_pretrained(tmp_path / "adapter")
+    assert {"adapter_config.json", "adapter_model.safetensors", "model.safetensors"} <= \
+        {p.name for p in (tmp_path / "adapter").iterdir()}
+    loaded = spinemm.load_model(tmp_path / "adapter")
+    assert loaded.lora_config == model.lora_config and not loaded.training
+    model.save_pretrained(tmp_path / "merged", merge=True)
+    merged = spinemm.load_model(tmp_path / "merged")
+    assert getattr(merged, "lora_config", None) is None and not (tmp_path / "merged" / "adapter_config.json").exists()
+    assert model.lora_config is not None  # merging saved a copy; the model keeps its adapters
+    for got, atol in ((_outputs(loaded, batch), 0.0), (_outputs(merged, batch), 1e-5)):
+        for key in ("logits", "location"):
+            torch.testing.assert_close(got[key], expected[key], rtol=0, atol=atol, msg=key)
+    # a pickle in the adapter's place is refused, never unpickled
+    torch.save({"x": torch.zeros(1)}, tmp_path / "adapter" / "adapter_model.safetensors")
+    with pytest.raises(SpineModelError, match="adapter_model.safetensors"):
+        spinemm.load_model(tmp_path / "adapter")
+
+
 @pytest.mark.parametrize("overrides", [{}, {"vision": {"convert_attention": False}}, {"vision": TIMM_VIT}],
                          ids=["linear-attention", "multihead-attention", "timm-vit"])
 def test_merge_matches_unmerged(overrides):

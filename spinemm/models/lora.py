@@ -38,11 +38,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import SpineModelError
+from .saved import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 #: SpineCLIP attributes holding the towers; everything else (fusion, heads, projections) trains fully.
 TOWERS = ("vision", "text")
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 MERGE_TOLERANCE = 1e-4
 
 #: Tower kind -> regex (re.fullmatch on module names inside the tower) of the Linear layers to adapt.
@@ -158,6 +157,12 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             if ".lora_" in k or not k.startswith(frozen_prefixes)}
 
 
+def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's weights under a LoRA model: the LoRA weights dropped and peft's wrapped
+    layers' ``base_layer`` keys under their plain names, so a freshly built model loads them."""
+    return {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items() if ".lora_" not in k}
+
+
 def save_adapter(model: nn.Module, directory: str | Path) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (:func:`adapter_state_dict`)."""
     config = getattr(model, "lora_config", None)
@@ -185,7 +190,13 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise SpineModelError(f"{paths[0]} is not a spinemm adapter config: {err}") from err
     add_lora(model, **lora_args)
-    state = load_file(str(paths[1]))
+    from .hub import refuse_pickle
+
+    refuse_pickle(paths[1])
+    try:
+        state = load_file(str(paths[1]))
+    except Exception as err:  # safetensors' own error types: not a safetensors file
+        raise SpineModelError(f"{paths[1]}: not a valid safetensors file ({type(err).__name__}: {err})") from None
     expected = set(adapter_state_dict(model))
     absent, extra = sorted(expected - set(state)), sorted(set(state) - expected)
     if absent or extra:

@@ -16,10 +16,13 @@ from ..errors import SpineModelError
 from .hub import PICKLE_SUFFIXES, refuse_pickle, resolve_files
 from .names import PIPELINE_CONFIG
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "read_saved_config", "load_weights", "check_finite"]
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "read_saved_config", "load_weights", "check_finite"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+#: A model saved with LoRA adapters (not merged) holds its adapter beside the base weights, as peft does.
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def read_saved_config(folder: Path) -> dict[str, Any]:

@@ -15,6 +15,7 @@ Dual encoder: :meth:`encode_image` (pooled vision of single images -> ``image_pr
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -34,7 +35,15 @@ from .heads import LocationHead, SeverityHead, decode_location, pool_at_location
 from .hub import MissingHubFiles
 from .hub_mixin import SpineHubMixin
 from .registry import BuildContext, build_towers
-from .saved import CONFIG_NAME, WEIGHTS_NAME, load_weights, read_saved_config
+from .saved import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    check_finite,
+    load_weights,
+    read_saved_config,
+)
 from .towers import TextTower
 
 
@@ -244,6 +253,17 @@ class SpineCLIP(nn.Module, SpineHubMixin):
         }
 
     # -------------------------------------------------------------------------------- save/load
+    def save_pretrained(self, save_directory: str | Path, *, merge: bool = False, **kwargs: Any) -> Path:
+        """Write the model folder (:mod:`spinemm.models.hub_mixin`). A LoRA model is saved as its
+        base weights plus ``adapter_config.json`` / ``adapter_model.safetensors`` beside them, as peft
+        does, and ``load_model`` applies the adapter again; ``merge=True`` saves a copy with the
+        adapters merged into the base weights instead (checked numerically by ``merge_lora``)."""
+        if merge and getattr(self, "lora_config", None) is not None:
+            from .lora import merge_lora
+
+            return merge_lora(copy.deepcopy(self)).save_pretrained(save_directory, **kwargs)
+        return super().save_pretrained(save_directory, **kwargs)
+
     def _save_pretrained(self, save_directory: Path) -> None:
         """Write ``config.json`` (model + preprocess config), ``model.safetensors`` and tokenizer files
         (``save_pretrained`` adds the model card)."""
@@ -259,7 +279,16 @@ class SpineCLIP(nn.Module, SpineHubMixin):
             "preprocess_cfg": self.preprocess_cfg,
         }
         (out / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-        save_model(self, str(out / WEIGHTS_NAME))
+        if getattr(self, "lora_config", None) is None:
+            save_model(self, str(out / WEIGHTS_NAME))
+        else:  # peft-style: the base weights, and beside them the adapter that load_model applies
+            from safetensors.torch import save_file
+
+            from .lora import base_state_dict, save_adapter
+
+            save_file({k: v.detach().cpu().contiguous().clone() for k, v in base_state_dict(self).items()},
+                      str(out / WEIGHTS_NAME))
+            save_adapter(self, out)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(str(out))
 
@@ -289,6 +318,11 @@ class SpineCLIP(nn.Module, SpineHubMixin):
             kind = "" if isinstance(exc, SpineError) else f"{type(exc).__name__}: "
             raise SpineModelError(f"{folder / CONFIG_NAME}: model_cfg does not build a model ({kind}{exc})") from exc
         load_weights(model, folder / WEIGHTS_NAME)
+        if (folder / ADAPTER_CONFIG).is_file():  # saved with its LoRA adapters (not merged)
+            from .lora import load_adapter
+
+            load_adapter(model, folder)
+            check_finite(model, folder / ADAPTER_WEIGHTS)
         return model.eval()  # loaded to be used: dropout off, as transformers' from_pretrained does
 
     def card_facts(self) -> dict[str, Any]:
