@@ -21,21 +21,19 @@ import os
 import weakref
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .data.dicom import read_slice
-from .data.transforms import INTENSITY_PERCENTILES, intensity_window, to_unit_range
-from .errors import SpineDataError, SpineModelError
+from .data.images import load_images
+from .data.transforms import intensity_window, to_unit_range
+from .errors import SpineDataError
 from .models.prompt_classifier import Prompts, ZeroShotClassifier, build_zero_shot_classifier
 
 _CACHE_SIZE = 16
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> OrderedDict(key -> classifier)
-_NORMALIZE_MODES = ("auto", "percentile", "none")
 
 
 def _cached_classifier(
@@ -102,60 +100,6 @@ def zero_shot_classify(
 
 
 # ---------------------------------------------------------------------------------------- images
-
-
-def load_images(images: Any, image_size: int, normalize: str = "auto") -> torch.Tensor:
-    """Any supported image input -> float32 [N, 3, image_size, image_size] in [0, 1]."""
-    if normalize not in _NORMALIZE_MODES:
-        raise SpineModelError(f"normalize must be one of {_NORMALIZE_MODES}, got {normalize!r}")
-    if isinstance(images, (str, os.PathLike)):
-        images = [images]
-    if isinstance(images, (torch.Tensor, np.ndarray)):
-        batch = torch.as_tensor(
-            np.asarray(images, dtype=np.float32) if isinstance(images, np.ndarray) else images
-        )
-        batch = batch.float()
-        if batch.ndim == 3:
-            batch = batch[:, None]
-        if batch.ndim != 4:
-            raise SpineDataError(f"images must be [N, C, H, W] or [N, H, W], got shape {tuple(batch.shape)}")
-        items = list(batch)
-    else:
-        items = [
-            _read_dicom(Path(x)) if isinstance(x, (str, os.PathLike)) else torch.as_tensor(np.asarray(x), dtype=torch.float32)
-            for x in images
-        ]
-        items = [x[None] if x.ndim == 2 else x for x in items]  # [H, W] -> [1, H, W]
-    if not items:
-        raise SpineDataError("no images given")
-    return torch.stack([_prepare(img, image_size, normalize) for img in items])
-
-
-def _prepare(image: torch.Tensor, image_size: int, normalize: str) -> torch.Tensor:
-    """[C, H, W] (C = 1 or 3) -> [3, image_size, image_size] in [0, 1]."""
-    if image.ndim != 3 or image.shape[0] not in (1, 3):
-        raise SpineDataError(
-            f"each image must be [H, W], [1, H, W] or [3, H, W], got shape {tuple(image.shape)}"
-        )
-    image = image.float()
-    outside = bool(image.min() < 0 or image.max() > 1)
-    if normalize == "percentile" or (normalize == "auto" and outside):
-        low, high = np.percentile(image.numpy(), INTENSITY_PERCENTILES)  # the dataset's intensity window
-        image = ((image - low) / max(high - low, 1e-6)).clamp(0, 1)
-    elif outside:
-        raise SpineDataError("normalize='none' needs images in [0, 1]")
-    image = image.expand(3, -1, -1)
-    if image.shape[-2:] != (image_size, image_size):
-        image = F.interpolate(
-            image[None], size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False
-        )[0].clamp(0, 1)
-    return image
-
-
-def _read_dicom(path: Path) -> torch.Tensor:
-    """One greyscale DICOM slice -> [H, W] float32 physical intensities (the data layer's reader:
-    modality LUT applied, MONOCHROME1 mirrored)."""
-    return torch.from_numpy(read_slice(path)[0])
 
 
 def crop_finding(

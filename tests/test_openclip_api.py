@@ -66,3 +66,28 @@ def test_create_model_and_transforms(phantom_root):
     with torch.no_grad():
         out = model.eval()(collate([val[0], val[1]]))
     assert out["logits"].shape == (2, 25, 3)
+
+
+def test_the_transforms_take_one_image_as_open_clips_do(tmp_path):
+    import numpy as np
+    from PIL import Image
+    from test_zero_shot import _write_dicom
+
+    from spinemm.data.images import load_images
+
+    model, preprocess_train, preprocess_val = spinemm.create_model_and_transforms("spine-tiny")
+    size = model.preprocess_cfg["image_size"]
+    rng = np.random.default_rng(0)
+    grey = (rng.random((40, 50)) * 255).astype(np.uint8)
+    from_pil = preprocess_val(Image.fromarray(grey))
+    assert from_pil.shape == (3, size, size) and 0 <= float(from_pil.min()) and float(from_pil.max()) <= 1
+    torch.testing.assert_close(from_pil, load_images(grey[None].astype(np.float32), size)[0])
+    torch.testing.assert_close(preprocess_val(grey.astype(np.float32)), from_pil)  # a numpy slice
+    torch.testing.assert_close(preprocess_train(torch.from_numpy(grey).float()), from_pil)  # a tensor slice
+    stored = rng.integers(0, 1000, size=(24, 20)).astype(np.uint16)
+    _write_dicom(tmp_path / "a.dcm", stored)
+    assert preprocess_val(tmp_path / "a.dcm").shape == (3, size, size)  # a DICOM path
+    embedding = model.eval().encode_image(from_pil[None])
+    assert embedding.shape == (1, model.config.embed_dim)
+    with pytest.raises(SpineModelError, match="apply to a dataset folder"):
+        preprocess_val(grey, study_ids=[1])

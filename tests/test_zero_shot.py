@@ -9,15 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from spinemm.data.images import _read_dicom, load_images
 from spinemm.errors import SpineDataError, SpineModelError
 from spinemm.models.factory import create_model
-from spinemm.zero_shot import (
-    _read_dicom,
-    build_zero_shot_classifier,
-    crop_finding,
-    load_images,
-    zero_shot_classify,
-)
+from spinemm.zero_shot import build_zero_shot_classifier, crop_finding, zero_shot_classify
 
 PROMPTS = ["normal lumbar spine", "mild stenosis", "moderate stenosis", "severe canal stenosis"]
 

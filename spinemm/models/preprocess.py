@@ -1,6 +1,7 @@
 """open_clip-style entry points: ``create_model_and_transforms`` and ``get_tokenizer``.
 
-In open_clip the transforms turn one PIL image into a tensor. A spinemm model reads a whole study
+In open_clip the transforms turn one PIL image into a tensor; spinemm's do that too (a PIL image,
+a numpy or torch slice or a DICOM path gives the tensor ``encode_image`` reads). A spinemm model reads a whole study
 (three MRI series resampled to ``num_slices`` slices of ``image_size`` pixels), so its
 "transforms" are :class:`SpinePreprocess` objects: called on an RSNA-layout folder they give the
 :class:`~spinemm.data.SpineDataset` the model reads, augmented for training, plain for inference::
@@ -16,7 +17,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
+
+import numpy as np
+import torch
 
 from ..errors import SpineModelError
 from ..tokenizer import SpineTokenizer
@@ -42,12 +47,23 @@ class SpinePreprocess:
         cfg = model.preprocess_cfg
         return cls(int(cfg["num_slices"]), int(cfg["image_size"]), str(cfg["channels"]), augment)
 
-    def __call__(self, root: str | os.PathLike, split: str = "train", **dataset_kwargs: Any):
-        """A :class:`~spinemm.data.SpineDataset` of ``root``'s ``split`` as the model reads it;
-        ``dataset_kwargs`` (``study_ids``, ``store``, ``cache_dir``, ``seed``, ...) pass through."""
-        from ..data.dataset import SpineDataset
+    def __call__(self, source: Any, split: str = "train", **dataset_kwargs: Any):
+        """``source`` an RSNA-layout folder: a :class:`~spinemm.data.SpineDataset` of its ``split``
+        as the model reads it (``dataset_kwargs``: ``study_ids``, ``store``, ``cache_dir``, ``seed``,
+        ... pass through). Anything else, as open_clip's transforms take it (a PIL image, a numpy
+        or torch slice, a DICOM file path): the ``[3, image_size, image_size]`` tensor the model's
+        ``encode_image`` reads (:func:`~spinemm.data.images.load_images`; not augmented)."""
+        if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
+            from ..data.dataset import SpineDataset
 
-        return SpineDataset(root, split, **asdict(self), **dataset_kwargs)
+            return SpineDataset(source, split, **asdict(self), **dataset_kwargs)
+        from ..data.images import load_images
+
+        if dataset_kwargs:
+            raise SpineModelError(f"{sorted(dataset_kwargs)} apply to a dataset folder, not to one image")
+        # one slice, [H, W] or [C, H, W], is a batch of one; a PIL image or a path, a list of one
+        batch = source[None] if isinstance(source, (np.ndarray, torch.Tensor)) else [source]
+        return load_images(batch, self.image_size)[0]
 
 
 def create_model_and_transforms(
