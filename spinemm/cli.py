@@ -124,7 +124,8 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
     settings = {**({"grader": args.grader} if args.grader else {}),
                 **({"variety": args.variety, "oblique_axial": 0.3} if args.variety else {})}
-    run_demo(args.out, n_studies=args.n_studies, seed=args.seed, quick=args.quick, settings=settings)
+    run_demo(args.out, n_studies=args.n_studies, seed=args.seed, quick=args.quick, settings=settings,
+             train_seed=args.train_seed)
 
 
 def _cmd_cache(args: argparse.Namespace) -> None:
@@ -232,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo_out", help="folder for the phantom, the runs and report/")
     p.add_argument("--n-studies", type=int, default=None, help="phantom train studies (default: 160, 8 with --quick)")
     p.add_argument("--seed", type=int, default=0, help="seed of the phantom, the split and training")
+    p.add_argument("--train-seed", type=int, default=None,
+                   help="seed of the split and training alone (default: --seed): the same data, another run")
     p.add_argument("--quick", action="store_true", help="a much smaller run, for smoke tests")
     p.add_argument("--variety", choices=["kaggle"], default=None,
                    help="train and test on studies shaped like the real set (spinemm phantom --variety, "

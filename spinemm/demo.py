@@ -93,9 +93,12 @@ def _grader(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_demo(out: str | Path = "demo_out", n_studies: int | None = None, seed: int = 0,
-             quick: bool = False, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+             quick: bool = False, settings: dict[str, Any] | None = None,
+             train_seed: int | None = None) -> dict[str, Any]:
     """Run the demo into ``out``; returns the metrics dict also written to ``out/report/metrics.json``.
 
+    ``seed`` writes the phantom and, unless ``train_seed`` is given, seeds the split and training
+    (``train_seed``: the same data, another training; ``benchmarks/seed_spread.py --fixed-data``).
     ``settings`` overrides entries of :data:`DEMO` (or :data:`QUICK`), e.g. fewer epochs."""
     from .data.phantom import make_phantom
     from .data.store import SeriesStore
@@ -123,7 +126,7 @@ def run_demo(out: str | Path = "demo_out", n_studies: int | None = None, seed: i
     settings = {**base, **(settings or {})}
     if n_studies is not None:
         settings.update(n_studies=n_studies, n_test=max(2, n_studies // 4))
-    config = load_config(demo_config(out, settings, seed))
+    config = load_config(demo_config(out, settings, seed if train_seed is None else train_seed))
     report = out / "report"
     report.mkdir(parents=True, exist_ok=True)
 

@@ -88,3 +88,29 @@ def test_cache_scale_benchmark_reports_each_size(phantom_root):
 # tests/test_base_presets.py::test_gpu_check_dry_run_writes_one_table (the GPU check's dry run).
 
 
+
+
+def test_seed_spread_reports_each_seed_and_resumes_without_training_again(tmp_path, capsys, monkeypatch):
+    import json
+    import subprocess
+
+    spec = importlib.util.spec_from_file_location("seed_spread", BENCHMARKS / "seed_spread.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for seed, (gap, within) in {0: (0.75, 0.96), 1: (0.70, 0.92), 2: (0.62, 0.90)}.items():
+        folder = tmp_path / f"seed{seed}"
+        folder.mkdir()
+        (folder / "heldout.json").write_text(json.dumps({
+            "test_detect": {"gap_closed": 0.1}, "test_pipeline": {"score": 0.5, "gap_closed": gap},
+            "locations": {"within_5mm": within}}))
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a seed with results was trained again")
+
+    monkeypatch.setattr(subprocess, "run", no_training)
+    results = module.main(["--seeds", "0", "1", "2", "--out", str(tmp_path)])
+    assert sorted(results) == [0, 1, 2]
+    table = capsys.readouterr().out
+    assert "| mean | 10.0% | | 69.0% | 92.7% |" in table
+    assert "| sd | 0.0% | | 6.6% | 3.1% |" in table and "| worst | 10.0% | | 62.0% | 90.0% |" in table
+    assert json.loads((tmp_path / "spread.json").read_text())["1"]["test_pipeline"]["gap_closed"] == 0.70
