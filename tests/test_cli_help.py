@@ -101,3 +101,28 @@ def test_python_dash_m_spinemm_is_the_cli():
     done = subprocess.run([sys.executable, "-m", "spinemm", "--version"], capture_output=True, text=True,
                           timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0 and done.stdout.strip() == f"spinemm {spinemm.__version__}", done
+
+
+def test_recipe_help_lists_every_key_with_type_default_and_description(capsys):
+    from spinemm.training.config import DEFAULTS, config_from_argv
+    from spinemm.training.config_help import key_docs
+
+    with pytest.raises(SystemExit) as done:
+        config_from_argv(["--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    docs = key_docs()
+
+    def leaves(mapping, prefix=""):
+        for key, value in mapping.items():
+            if isinstance(value, dict) and value:
+                yield from leaves(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    undocumented = [key for key, _ in leaves(DEFAULTS) if not docs.get(key)]
+    assert not undocumented, f"config keys without a comment in DEFAULTS (or their dataclass): {undocumented}"
+    for key, value in leaves(DEFAULTS):
+        assert f"  {key}  (" in text and f"default {value!r})" in text, key
+    assert "train.epochs  (int, default 1)\n      passes over the training studies" in text
+    assert "grader.model.refine  (int, default 1)" in text  # the stage dataclass's fields too

@@ -110,7 +110,7 @@ class GraderConfig:
     channels: tuple[int, ...] = (32, 64, 96)  # "cnn": output channels of each conv stage
     queries: str = "text"  # "clip": "text" (finding_text through BERT) or "learned" (no-text ablation)
     layers: int = 1  # "clip": decoder layers of the query over the crop's tokens
-    dropout: float = 0.1
+    dropout: float = 0.1  # "clip": dropout of the query decoder; "cnn": before the classifier
     refine: int = 1  # times the offset head re-centres the crop; the grade is the mean over every pass
     # Grade each finding with the rest of its study in view (StudyContext): degeneration is shared
     # across a patient's spine and across the conditions of one disc level, so 25 noisy readings
