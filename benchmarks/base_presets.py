@@ -8,7 +8,7 @@
 offline with random weights: ``vision.pretrained`` null and a fresh BERT-base-sized text tower (768
 wide, 12 layers, 12 heads, intermediate 3072) on the library's offline WordPiece vocabulary, through
 ``model.kwargs`` as the ``spine-tiny`` preset builds its BERT. Every stage trains through the
-library's entry points (``pretrain_clip``, ``train_severity``, ``train_stages``) on a small
+library's entry points (``pretrain_clip``, ``train_detect``, ``train_stages``) on a small
 phantom for one epoch, its batch size set so the epoch is at most ``--steps`` steps (the later
 stages' budget is epochs only); the recipe's image, crop and slice sizes are kept. ``--dry-run``
 swaps in tiny towers and sizes on the same code path.
@@ -151,7 +151,7 @@ class StepClock:
 
 
 #: The modules whose ``fit`` (spinemm.training.engine.fit, imported by name) the entry points call.
-FIT_CALLERS = ("spinemm.training.pretrain", "spinemm.training.loop", "spinemm.training.stage_fit")
+FIT_CALLERS = ("spinemm.training.pretrain", "spinemm.training.detect", "spinemm.training.stage_fit")
 #: (module, class, method, stage): each stage's inference call in ``SpinePipeline.run``.
 STAGE_CALLS = (("spinemm.pipeline.detect", "DetectStage", "__call__", "detect"),
                ("spinemm.pipeline.locate", "LocateStage", "run", "locate"),
@@ -293,7 +293,7 @@ def run(out: Path, device: str = "cpu", steps: int = 3, studies: int = 8, test_s
     from spinemm.data import make_phantom
     from spinemm.data.tables import load_tables
     from spinemm.pipeline import load_pipeline
-    from spinemm.training import pretrain_clip, train_severity, train_stages
+    from spinemm.training import pretrain_clip, train_detect, train_stages
     from spinemm.training.common import split_studies
 
     start = time.perf_counter()
@@ -313,7 +313,7 @@ def run(out: Path, device: str = "cpu", steps: int = 3, studies: int = 8, test_s
         pretrained = pretrain_clip({**config, "init_from": None})
         seconds["pretrain"] = time.perf_counter() - tic
         tic = time.perf_counter()
-        detected = train_severity(config)
+        detected = train_detect(config)
         seconds["detect"] = time.perf_counter() - tic
         tic = time.perf_counter()
         staged = train_stages({**config, "init_from": str(detected["best_dir"] or detected["model_dir"])})

@@ -33,7 +33,7 @@ import spinemm
 from spinemm.constants import NUM_CLASSES, NUM_TARGETS
 from spinemm.data.store import SeriesStore
 from spinemm.metrics import rsna_score, submission_frame
-from spinemm.pipeline.evaluate import location_errors, summarize_errors
+from spinemm.pipeline.location_errors import location_errors, summarize_errors
 from spinemm.training.grade import val_solution
 
 

@@ -4,7 +4,7 @@ Each labelled (study, condition, level) gives a crop of the original slice aroun
 ``model.config.roi_side_mm`` wide (``pretrain.side_mm`` overrides it), and one severity prompt
 (``spinemm.text.severity_prompts``); a class-aware CLIP loss keeps same-severity pairs from being
 negatives, and batches are class balanced. The result is a model dir to pass on as ``init_from``
-to ``train_severity.py``, or to use for zero-shot scoring of crops cut the same way
+to ``train_detect.py``, or to use for zero-shot scoring of crops cut the same way
 (``spinemm.zero_shot.crop_finding``).
 
     python recipes/pretrain_clip.py --config recipes/configs/tiny.yaml pretrain.epochs=2

@@ -1,40 +1,22 @@
-"""Train a spinemm severity model (fusion + heads, optionally LoRA on the towers) with accelerate.
+"""The old name of ``recipes/train_detect.py`` (kept for one release): it says so, then runs it.
 
-    python recipes/train_severity.py --config recipes/configs/tiny.yaml train.epochs=2
-    accelerate launch --config_file recipes/accelerate/cpu_2proc.yaml \\
-        recipes/train_severity.py --config recipes/configs/tiny.yaml
-    python recipes/train_severity.py --config recipes/configs/tiny.yaml --resume latest
-
-Overrides: ``key=value``, ``--key value`` or ``--key=value`` with dotted keys (``optim.lr=1e-4``);
-``--help`` lists every key with its default. Outputs under ``output_dir``: ``config.yaml``,
-``checkpoint-STEP/``, ``best/``, ``model/``, ``metrics.json``, ``val_submission.csv``.
-Start from a pretrained dual encoder with ``init_from=runs/pretrain/model``.
+    python recipes/train_severity.py --config recipes/configs/tiny.yaml   # == recipes/train_detect.py
 """
 
 from __future__ import annotations
 
+import importlib.util
 import sys
-from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
 
-from accelerate import PartialState
-
-from spinemm.cli import run_recipe
-from spinemm.training import config_from_argv, train_severity
-
-
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Parse ``--config`` + overrides and train; returns :func:`spinemm.training.train_severity`'s result."""
-    result = train_severity(config_from_argv(argv))
-    if result["stopped"]:
-        PartialState().print(f"stopped at step {result['state'].step} (train.stop_at_step); resume with --resume latest")
-    elif result["metrics"]:
-        m = result["metrics"]
-        PartialState().print(f"val score {m['score']:.4f}  accuracy {m['accuracy']:.3f}  model -> {result['model_dir']}")
-    return result
-
+_spec = importlib.util.spec_from_file_location("train_detect", Path(__file__).with_name("train_detect.py"))
+_detect = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_detect)
+main = _detect.main
 
 if __name__ == "__main__":
-    code = run_recipe(main)  # a bad input is one line on stderr and exit status 2; --debug shows the traceback
-    PartialState().destroy_process_group()  # a no-op unless launched with several processes
+    print("recipes/train_severity.py is now recipes/train_detect.py (the detect stage's trainer); the old name "
+          "goes in the next release", file=sys.stderr)
+    code = _detect.run_recipe(main)
+    _detect.PartialState().destroy_process_group()
     sys.exit(code)

@@ -106,7 +106,7 @@ def run_demo(out: str | Path = "demo_out", n_studies: int | None = None, seed: i
     from .inference import predict
     from .metrics import evaluate_frames, format_metrics, rsna_score
     from .pipeline import load_pipeline
-    from .training import pretrain_clip, train_severity, train_stages
+    from .training import pretrain_clip, train_detect, train_stages
     from .training.config import load_config
     from .viz import confusion_matrix_png, training_curves_png
 
@@ -149,7 +149,7 @@ def run_demo(out: str | Path = "demo_out", n_studies: int | None = None, seed: i
 
     step("pretrain")
     print("[3/6] detect stage: severity + location training on whole slices")
-    trained = train_severity(config)
+    trained = train_detect(config)
     fusion_dir = trained["best_dir"] or trained["model_dir"]
 
     step("detect")

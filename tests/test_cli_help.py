@@ -104,6 +104,7 @@ def test_python_dash_m_spinemm_is_the_cli():
 
 
 def test_recipe_help_lists_every_key_with_type_default_and_description(capsys):
+    from spinemm.training import config
     from spinemm.training.config import DEFAULTS, config_from_argv
     from spinemm.training.config_help import key_docs
 
@@ -111,7 +112,7 @@ def test_recipe_help_lists_every_key_with_type_default_and_description(capsys):
         config_from_argv(["--help"])
     assert done.value.code == 0
     text = capsys.readouterr().out
-    docs = key_docs()
+    docs = key_docs(config)
 
     def leaves(mapping, prefix=""):
         for key, value in mapping.items():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from spinemm.data import load_tables, read_series, series_path
-from spinemm.pipeline.evaluate import KEYS, location_errors, summarize_errors
+from spinemm.pipeline.location_errors import KEYS, location_errors, summarize_errors
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from spinemm.data.series import map_point
 from spinemm.data.store import SeriesStore
 from spinemm.data.tables import series_path
 from spinemm.errors import SpineDataError
-from spinemm.pipeline.evaluate import location_errors
+from spinemm.pipeline.location_errors import location_errors
 
 STUDY, SAG_ID, AX_ID = 7, 70, 71
 

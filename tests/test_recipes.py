@@ -65,7 +65,7 @@ def test_pretrain_then_lora_finetune(phantom_root, tmp_path):
     probs = spinemm.zero_shot_classify(model, _images(), spinemm.text.severity_prompts("spinal_canal_stenosis", "l4_l5"))
     assert probs.shape == (2, 3)
 
-    result = _recipe("train_severity").main(["--config", str(RECIPES / "configs" / "tiny.yaml"), *SMALL,
+    result = _recipe("train_detect").main(["--config", str(RECIPES / "configs" / "tiny.yaml"), *SMALL,
                                              f"data.root={phantom_root}", f"output_dir={sev_out}",
                                              f"init_from={pre_out / 'model'}", "train.epochs=1",
                                              "lora.r=2", "lora.alpha=4", "checkpoint.every_steps=0"])
@@ -95,7 +95,7 @@ def test_pretrain_then_lora_finetune(phantom_root, tmp_path):
     for name, value in pipeline.locate.state_dict().items():
         torch.testing.assert_close(again.locate.state_dict()[name], value, rtol=0, atol=0)
     with pytest.raises(spinemm.SpineModelError, match="init_from"):
-        _recipe("train_severity").main([*SMALL, f"data.root={phantom_root}", f"output_dir={tmp_path / 'x'}",
+        _recipe("train_detect").main([*SMALL, f"data.root={phantom_root}", f"output_dir={tmp_path / 'x'}",
                                         f"init_from={pre_out / 'model'}", "data.num_slices=5"])
 
     # The paper's comparison at the grade stage, on that pipeline: every row grades its located points.
@@ -143,7 +143,7 @@ def test_compare_backbones_tiny(phantom_root, tmp_path):
 @pytest.mark.slow
 def test_accelerate_launch_two_cpu_processes(phantom_root, tmp_path, launch_two_cpu):
     out = tmp_path / "ddp"
-    proc = launch_two_cpu(str(RECIPES / "train_severity.py"), "--config", str(RECIPES / "configs" / "tiny.yaml"),
+    proc = launch_two_cpu(str(RECIPES / "train_detect.py"), "--config", str(RECIPES / "configs" / "tiny.yaml"),
                           *SMALL, f"data.root={phantom_root}", f"output_dir={out}", "train.epochs=1",
                           "checkpoint.every_steps=1")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -153,3 +153,18 @@ def test_accelerate_launch_two_cpu_processes(phantom_root, tmp_path, launch_two_
     assert len(sub) == 25 * metrics["val_studies"] and sub["row_id"].is_unique  # gathered, no duplicates
     assert spinemm.load_model(out / "model").preprocess_cfg["image_size"] == 32
     assert (out / "checkpoint-2" / "random_states_1.pkl").is_file()  # per-rank RNG state
+
+
+def test_the_old_detect_names_still_work_and_say_so(tmp_path):
+    import subprocess
+    import sys
+
+    import spinemm.training
+
+    with pytest.warns(DeprecationWarning, match="train_severity is now train_detect"):
+        with pytest.raises(spinemm.SpineModelError):  # reaches train_detect, which refuses the unknown key
+            spinemm.training.train_severity(None, ["no_such_key=1"])
+    proc = subprocess.run([sys.executable, str(RECIPES / "train_severity.py"), "no_such_key=1"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "train_severity.py is now recipes/train_detect.py" in proc.stderr
+    assert "unknown config key 'no_such_key'" in proc.stderr

@@ -12,7 +12,7 @@ import pytest
 
 import spinemm
 from spinemm.demo import run_demo
-from spinemm.pipeline.evaluate import location_errors, summarize_errors
+from spinemm.pipeline.location_errors import location_errors, summarize_errors
 
 #: The fixed run: phantom seed 0, 64 training and 16 test studies at 64 px (about a minute on 2 cores).
 SMALL = {"n_studies": 64, "n_test": 16, "phantom_size": 64, "image_size": 32, "num_slices": 6,

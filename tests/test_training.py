@@ -20,7 +20,7 @@ from spinemm.training import (
     latest_checkpoint,
     list_checkpoints,
     load_config,
-    train_severity,
+    train_detect,
 )
 
 # The smallest settings that still exercise every path: 6 train + 2 val studies, 4 slices, 32 px.
@@ -35,7 +35,7 @@ TINY = [
 
 
 def _run(root: Path, out: Path, *extra: str) -> dict:
-    return train_severity(None, [f"data.root={root}", f"output_dir={out}", *TINY, *extra])
+    return train_detect(None, [f"data.root={root}", f"output_dir={out}", *TINY, *extra])
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -187,7 +187,7 @@ def test_the_model_card_says_what_the_model_was_trained_on(full_run):
     assert "| phantom prior-only score |" in card and "| phantom oracle score |" in card
 
 
-def test_train_severity_outputs(full_run, phantom_root):
+def test_train_detect_outputs(full_run, phantom_root):
     result, out = full_run
     assert result["stopped"] is False and result["state"].step == 6 and result["num_processes"] == 1
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]

@@ -2,8 +2,8 @@
 the later pipeline stages (locate, grade), the backbone comparison, evaluation and atomic
 checkpoints. The recipes in ``recipes/`` are thin wrappers::
 
-    from spinemm.training import load_config, train_severity
-    result = train_severity(load_config("recipes/configs/tiny.yaml", ["train.epochs=2"]))
+    from spinemm.training import load_config, train_detect
+    result = train_detect(load_config("recipes/configs/tiny.yaml", ["train.epochs=2"]))
     model = spinemm.load_model(result["model_dir"])
 """
 
@@ -16,7 +16,8 @@ _LAZY = {
     "load_config": "spinemm.training.config",
     "config_from_argv": "spinemm.training.config",
     "save_config": "spinemm.training.config",
-    "train_severity": "spinemm.training.loop",
+    "train_detect": "spinemm.training.detect",
+    "train_severity": "spinemm.training.detect",  # the old name of train_detect (deprecated)
     "pretrain_clip": "spinemm.training.pretrain",
     "train_stages": "spinemm.training.stages",
     "train_grade": "spinemm.training.grade",

@@ -8,7 +8,7 @@ base config, the run goes to ``compare.output_dir/<name>``, and its val metrics 
 
 ``compare.stage`` says which stage the rows train:
 
-- ``detect``: the first stage (``train_severity``); the final model's metrics (the budget is the
+- ``detect``: the first stage (``train_detect``); the final model's metrics (the budget is the
   same for all, so the final epoch is the fair point of comparison; the best epoch's is listed too);
 - ``grade``: the grade stage of the pipeline ``init_from`` (``train_stages``, ``pipeline.stages:
   [grade]``), so every row grades the same located points; metrics of the selected grader, alone
@@ -78,7 +78,7 @@ def compare_backbones(config: dict[str, Any] | str | Path | None = None, overrid
     Returns the table (one row per backbone). Every process must call it under ``accelerate launch``.
     """
 
-    from .loop import train_severity
+    from .detect import train_detect
 
     config = load_config(config, overrides)
     out = Path(config["compare"]["output_dir"])
@@ -94,7 +94,7 @@ def compare_backbones(config: dict[str, Any] | str | Path | None = None, overrid
     warm_cache([run for _, run in runs])
     rows = []
     for name, run in runs:
-        result = train_severity(run)
+        result = train_detect(run)
         metrics = result["metrics"] or {}
         rows.append({
             "backbone": name,

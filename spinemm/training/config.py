@@ -4,7 +4,7 @@ A config is a plain nested dict. :data:`DEFAULTS` lists every key a recipe reads
 YAML file or on the command line fails loudly instead of being ignored (timm-style). Overrides are
 dotted keys written any of three ways::
 
-    python recipes/train_severity.py --config recipes/configs/tiny.yaml train.epochs=2 \\
+    python recipes/train_detect.py --config recipes/configs/tiny.yaml train.epochs=2 \\
         --optim.lr 1e-3 --resume=latest
 
 Values are parsed as YAML (``1e-4``, ``true``, ``null``, ``[a, b]`` all work). Keys whose
@@ -168,7 +168,7 @@ DEFAULTS: dict[str, Any] = {
         # rows of the table: {name: str, overrides: {dotted.key: value}} applied over this config
         "backbones": [],
         "only": None,  # run only these names (list), e.g. [cnn, clip]
-        # detect: each row trains the detect stage (train_severity); grade: each row trains the grade
+        # detect: each row trains the detect stage (train_detect); grade: each row trains the grade
         # stage of the pipeline init_from (train_stages, pipeline.stages [grade]): same located points
         "stage": "detect",
     },
@@ -346,7 +346,7 @@ def config_from_argv(argv: Sequence[str] | None = None, defaults: dict[str, Any]
 
         print(__doc__)
         print("Every key, with its type, default and what it does:")
-        print(help_text(defaults))
+        print(help_text(defaults, sys.modules[__name__]))
         raise SystemExit(0)
     path = None
     rest: list[str] = []

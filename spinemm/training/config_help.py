@@ -12,9 +12,8 @@ import ast
 import inspect
 import io
 import tokenize
+from types import ModuleType
 from typing import Any
-
-from . import config as config_module
 
 
 def _comments(source: str) -> dict[int, str]:
@@ -45,8 +44,9 @@ def _dataclass_docs(cls: type) -> dict[str, str]:
             if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)}
 
 
-def key_docs() -> dict[str, str]:
-    """Dotted key -> description, for every key of ``DEFAULTS`` that has one."""
+def key_docs(config_module: ModuleType) -> dict[str, str]:
+    """Dotted key -> description, for every key of ``config_module.DEFAULTS`` that has one (the
+    module is passed in, :mod:`spinemm.training.config`, which imports this one for ``--help``)."""
     source = inspect.getsource(config_module)
     comments, lines = _comments(source), source.splitlines()
     tree = ast.parse(source)
@@ -73,9 +73,9 @@ def _type_name(value: Any) -> str:
     return "any (null)" if value is None else "mapping" if isinstance(value, dict) else type(value).__name__
 
 
-def help_text(defaults: dict[str, Any]) -> str:
+def help_text(defaults: dict[str, Any], config_module: ModuleType) -> str:
     """One entry per leaf key: ``dotted.key  (type, default value)`` and its description."""
-    docs = key_docs()
+    docs = key_docs(config_module)
     out: list[str] = []
 
     def walk(mapping: dict[str, Any], prefix: str) -> None:

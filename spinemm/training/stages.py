@@ -1,7 +1,7 @@
 """Train the pipeline's stages after detect, in order, and save the pipeline as one folder.
 
 ``train_stages(config)`` is what ``recipes/train_stages.py`` runs. ``init_from`` names the detect
-stage (``train_severity``'s ``best/`` or ``model/``) or a pipeline folder whose stages are kept
+stage (``train_detect``'s ``best/`` or ``model/``) or a pipeline folder whose stages are kept
 unless retrained. ``pipeline.stages`` lists the stages to train (``[locate, grade]`` by default):
 ``locate`` first, because the grader is selected, and its study context fitted, at the points the
 pipeline will predict. Outputs under ``pipeline.output_dir``::
@@ -44,7 +44,7 @@ def train_stages(config: dict[str, Any] | str | Path | None = None, overrides: A
     stopped early through its ``stop_at_step``). Every process must call it under ``accelerate launch``."""
     config = load_config(config, overrides)
     if not config["init_from"]:
-        raise SpineModelError("train_stages needs init_from: the detect model (train_severity's output_dir/best "
+        raise SpineModelError("train_stages needs init_from: the detect model (train_detect's output_dir/best "
                               "or output_dir/model) or a pipeline folder")
     names = parse_stages(config["pipeline"]["stages"])
     output_dir = Path(config["pipeline"]["output_dir"])

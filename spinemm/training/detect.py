@@ -1,6 +1,7 @@
-"""The severity training loop: fusion + heads (+ LoRA) on severity_loss + location_loss.
+"""Train the detect stage (``spinemm.pipeline.DetectStage``'s model): fusion + heads (+ LoRA) on
+severity_loss + location_loss.
 
-``train_severity(config)`` is what ``recipes/train_severity.py`` runs. Outputs under
+``train_detect(config)`` is what ``recipes/train_detect.py`` runs. Outputs under
 ``output_dir``::
 
     config.yaml               the resolved config
@@ -47,8 +48,8 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: metrics[k] for k in SCALAR_METRICS if k in metrics}
 
 
-def train_severity(config: dict[str, Any] | str | Path | None = None, overrides: Any = ()) -> dict[str, Any]:
-    """Train a severity model; ``config`` is a dict (merged over the defaults), a YAML path or None.
+def train_detect(config: dict[str, Any] | str | Path | None = None, overrides: Any = ()) -> dict[str, Any]:
+    """Train the detect stage's model; ``config`` is a dict (merged over the defaults), a YAML path or None.
 
     Returns ``{"output_dir", "model_dir", "best_dir", "metrics" (final val scalars), "best" (the best
     epoch's record), "history" (one record per evaluated epoch), "throughput", "parameters", "state",
@@ -114,3 +115,12 @@ def _result(config: dict[str, Any], output_dir: Path, state: TrainState, num_pro
         "num_processes": num_processes,
         "model": config["model"]["name"],
     }
+
+
+def train_severity(config: dict[str, Any] | str | Path | None = None, overrides: Any = ()) -> dict[str, Any]:
+    """The old name of :func:`train_detect` (kept for one release; it warns)."""
+    import warnings
+
+    warnings.warn("spinemm.training.train_severity is now train_detect (the detect stage's trainer); the old "
+                  "name goes in the next release", DeprecationWarning, stacklevel=2)
+    return train_detect(config, overrides)
