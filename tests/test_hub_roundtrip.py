@@ -92,9 +92,26 @@ def test_model_save_push_from_pretrained(hub, tmp_path):
     assert "None recorded." in (folder / "README.md").read_text()
     assert "synthetic phantom" not in (folder / "README.md").read_text()  # said only when true
 
-    model.push_to_hub("org/spine-tiny-m")
+    model.push_to_hub("hf-hub:org/spine-tiny-m")  # the id form loading takes works for pushing too
+    assert hub.uploads[-1][0] == "org/spine-tiny-m"
     loaded = spinemm.models.SpineCLIP.from_pretrained("hf-hub:org/spine-tiny-m").eval()
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded.encode_image(x), model.encode_image(x), rtol=0, atol=0)
         torch.testing.assert_close(loaded.encode_text(["a"]), model.encode_text(["a"]), rtol=0, atol=0)
+
+
+def test_an_offline_push_says_what_to_do(tmp_path, monkeypatch):
+    class NoNetwork:
+        def __call__(self, token=None):
+            return self
+
+        def create_repo(self, repo_id, **kwargs):
+            raise ConnectionError("[Errno -2] Name or service not known")  # as the HTTP client raises it
+
+    monkeypatch.setattr("huggingface_hub.hub_mixin.HfApi", NoNetwork())
+    model = spinemm.create_model("spine-tiny")
+    with pytest.raises(spinemm.SpineModelError, match=r"(?s)cannot reach the hub \(ConnectionError.*hf upload org/m FOLDER"):
+        model.push_to_hub("org/m")
+    with pytest.raises(spinemm.SpineModelError, match="not a valid hub repo id"):
+        model.push_to_hub("hf-hub:not/a/repo")

@@ -22,7 +22,7 @@ from typing import Any
 from huggingface_hub import ModelCard, ModelHubMixin
 
 from ..errors import SpineModelError
-from .names import parse_model_name
+from .names import HF_HUB_PREFIX, parse_model_name
 
 CARD_TEMPLATE = """---
 {{ card_data }}
@@ -107,9 +107,22 @@ class SpineHubMixin(
 
     def push_to_hub(self, repo_id: str, *, model_card_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> str:
         """The mixin's push (one commit of what ``save_pretrained`` writes); the card's loader line
-        names ``repo_id``. Returns the commit URL."""
-        card = {"repo_id": repo_id, **(model_card_kwargs or {})}
-        return super().push_to_hub(repo_id, model_card_kwargs=card, **kwargs)
+        names the repo. ``repo_id`` is ``org/name`` or ``hf-hub:org/name``, the form loading takes.
+        Returns the commit URL. Without a network: a :class:`SpineModelError` saying how to upload
+        the saved folder from elsewhere, never a raw connection error."""
+        repo = repo_id.removeprefix(HF_HUB_PREFIX)
+        parse_model_name(HF_HUB_PREFIX + repo, setting="push_to_hub(repo_id)")  # a valid repo id, or a clear error
+        card = {"repo_id": repo, **(model_card_kwargs or {})}
+        try:
+            return super().push_to_hub(repo, model_card_kwargs=card, **kwargs)
+        except Exception as err:
+            if not _network_error(err):
+                raise
+            raise SpineModelError(
+                f"push_to_hub({HF_HUB_PREFIX}{repo}): cannot reach the hub ({type(err).__name__}: {err}). "
+                f"Save the folder here (save_pretrained(FOLDER)) and, on a machine with network, run:\n"
+                f"    hf upload {repo} FOLDER"
+            ) from None
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *, revision: str | None = None,
@@ -150,3 +163,12 @@ class SpineHubMixin(
     @classmethod
     def _load_folder(cls, folder: Path):
         raise NotImplementedError
+
+
+def _network_error(err: BaseException) -> bool:
+    """A push that failed for want of a network (offline mode, DNS, refused or dropped connection)."""
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    root = type(err).__module__.split(".")[0]
+    return isinstance(err, (OfflineModeIsEnabled, ConnectionError, TimeoutError)) or root in (
+        "httpx", "httpcore", "requests", "urllib3")
