@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -62,13 +63,22 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         model = load_pipeline(args.model)
         _note_if_preset(args.model)
         store = SeriesStore(args.data, args.split, cache_dir=args.cache_dir)  # the overlays read the same series
-        submission, locations = predict(model, args.data, split=args.split, batch_size=args.batch_size,
-                                        device=args.device, store=store, workers=args.workers)
+        with warnings.catch_warnings(record=True) as caught:  # shown as ever, and kept beside the outputs
+            warnings.simplefilter("default")
+            submission, locations = predict(model, args.data, split=args.split, batch_size=args.batch_size,
+                                            device=args.device, store=store, workers=args.workers)
+        for w in caught:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
         if not _main_rank():
             return
+        # warnings.txt names every series that was not read (its findings keep the detect stage's
+        # grades, read from the study's other series) and all else predict warned about; empty if none
+        notes = "".join(f"{w.category.__name__}: {w.message}\n" for w in caught)
         write_together({out / "submission.csv": submission.to_csv(index=False).encode(),
-                        out / "locations.csv": locations.to_csv(index=False).encode()})
-        print(f"wrote {out / 'submission.csv'} ({len(submission)} rows) and {out / 'locations.csv'}")
+                        out / "locations.csv": locations.to_csv(index=False).encode(),
+                        out / "warnings.txt": notes.encode()})
+        print(f"wrote {out / 'submission.csv'} ({len(submission)} rows) and {out / 'locations.csv'}"
+              + (f"; {len(caught)} warning(s) in {out / 'warnings.txt'}" if caught else ""))
         if args.png:
             from .viz import location_overlays
 

@@ -83,6 +83,23 @@ def test_cli_predict_writes_both_files(tiny_model, phantom_root, tmp_path):
     assert len(list((out / "overlays").glob("study_*.png"))) == 1
 
 
+def test_cli_predict_names_an_unreadable_series_in_warnings_txt(tiny_model, phantom_root, tmp_path):
+    from spinemm.cli import main
+
+    root = tmp_path / "copy"
+    shutil.copytree(phantom_root, root)
+    victim = load_series_descriptions(root, "test").iloc[0]
+    for dcm in series_path(root, "test", victim.study_id, victim.series_id).glob("*.dcm"):
+        dcm.write_bytes(dcm.read_bytes()[:200])  # truncated DICOM
+    tiny_model.save_pretrained(tmp_path / "model")
+    out = tmp_path / "preds"
+    with pytest.warns(UserWarning, match=str(victim.series_id)):
+        assert main(["predict", "--model", str(tmp_path / "model"), "--data", str(root), "--out", str(out)]) == 0
+    notes = (out / "warnings.txt").read_text()
+    assert f"series {victim.series_id} of study {victim.study_id}" in notes
+    assert len(pd.read_csv(out / "submission.csv")) == 3 * 25  # nothing dropped
+
+
 def test_cli_predict_never_leaves_a_cut_pair(tiny_model, phantom_root, tmp_path, monkeypatch, capsys):
     import spinemm.files
     from spinemm.cli import main
@@ -112,7 +129,7 @@ def test_cli_predict_never_leaves_a_cut_pair(tiny_model, phantom_root, tmp_path,
     assert main(args) == 2
     assert f"cannot write {out / 'locations.csv'}: No space left on device" in capsys.readouterr().err
     assert {name: (out / name).read_bytes() for name in before} == before
-    assert sorted(p.name for p in out.iterdir()) == ["locations.csv", "submission.csv"]  # no temp file, no lock
+    assert sorted(p.name for p in out.iterdir()) == ["locations.csv", "submission.csv", "warnings.txt"]  # no temp, no lock
 
 
 @pytest.mark.parametrize(("text", "words"), [
