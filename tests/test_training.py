@@ -185,6 +185,7 @@ def test_the_model_card_says_what_the_model_was_trained_on(full_run):
     assert "Not recorded" not in card and "None recorded" not in card
     assert f"| score | {round(result['metrics']['score'], 4)} |" in card
     assert "| phantom prior-only score |" in card and "| phantom oracle score |" in card
+    assert "Not for\nclinical use" in card and "## Base towers\n\nvision: open_clip" in card
 
 
 def test_train_detect_outputs(full_run, phantom_root):

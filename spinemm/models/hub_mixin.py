@@ -50,6 +50,15 @@ import spinemm
 {{ loader | replace("ORG/NAME", repo_id | default("ORG/NAME", true)) }}
 ```
 
+## Intended use
+
+Research on grading lumbar spine degeneration from MRI, on data in the RSNA 2024 layout. Not for
+clinical use: no regulator has reviewed it, and it must not inform a diagnosis.
+{% if towers %}
+## Base towers
+
+{{ towers }}. Weights they bring from upstream keep their upstream licences.
+{% endif %}
 ## Training data
 
 {{ training_data | default("Not recorded when this card was written.", true) }}

@@ -325,6 +325,14 @@ class SpineCLIP(nn.Module, SpineHubMixin):
             check_finite(model, folder / ADAPTER_WEIGHTS)
         return model.eval()  # loaded to be used: dropout off, as transformers' from_pretrained does
 
+    def tower_sources(self) -> str:
+        """Where the towers came from, for the model card: each tower's type and upstream model."""
+        vision, text = self.config.vision, self.config.text
+        upstream_v = vision.model_name or "built from its config"
+        upstream_t = text.open_clip_model or text.hf_model_name or "built from its config"
+        pretrained = f", weights {vision.pretrained}" if vision.pretrained not in (None, False) else ""
+        return f"vision: {vision.type} `{upstream_v}`{pretrained}; text: {text.type} `{upstream_t}`"
+
     def card_facts(self) -> dict[str, Any]:
         return {
             "title": f"spinemm model ({self.config.name})",
@@ -332,6 +340,7 @@ class SpineCLIP(nn.Module, SpineHubMixin):
                        "whose 25 finding queries attend to them, and heads that grade each finding "
                        "(Normal/Mild, Moderate, Severe) and place it; also a CLIP-style dual encoder.",
             "preset": self.config.name,
+            "towers": self.tower_sources(),
             "loader": 'model = spinemm.load_model("hf-hub:ORG/NAME").eval()   # or a local folder\n'
                       "with torch.no_grad():\n    outputs = model(batch)",
         }

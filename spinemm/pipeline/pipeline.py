@@ -201,6 +201,7 @@ class SpinePipeline(SpineHubMixin):
                        "spinemm.predict writes a Kaggle submission and the finding locations.",
             "preset": self.detect.model.config.name,
             "stages": " -> ".join(self.stages),
+            "towers": self.detect.model.tower_sources() if hasattr(self.detect.model, "tower_sources") else "",
             "loader": 'pipeline = spinemm.load_pipeline("hf-hub:ORG/NAME")   # or a local folder\n'
                       'submission, locations = spinemm.predict(pipeline, "/path/to/rsna", split="test")',
         }
