@@ -4,10 +4,10 @@
   reads the slice the first stage chose and gives each level's x, y. A foramen's slice is first set
   by anatomy when the stage knows how far the foramina lie from the midline (``foramen_mm``,
   measured on the training labels): the slice that far to its own side of the canal points. The
-  first stage reads a few low-resolution slices in which left and right foramina look alike, and
-  one variety-trained pipeline put both on one slice at 73% of its levels. A foramen's level is held near
-  the height of the same level's canal point (a Gaussian prior, ``prior_mm``), because the foramina
-  sit beside their disc and the canal's level is the surer read.
+  first stage reads a few low-resolution slices in which left and right foramina look alike (one
+  variety-trained pipeline put both on one slice at 73% of its levels). A foramen's level is held
+  near the height of the same level's canal point (a Gaussian prior, ``prior_mm``), because the
+  foramina sit beside their disc and the canal's level is the surer read.
 - Axial findings (subarticular): the axial slice is the one through the located canal point of the
   same level, carried into the axial series by the DICOM geometry of both (``map_point``). Rows whose
   point falls outside the axial stack keep their slice, as do rows without a located canal point.
