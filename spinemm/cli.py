@@ -135,7 +135,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     settings = {**({"grader": args.grader} if args.grader else {}),
                 **({"variety": args.variety, "oblique_axial": 0.3} if args.variety else {})}
     run_demo(args.out, n_studies=args.n_studies, seed=args.seed, quick=args.quick, settings=settings,
-             train_seed=args.train_seed)
+             train_seed=args.train_seed, overwrite=args.overwrite)
 
 
 def _cmd_cache(args: argparse.Namespace) -> None:
@@ -246,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-seed", type=int, default=None,
                    help="seed of the split and training alone (default: --seed): the same data, another run")
     p.add_argument("--quick", action="store_true", help="a much smaller run, for smoke tests")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier demo in --out (its phantom and its runs' checkpoints)")
     p.add_argument("--variety", choices=["kaggle"], default=None,
                    help="train and test on studies shaped like the real set (spinemm phantom --variety, "
                         "with 30%% oblique axial blocks); slower: bigger files")

@@ -94,12 +94,14 @@ def _grader(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
 
 def run_demo(out: str | Path = "demo_out", n_studies: int | None = None, seed: int = 0,
              quick: bool = False, settings: dict[str, Any] | None = None,
-             train_seed: int | None = None) -> dict[str, Any]:
+             train_seed: int | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Run the demo into ``out``; returns the metrics dict also written to ``out/report/metrics.json``.
 
     ``seed`` writes the phantom and, unless ``train_seed`` is given, seeds the split and training
     (``train_seed``: the same data, another training; ``benchmarks/seed_spread.py --fixed-data``).
-    ``settings`` overrides entries of :data:`DEMO` (or :data:`QUICK`), e.g. fewer epochs."""
+    ``settings`` overrides entries of :data:`DEMO` (or :data:`QUICK`), e.g. fewer epochs. A folder
+    that already holds a demo is refused unless ``overwrite``, which replaces its phantom and its
+    runs' checkpoints (never a folder holding other data)."""
     from .data.phantom import make_phantom
     from .data.store import SeriesStore
     from .data.tables import load_tables
@@ -126,14 +128,20 @@ def run_demo(out: str | Path = "demo_out", n_studies: int | None = None, seed: i
     settings = {**base, **(settings or {})}
     if n_studies is not None:
         settings.update(n_studies=n_studies, n_test=max(2, n_studies // 4))
+    if not overwrite and any((out / name).exists() for name in ("phantom", "pretrain", "severity", "stages")):
+        from .errors import SpineDataError
+
+        raise SpineDataError(f"{out} already holds a demo run: `spinemm demo --overwrite` replaces it, or "
+                             f"choose another --out")
     config = load_config(demo_config(out, settings, seed if train_seed is None else train_seed))
+    config["checkpoint"]["overwrite"] = bool(overwrite)  # the earlier run's checkpoints go first
     report = out / "report"
     report.mkdir(parents=True, exist_ok=True)
 
     print(f"[1/6] phantom: {settings['n_studies']} train + {settings['n_test']} test studies")
     root = make_phantom(out / "phantom", n_studies=settings["n_studies"], n_test=settings["n_test"], seed=seed,
                         image_size=settings["phantom_size"], workers=None,  # all cores
-                        oblique_axial=settings["oblique_axial"], variety=settings["variety"])
+                        oblique_axial=settings["oblique_axial"], variety=settings["variety"], overwrite=overwrite)
     info = json.loads((root / "phantom_info.json").read_text())
 
     step("phantom")

@@ -123,6 +123,12 @@ def test_zero_shot_command_scores_a_crop_around_a_point(phantom_root, tmp_path, 
 
 
 @pytest.mark.slow
+def test_demo_refuses_an_earlier_demo_folder_unless_told(tmp_path, capsys):
+    (tmp_path / "demo" / "phantom").mkdir(parents=True)
+    assert main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 2
+    assert "already holds a demo run: `spinemm demo --overwrite` replaces it" in capsys.readouterr().err
+
+
 def test_demo_quick_end_to_end(tmp_path, capsys, count_reads):
     assert main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 0
     # Pretraining, the detect stage, the later stages, predictions and the report of one demo run
