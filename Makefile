@@ -33,7 +33,7 @@ test-fast: venv
 	$(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 demo: venv
-	$(VENV)/bin/spinemm demo --out demo_out
+	$(VENV)/bin/spinemm demo --out demo_out --overwrite  # a rerun replaces the last demo
 
 lint: venv
 	$(VENV)/bin/ruff check spinemm recipes tests examples benchmarks
