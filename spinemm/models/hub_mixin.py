@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import ModelCard, ModelHubMixin
+from huggingface_hub.errors import OfflineModeIsEnabled
 
 from ..errors import SpineModelError
 from .names import HF_HUB_PREFIX, parse_model_name
@@ -176,8 +177,6 @@ class SpineHubMixin(
 
 def _network_error(err: BaseException) -> bool:
     """A push that failed for want of a network (offline mode, DNS, refused or dropped connection)."""
-    from huggingface_hub.errors import OfflineModeIsEnabled
-
     root = type(err).__module__.split(".")[0]
     return isinstance(err, (OfflineModeIsEnabled, ConnectionError, TimeoutError)) or root in (
         "httpx", "httpcore", "requests", "urllib3")

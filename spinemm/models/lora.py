@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import SpineModelError
+from .hub import refuse_pickle
 from .saved import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 #: SpineCLIP attributes holding the towers; everything else (fusion, heads, projections) trains fully.
@@ -190,8 +191,6 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise SpineModelError(f"{paths[0]} is not a spinemm adapter config: {err}") from err
     add_lora(model, **lora_args)
-    from .hub import refuse_pickle
-
     refuse_pickle(paths[1])
     try:
         state = load_file(str(paths[1]))

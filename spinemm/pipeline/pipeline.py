@@ -231,7 +231,7 @@ def load_pipeline(source: str | os.PathLike) -> SpinePipeline:
         weights = folder / "locate.safetensors"
         if not weights.is_file():
             raise SpineModelError(f"{weights} is missing: the pipeline folder lists stage 'locate'")
-        pipeline.locate = LocateStage(_config(LocatorConfig, meta.get("locate") or {}, folder, "locate"))
+        pipeline.locate = LocateStage(_config(LocatorConfig, _section(meta, "locate", folder), folder, "locate"))
         try:
             load_weights(pipeline.locate, str(weights))
         except Exception as err:  # safetensors' own error types: not a safetensors file, wrong keys
@@ -264,6 +264,7 @@ def _read_pipeline_json(path: Path) -> dict[str, Any]:
 
 
 def _section(meta: dict[str, Any], name: str, folder: Path) -> dict[str, Any]:
+    """A copy of ``pipeline.json``'s section ``name`` (empty when absent), refused unless a mapping."""
     values = meta.get(name) or {}
     if not isinstance(values, dict):
         raise SpineModelError(f"{folder / PIPELINE_CONFIG}: {name} must be a mapping, got {type(values).__name__}")
@@ -273,7 +274,6 @@ def _section(meta: dict[str, Any], name: str, folder: Path) -> dict[str, Any]:
 def _config(cls: type, values: dict[str, Any], folder: Path, name: str) -> Any:
     """The stage config of section ``name``, every key typed and bounded (``check_config``)."""
     where = f"{folder / PIPELINE_CONFIG}: {name}."
-    values = _section({name: values}, name, folder)
     try:
         config = cls(**values)
     except (TypeError, ValueError) as err:
