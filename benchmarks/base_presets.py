@@ -153,7 +153,7 @@ class StepClock:
 #: The modules whose ``fit`` (spinemm.training.engine.fit, imported by name) the entry points call.
 FIT_CALLERS = ("spinemm.training.pretrain", "spinemm.training.detect", "spinemm.training.stage_fit")
 #: (module, class, method, stage): each stage's inference call in ``SpinePipeline.run``.
-STAGE_CALLS = (("spinemm.pipeline.detect", "DetectStage", "__call__", "detect"),
+STAGE_CALLS = (("spinemm.pipeline.detect", "DetectStage", "run", "detect"),
                ("spinemm.pipeline.locate", "LocateStage", "run", "locate"),
                ("spinemm.pipeline.grade", "GradeStage", "run", "grade"))
 
@@ -353,7 +353,7 @@ def run(out: Path, device: str = "cpu", steps: int = 3, studies: int = 8, test_s
             "predict": {"seconds": seconds["predict"], "peak_bytes": inference["peak_bytes"],
                         "flops_per_study": predict_flops, "stage_seconds": inference["seconds"]},
             "seconds": seconds, "total_seconds": time.perf_counter() - start, "roundtrip_ok": roundtrip,
-            "pipeline_stages": loaded.stages, "budget": budget, "mfu": MFU, "peak_flops": H100_PEAK_FLOPS,
+            "pipeline_stages": loaded.stage_names, "budget": budget, "mfu": MFU, "peak_flops": H100_PEAK_FLOPS,
             "kaggle_studies": KAGGLE_STUDIES, "peak_memory": meter.peak_kind()}
 
 

@@ -47,10 +47,10 @@ REAL_AXIAL_SLICES = (6, 10)  # per level: 30-50 slices a series, as in the RSNA 
 PARTS = (
     (dicom, "read_series", "decode + window"),  # one pass: stored pixels -> float16 in [0, 1]
     (dataset_module.SpineDataset, "__getitem__", "preprocess"),
-    (detect.DetectStage, "__call__", "detect model"),
-    (locate.LocateStage, "run", "locate"),
+    (detect.DetectStage, "predict_batch", "detect model"),
+    (locate.LocateStage, "locate", "locate"),
     (grade.GradeStage, "_cut", "grade crops"),
-    (grade.GradeStage, "run", "grade model"),
+    (grade.GradeStage, "grade", "grade model"),
 )
 
 

@@ -49,7 +49,7 @@ def test_bf16_autocast_predicts_close_to_fp32(phantom_root):
     result = spinemm.predict(pipeline, phantom_root, split="test", store=store, progress=False)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = spinemm.predict(pipeline, phantom_root, split="test", store=store, progress=False)
-        grades = pipeline.grade.run(result.located, store)
+        grades = pipeline.grade.grade(result.located, store)
     assert np.abs(low.detect_probs - result.detect_probs).max() < 0.01
     graded = ~np.isnan(result.grade_log_probs[:, 0])
     assert graded.sum() > 10

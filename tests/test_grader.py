@@ -115,7 +115,7 @@ def test_grade_stage_survives_save_load_in_a_pipeline(tmp_path):
     assert out["logits"].shape == (4, 3) and out["offset"].shape == (4, 3)
     SpinePipeline(detect, grade=stage).save_pretrained(tmp_path / "p")
     loaded = load_pipeline(tmp_path / "p")
-    assert loaded.stages == ["detect", "grade"] and loaded.grade.config.channels == (8, 16)
+    assert loaded.stage_names == ["detect", "grade"] and loaded.grade.config.channels == (8, 16)
     torch.testing.assert_close(loaded.grade.eval()(crops, targets)["logits"], out["logits"], rtol=0, atol=0)
     torch.testing.assert_close(loaded.grade.grader.query_table, stage.grader.query_table, rtol=0, atol=0)
     with pytest.raises(SpineModelError, match="crops must be"):
@@ -161,7 +161,7 @@ def test_train_stages_then_staged_predict(phantom_root, tmp_path):
     # Every epoch was scored as the pipeline ships: its val score is the history's "score".
     assert all(np.isfinite(h["score"]) for h in grade["history"])
     pipeline = spinemm.load_pipeline(result["pipeline_dir"])
-    assert pipeline.stages == ["detect", "locate", "grade"]
+    assert pipeline.stage_names == ["detect", "locate", "grade"]
     context = pipeline.grade.study_context
     assert context.log_temperature.item() == pytest.approx(metrics["study_context"]["log_temperature"])
     # Only the later stages trained: the detect weights are those it was loaded from.

@@ -69,7 +69,7 @@ def test_pipeline_push_and_load_by_hub_name(phantom_root, hub):
 
     for loaded in (spinemm.load_pipeline("hf-hub:org/spine-demo"),
                    SpinePipeline.from_pretrained("hf-hub:org/spine-demo")):
-        assert loaded.stages == ["detect", "locate"]
+        assert loaded.stage_names == ["detect", "locate"]
         want = pipeline.run(phantom_root, "test", progress=False)
         got = loaded.run(phantom_root, "test", progress=False)
         pd.testing.assert_frame_equal(got.submission(), want.submission())

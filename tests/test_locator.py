@@ -57,7 +57,7 @@ def test_locate_stage_survives_save_load_in_a_pipeline(tmp_path):
     detect = spinemm.create_model("spine-tiny", num_slices=4)
     SpinePipeline(detect, locate=stage).save_pretrained(tmp_path / "p")
     loaded = load_pipeline(tmp_path / "p")
-    assert loaded.stages == ["detect", "locate"] and loaded.locate.config.channels == (8, 16, 16)
+    assert loaded.stage_names == ["detect", "locate"] and loaded.locate.config.channels == (8, 16, 16)
     torch.testing.assert_close(loaded.locate.eval()(slices, planes), heatmaps, rtol=0, atol=0)
     with pytest.raises(SpineModelError, match="locator slices must be"):
         stage(torch.rand(2, 3, 48, 48), planes[:2])
@@ -157,7 +157,7 @@ def test_train_locate_learns_the_level_points(trained_locator, phantom_root):
 def test_locate_stage_moves_sagittal_findings_to_the_labels(trained_locator):
     stage, frame, _, run = trained_locator
     truth, findings = _findings(frame, x=32.0, y=32.0)  # the labelled slices, every point at the centre
-    located = stage.run(findings, run.store)
+    located = stage.locate(findings, run.store)
     assert len(located) == len(findings)
     np.testing.assert_array_equal(findings.x, 32.0)  # a new record: the input is untouched
     sagittal = truth.condition.isin(SAGITTAL_CONDITIONS).to_numpy()
@@ -165,7 +165,7 @@ def test_locate_stage_moves_sagittal_findings_to_the_labels(trained_locator):
     assert (error < 2).mean() > 0.8
     assert (located.confidence[sagittal] != 0.5).all()
     # the locator reads several studies' slices in one batch: the same points as a study at a time
-    one_by_one = stage.run(findings, run.store, studies_per_batch=1)
+    one_by_one = stage.locate(findings, run.store, studies_per_batch=1)
     np.testing.assert_allclose(np.stack([one_by_one.x, one_by_one.y, one_by_one.confidence]),
                                np.stack([located.x, located.y, located.confidence]), rtol=1e-5, atol=1e-4)
     np.testing.assert_array_equal(one_by_one.instance_number, located.instance_number)
@@ -260,7 +260,7 @@ def test_locate_stage_leaves_an_unreadable_series_as_it_was(trained_locator):
     broken = ((truth.study_id == study) & (truth.condition == "spinal_canal_stenosis")).to_numpy()
     findings = findings.replace(broken, series_id=999_999_999)  # no such folder
     with pytest.warns(UserWarning, match=f"study {study} series 999999999: not located"):
-        located = stage.run(findings, run.store)
+        located = stage.locate(findings, run.store)
     pd.testing.assert_frame_equal(located.to_frame()[broken], findings.to_frame()[broken])
     assert len(located) == len(findings)  # nothing dropped
     # Without a canal point its axial rows keep their slices.

@@ -112,7 +112,7 @@ def test_load_model_points_a_pipeline_folder_at_load_pipeline(tmp_path):
     pipeline.save_pretrained(tmp_path / "pipe")
     with pytest.raises(SpineModelError, match="pipeline folder.*load_pipeline"):
         spinemm.load_model(tmp_path / "pipe")
-    assert spinemm.load_pipeline(tmp_path / "pipe").stages == ["detect"]
+    assert spinemm.load_pipeline(tmp_path / "pipe").stage_names == ["detect"]
 
 
 def test_loading_returns_eval_mode_and_from_pretrained_takes_the_transformers_keywords(tmp_path, monkeypatch):

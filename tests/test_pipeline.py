@@ -168,7 +168,7 @@ def test_pipeline_folder_round_trip_gives_the_same_predictions(phantom_root, tmp
     pd.testing.assert_frame_equal(result.locations(), reference.locations())
     # A single model folder loads as the detect stage alone.
     pipeline.detect.model.save_pretrained(tmp_path / "m")
-    assert spinemm.load_pipeline(tmp_path / "m").stages == ["detect"]
+    assert spinemm.load_pipeline(tmp_path / "m").stage_names == ["detect"]
     # The first stage's output is kept beside the later ones, in the same run.
     np.testing.assert_array_equal(result.located.series_id, result.detected.series_id)
     assert not np.allclose(result.probs, result.detect_probs)
@@ -224,7 +224,7 @@ def test_the_grade_is_the_mean_of_every_passes_probabilities(phantom_root, refin
     findings = located.replace()
     findings.located[:] = False
     findings.located[rows] = True
-    grades = grade.run(findings, store)
+    grades = grade.grade(findings, store)
     assert np.isfinite(grades.log_probs[rows]).all() and np.isnan(grades.log_probs[~findings.located]).all()
     for row in rows:
         series = store.get(int(findings.study_id[row]), int(findings.series_id[row]))

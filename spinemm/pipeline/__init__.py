@@ -1,4 +1,5 @@
-"""The staged pipeline: stages as objects (detect -> locate -> grade) composed by :class:`SpinePipeline`.
+"""The staged pipeline: stages as objects (detect -> locate -> grade), each a :class:`Stage`,
+composed by :class:`SpinePipeline`.
 
 Every stage takes its series from one :class:`~spinemm.data.store.SeriesStore` and passes the next a
 :class:`Findings` record; :meth:`SpinePipeline.run` returns every stage's output in a
@@ -17,6 +18,11 @@ _LAZY = {
     "LocateStage": "spinemm.pipeline.locate",
     "axial_slices_from_canal": "spinemm.pipeline.locate",
     "GradeStage": "spinemm.pipeline.grade",
+    "Stage": "spinemm.pipeline.stage",
+    "StageInput": "spinemm.pipeline.stage",
+    "StageOutput": "spinemm.pipeline.stage",
+    "register_stage": "spinemm.pipeline.registry",
+    "registered_stages": "spinemm.pipeline.registry",
     "SpinePipeline": "spinemm.pipeline.pipeline",
     "PipelineResult": "spinemm.pipeline.result",
     "load_pipeline": "spinemm.pipeline.pipeline",

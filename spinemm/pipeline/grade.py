@@ -32,10 +32,14 @@ from ..data.store import SeriesStore
 from ..errors import SpineModelError
 from ..models.config import GraderConfig
 from ..models.crop_grader import CropGrader
+from ..models.factory import load_model
 from ..models.grader import ROIGrader, StudyContext
+from ..models.names import PIPELINE_CONFIG
+from ..models.saved import check_finite
 from ..models.spine_clip import SpineCLIP
 from ..text import finding_texts
 from .findings import Findings
+from .stage import Stage, StageInput, StageOutput, stage_config
 
 __all__ = ["GradeStage", "Grades"]
 
@@ -56,15 +60,15 @@ class Grades:
         return ~np.isnan(self.log_probs[:, 0])
 
 
-class GradeStage(torch.nn.Module):
+class GradeStage(Stage):
     """The ROI grader as a pipeline stage (config: :class:`~spinemm.models.config.GraderConfig`)."""
 
     name = "grade"
+    config_class = GraderConfig
 
     def __init__(self, config: GraderConfig | None = None, query_dim: int = 256,
                  encoder: SpineCLIP | None = None) -> None:
-        super().__init__()
-        self.config = config or GraderConfig()
+        super().__init__(config)
         self.query_dim = int(query_dim)
         if self.config.backbone == "clip":
             if encoder is None:
@@ -82,6 +86,15 @@ class GradeStage(torch.nn.Module):
     def config_dict(self) -> dict:
         return {**asdict(self.config), "query_dim": self.query_dim}
 
+    def text_towers(self) -> list[torch.nn.Module]:
+        return [self.encoder.text] if self.encoder is not None and getattr(self.encoder, "text", None) is not None \
+            else []
+
+    def run(self, inputs: StageInput) -> StageOutput:
+        """Grades (after the study context) where the stage graded; NaN rows keep earlier probabilities."""
+        grades = self.grade(inputs.findings, inputs.store)
+        return StageOutput(grades.findings, self.with_context(grades), {"log_probs": grades.log_probs})
+
     def compile_models(self, **options) -> None:
         """The grader and study context under ``torch.compile(fullgraph=True)`` (in place); the
         text tower that encodes the queries stays eager."""
@@ -89,9 +102,9 @@ class GradeStage(torch.nn.Module):
         if self.study_context is not None:
             self.study_context.compile(fullgraph=True, **options)
 
-    def save_to(self, folder: Path) -> None:
+    def save(self, folder: Path) -> dict:
         """``grade.safetensors`` (and, for the clip grader, its encoder as ``grade/``, a folder
-        ``spinemm.load_model`` reads) in a pipeline folder."""
+        ``spinemm.load_model`` reads) in a pipeline folder; returns the ``pipeline.json`` section."""
         from safetensors.torch import save_file
 
         state = self.state_dict()
@@ -99,14 +112,29 @@ class GradeStage(torch.nn.Module):
             self.encoder.save_pretrained(folder / ENCODER_DIR)
             state = {k: v for k, v in state.items() if not k.startswith(ENCODER_PREFIX)}
         save_file({k: v.detach().clone().contiguous() for k, v in state.items()}, str(folder / WEIGHTS))
+        return self.config_dict()
 
     @classmethod
-    def load_from(cls, folder: Path, config: GraderConfig, query_dim: int) -> GradeStage:
-        """The stage :meth:`save_to` wrote in ``folder``; a file that is not safetensors, or whose
+    def load(cls, folder: Path, section: dict) -> GradeStage:
+        """The stage :meth:`save` wrote in ``folder``; a file that is not safetensors, or whose
         tensors do not fit, raises :class:`SpineModelError` naming it."""
-        from safetensors.torch import load_file
+        values = dict(section)
+        query_dim = values.pop("query_dim", 256)
+        if isinstance(query_dim, bool) or not isinstance(query_dim, int) or not 1 <= query_dim <= 8192:
+            raise SpineModelError(f"{folder / PIPELINE_CONFIG}: grade.query_dim must be an integer in 1..8192, "
+                                  f"got {query_dim!r}")
+        config = stage_config(GraderConfig, values, folder, cls.name)
+        try:
+            stage = cls._load(Path(folder), config, query_dim)
+        except SpineModelError as err:  # e.g. a backbone no registry knows: say which file asked for it
+            raise SpineModelError(err if str(folder) in str(err) else f"{folder / PIPELINE_CONFIG}: grade: {err}") \
+                from None
+        check_finite(stage, folder / WEIGHTS)
+        return stage
 
-        from ..models.factory import load_model
+    @classmethod
+    def _load(cls, folder: Path, config: GraderConfig, query_dim: int) -> GradeStage:
+        from safetensors.torch import load_file
 
         weights = folder / WEIGHTS
         if not weights.is_file():
@@ -139,7 +167,7 @@ class GradeStage(torch.nn.Module):
         return self.grader(crops, targets, texts, queries)
 
     @torch.no_grad()
-    def run(self, findings: Findings, store: SeriesStore, batch_size: int = 64) -> Grades:
+    def grade(self, findings: Findings, store: SeriesStore, batch_size: int = 64) -> Grades:
         """Grade every located finding: all crops of the record are cut, re-centred and graded in
         batches of ``batch_size`` (on a 2-core VM, 64 of the tiny preset's 32 px crops ran 15-25%
         faster per crop than 16 or 256, on 1 thread and on 2). Unreadable series are warned about

@@ -19,7 +19,7 @@ with a warning naming it.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from ..data.store import SeriesStore
 from ..models.config import LocatorConfig
 from ..models.locator import LevelLocator, decode_heatmaps
 from .findings import Findings
+from .stage import Stage, StageInput, StageOutput
 
 __all__ = ["LocateStage", "axial_slices_from_canal"]
 
@@ -38,18 +39,19 @@ _CONDITION = np.array([CONDITIONS[t // len(LEVELS)] for t in range(len(CONDITION
 _PLANE = np.array([CONDITION_PLANE[c] for c in _CONDITION])
 
 
-class LocateStage(torch.nn.Module):
-    """The level locator as a pipeline stage (config: :class:`~spinemm.models.config.LocatorConfig`)."""
+class LocateStage(Stage):
+    """The level locator as a pipeline stage (config: :class:`~spinemm.models.config.LocatorConfig`;
+    saved as ``locate.safetensors`` beside its ``pipeline.json`` section)."""
 
     name = "locate"
+    config_class = LocatorConfig
 
     def __init__(self, config: LocatorConfig | None = None) -> None:
-        super().__init__()
-        self.config = config or LocatorConfig()
+        super().__init__(config)
         self.locator = LevelLocator(self.config)
 
-    def config_dict(self) -> dict:
-        return asdict(self.config)
+    def run(self, inputs: StageInput) -> StageOutput:
+        return StageOutput(self.locate(inputs.findings, inputs.store))
 
     def compile_models(self, **options) -> None:
         """The locator under ``torch.compile(fullgraph=True)`` (``nn.Module.compile``: in place)."""
@@ -60,7 +62,7 @@ class LocateStage(torch.nn.Module):
         return self.locator(slices, plane)
 
     @torch.no_grad()
-    def run(self, findings: Findings, store: SeriesStore, studies_per_batch: int = 32) -> Findings:
+    def locate(self, findings: Findings, store: SeriesStore, studies_per_batch: int = 32) -> Findings:
         """A new record: sagittal findings moved to the locator's points (x, y, confidence), axial
         ones to the axial slice through their level's canal point (instance_number). The locator
         reads the sagittal slices of ``studies_per_batch`` studies in one batch (with two calls per

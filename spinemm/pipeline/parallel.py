@@ -47,7 +47,8 @@ def shares(study_ids: Sequence[int], parts: int) -> list[list[int]]:
 def run_in_workers(pipeline: SpinePipeline, root: str | Path, split: str, study_ids: Sequence[int], workers: int,
                    **run_kwargs: Any) -> PipelineResult:
     """Run ``pipeline`` over ``study_ids`` in ``workers`` forked CPU processes; results in study order."""
-    if torch.cuda.is_initialized() or any(p.device.type != "cpu" for p in pipeline.detect.model.parameters()):
+    if torch.cuda.is_initialized() or any(p.device.type != "cpu" for stage in pipeline.stages
+                                                 for p in stage.parameters()):
         # a forked child cannot use the CUDA context of its parent
         raise SpineModelError("predict(workers=N) forks its workers after CUDA was initialised here: keep the "
                               "pipeline on the CPU and pass device='cuda' (each worker moves its own copy), or "

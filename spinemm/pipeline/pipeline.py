@@ -1,13 +1,15 @@
-"""SpinePipeline: detect -> locate -> grade, run study batch by study batch over one series store.
+"""SpinePipeline: an ordered list of stages (detect -> locate -> grade), run study batch by study
+batch over one series store.
 
 Each batch of studies goes through every stage before the next batch is read, so the
 :class:`~spinemm.data.store.SeriesStore` holds a batch's series while all stages read them and each
-DICOM file is opened once per run. :class:`PipelineResult` keeps every stage's output, so "the
-first stage alone" is read from the result, never recomputed with a stage taken out.
+DICOM file is opened once per run. Every stage implements :class:`~spinemm.pipeline.stage.Stage`;
+the pipeline only loops over them. :class:`PipelineResult` keeps every stage's output by its name,
+so "the first stage alone" is read from the result, never recomputed with a stage taken out.
 
 A pipeline folder describes itself::
 
-    pipeline.json        spinemm version, the stages in order, each stage's config
+    pipeline.json        spinemm version, the stages in order, each stage's config section
     detect/              the first stage's SpineCLIP (save_pretrained: config.json, model.safetensors, tokenizer)
     locate.safetensors   the level locator's weights      (when the pipeline has the stage)
     grade.safetensors    the grader's weights and study context (the clip grader's
@@ -26,70 +28,99 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..constants import LABEL_COLUMNS
 from ..data.store import SeriesStore
+from ..data.tables import load_tables
 from ..data.validate import read_csv
 from ..errors import SpineDataError, SpineModelError
-from ..models.config import GraderConfig, LocatorConfig, check_config
+from ..models.factory import load_model
 from ..models.hub_mixin import SpineHubMixin
 from ..models.names import PIPELINE_CONFIG, parse_model_name
-from ..models.saved import check_finite
 from ..models.towers import TextTower
-from .detect import DetectStage
-from .findings import Findings
-from .grade import GradeStage
-from .locate import LocateStage
 from .parallel import run_distributed, run_in_workers
+from .registry import registered_stages, stage_class, stage_rank
 from .result import PipelineResult
+from .stage import RunJob, Stage, StageInput, StageOutput
 
 __all__ = ["SpinePipeline", "PipelineResult", "load_pipeline", "PIPELINE_CONFIG"]
 
-STAGE_ORDER = ("detect", "locate", "grade")
-
 
 class SpinePipeline(SpineHubMixin):
-    """The stages in order: ``detect`` (required), then ``locate`` and ``grade`` when present.
-    ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` as :mod:`spinemm.models.hub_mixin`."""
+    """Stages in their registered order (:mod:`spinemm.pipeline.registry`): the first is required
+    (a bare model is taken as the first stage's, ``detect``), the rest optional::
 
-    def __init__(self, detect: DetectStage | torch.nn.Module, locate: LocateStage | None = None,
-                 grade: GradeStage | None = None) -> None:
-        self.detect = detect if isinstance(detect, DetectStage) else DetectStage(detect)
-        self.locate, self.grade = locate, grade
+        SpinePipeline(detect_model, LocateStage(...), GradeStage(...))
+        SpinePipeline(detect_model, grade=GradeStage(...))
+
+    Each stage is also an attribute by its name (``pipeline.grade``; None for a registered stage the
+    pipeline lacks). ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` as
+    :mod:`spinemm.models.hub_mixin`."""
+
+    def __init__(self, *stages: Stage | torch.nn.Module | None, **named: Stage | None) -> None:
         self._hub_mixin_config = None  # pipeline.json describes the folder; no mixin config.json beside it
+        self._stages: dict[str, Stage] = {}
+        given = [s for s in stages if s is not None]
+        if given and not isinstance(given[0], Stage):  # a bare model: the first registered stage wraps it
+            given[0] = stage_class(registered_stages()[0])(given[0])
+        for key, stage in named.items():
+            if stage is not None and getattr(stage, "name", None) != key:
+                raise SpineModelError(f"SpinePipeline({key}=...) needs a stage named {key!r}, got {stage!r}")
+        for stage in given + [s for s in named.values() if s is not None]:
+            self.set_stage(stage)
+        if not self._stages or next(iter(self._stages)) != registered_stages()[0]:
+            raise SpineModelError(f"a pipeline starts with stage {registered_stages()[0]!r}, got {self.stage_names}")
+
+    def set_stage(self, stage: Stage) -> SpinePipeline:
+        """Add ``stage`` (or replace the stage of its name), in its registered place; returns self."""
+        if not isinstance(stage, Stage):
+            raise SpineModelError(f"a pipeline stage must be a spinemm.pipeline.Stage, got {type(stage).__name__}")
+        self._stages[stage_class(stage.name).name] = stage
+        self._stages = dict(sorted(self._stages.items(), key=lambda item: stage_rank(item[0])))
+        return self
+
+    def before(self, name: str) -> SpinePipeline:
+        """A pipeline of this one's stages that run before stage ``name`` (the same stage objects)."""
+        rank = stage_rank(name)
+        return SpinePipeline(*(s for n, s in self._stages.items() if stage_rank(n) < rank))
 
     @property
-    def stages(self) -> list[str]:
-        return [name for name in STAGE_ORDER if getattr(self, name) is not None]
+    def stages(self) -> list[Stage]:
+        """The stages, in the order they run."""
+        return list(self._stages.values())
+
+    @property
+    def stage_names(self) -> list[str]:
+        return list(self._stages)
+
+    def __getattr__(self, name: str) -> Any:
+        # stages by name (pipeline.grade); None for a registered stage this pipeline does not have
+        stages = self.__dict__.get("_stages")
+        if stages is not None and (name in stages or name in registered_stages()):
+            return stages.get(name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SpinePipeline:
-        """Every stage's model moved to ``device`` and/or cast to ``dtype`` (in place; returns self)."""
+        """Every stage moved to ``device`` and/or cast to ``dtype`` (in place; returns self)."""
         kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
-        self.detect.model.to(**kwargs)
-        for stage in (self.locate, self.grade):
-            if stage is not None:
-                stage.to(**kwargs)
+        for stage in self.stages:
+            stage.to(**kwargs)
         return self
 
     def eval(self) -> SpinePipeline:
-        """Every stage's model in eval mode (loading does this; :meth:`run` reads in eval mode anyway)."""
-        self.detect.model.eval()
-        for stage in (self.locate, self.grade):
-            if stage is not None:
-                stage.eval()
+        """Every stage in eval mode (loading does this; :meth:`run` reads in eval mode anyway)."""
+        for stage in self.stages:
+            stage.eval()
         return self
 
     def __repr__(self) -> str:
-        return f"SpinePipeline(stages={self.stages})"
+        return f"SpinePipeline(stages={self.stage_names})"
 
     def compile(self, **options: Any) -> SpinePipeline:
-        """Run every stage's model under ``torch.compile(fullgraph=True, **options)`` for
-        inference: the first stage's fusion core, the locator, the grader (text tower and input
-        checks stay eager). The first batches compile (tens of seconds on a CPU); the weights and
-        the saved folder are unchanged. Returns the pipeline."""
-        self.detect.compile(**options)
-        for stage in (self.locate, self.grade):
-            if stage is not None:
-                stage.compile_models(**options)
+        """Run every stage's models under ``torch.compile(fullgraph=True, **options)`` for
+        inference (:meth:`Stage.compile_models`: the first stage's fusion core, the locator, the
+        grader; text towers and input checks stay eager). The first batches compile (tens of
+        seconds on a CPU); the weights and the saved folder are unchanged. Returns the pipeline."""
+        for stage in self.stages:
+            stage.compile_models(**options)
         return self
 
     def run(self, root: str | Path, split: str = "test", *, study_ids: list[int] | None = None,
@@ -106,56 +137,45 @@ class SpinePipeline(SpineHubMixin):
         by name; nothing is dropped. ``compile``: :meth:`compile` first. A store made here drops each
         batch's series once every stage has read them (memory: one batch, whatever the study count);
         pass a ``store`` to keep them for later reads (up to its ``memory_bytes``)."""
-        from ..data.dataset import SpineDataset, collate
-
         root = Path(root)
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         own_store = store is None  # ours: each batch's series are dropped once every stage has read them
         store = store if store is not None else SeriesStore(root, split, cache_dir=cache_dir)
-        dataset = SpineDataset(root, split, study_ids=study_ids, augment=False, store=store, on_bad_series="warn",
-                               **self.detect.preprocess)
+        frame = load_tables(root, split)
+        ids = [int(s) for s in dict.fromkeys(frame["study_id"])] if study_ids is None else [int(s) for s in study_ids]
         if distributed is None:  # launched by `accelerate launch` (or torchrun) with several processes
             distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
         if workers > 0 or distributed:  # each process moves (and compiles) its own copy of the models
             kwargs = {"store": store, "batch_size": batch_size, "device": device, "compile": compile,
                       "progress": progress}
-            result = run_distributed(self, root, split, dataset.study_ids, **kwargs) if distributed else \
-                run_in_workers(self, root, split, dataset.study_ids, workers, **kwargs)
+            result = run_distributed(self, root, split, ids, **kwargs) if distributed else \
+                run_in_workers(self, root, split, ids, workers, **kwargs)
             result.order = _sample_submission_order(root, split) if study_ids is None else None
             return result
         if device is not None:
             self.to(device)
         if compile:
             self.compile()
-        device = next(self.detect.model.parameters()).device
-        parts: dict[str, list] = {"ids": [], "probs": [], "detected": [], "located": [], "grades": [], "graded": []}
-        starts = range(0, len(dataset), batch_size)
-        with self._remembering_texts():  # every batch asks for the same query texts
-            for start in tqdm(starts, desc="predict", unit="batch", disable=not progress):
-                batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-                probs, found = self.detect(batch, device)
-                parts["ids"] += [int(m["study_id"]) for m in batch["meta"]]
-                parts["probs"].append(probs)
-                parts["detected"].append(found)
-                if self.locate is not None:
-                    found = self.locate.run(found, store)
-                    parts["located"].append(found)
-                if self.grade is not None:
-                    grades = self.grade.run(found, store)
-                    parts["grades"].append(grades)
-                    parts["graded"].append(grades.findings)
-                if own_store:  # no stage comes back to a study: peak memory stays one batch's series
-                    for meta in batch["meta"]:
-                        store.forget_study(int(meta["study_id"]))
-        result = PipelineResult(parts["ids"], np.concatenate(parts["probs"]) if parts["probs"] else
-                                np.zeros((0, len(LABEL_COLUMNS), 3)), Findings.concat(parts["detected"]))
-        if self.locate is not None:
-            result.located = Findings.concat(parts["located"])
-        if self.grade is not None:
-            result.grade_log_probs = np.concatenate([g.log_probs for g in parts["grades"]]) if parts["grades"] \
-                else np.zeros((0, 3))
-            result.grade_probs = np.concatenate([self.grade.with_context(g) for g in parts["grades"]]) \
-                if parts["grades"] else np.zeros((0, 3))
-            result.graded = Findings.concat(parts["graded"])
+        job = RunJob(root, split, ids, store, frame)
+        for stage in self.stages:
+            stage.begin(job)
+        outputs: dict[str, list[StageOutput]] = {name: [] for name in self._stages}
+        try:
+            with self._remembering_texts():  # every batch asks for the same query texts
+                for start in tqdm(range(0, len(ids), batch_size), desc="predict", unit="batch", disable=not progress):
+                    inputs = StageInput(ids[start:start + batch_size], store)
+                    for name, stage in self._stages.items():
+                        out = stage.run(inputs)
+                        outputs[name].append(out)
+                        inputs = StageInput(inputs.study_ids, store, out.findings, _merged(inputs.probs, out.probs))
+                    if own_store:  # no stage comes back to a study: peak memory stays one batch's series
+                        for study_id in inputs.study_ids:
+                            store.forget_study(study_id)
+        finally:
+            for stage in self.stages:
+                stage.end()
+        result = PipelineResult(ids, {name: StageOutput.concat(parts) for name, parts in outputs.items()})
         result.order = _sample_submission_order(root, split) if study_ids is None else None
         return result
 
@@ -163,30 +183,24 @@ class SpinePipeline(SpineHubMixin):
         """A block in which every stage's text tower encodes each distinct text once
         (:meth:`~spinemm.models.towers.TextTower.remembering`)."""
         stack = contextlib.ExitStack()
-        encoder = self.grade.encoder if self.grade is not None else None
-        for model in (self.detect.model, encoder):
-            tower = getattr(model, "text", None)
-            if isinstance(tower, TextTower):
-                stack.enter_context(tower.remembering())
+        for stage in self.stages:
+            for tower in stage.text_towers():
+                if isinstance(tower, TextTower):
+                    stack.enter_context(tower.remembering())
         return stack
 
     # ---------------------------------------------------------------------------- save / load
     def _save_pretrained(self, save_directory: Path) -> None:
         """Write the pipeline folder (module docstring); ``save_pretrained`` adds the model card."""
-        from safetensors.torch import save_model
-
         from .. import __version__
 
         out = Path(save_directory)
         out.mkdir(parents=True, exist_ok=True)
-        self.detect.model.save_pretrained(out / "detect")
-        meta: dict[str, Any] = {"spinemm_version": __version__, "stages": self.stages}
-        if self.locate is not None:
-            meta["locate"] = self.locate.config_dict()
-            save_model(self.locate, str(out / "locate.safetensors"))
-        if self.grade is not None:
-            meta["grade"] = self.grade.config_dict()
-            self.grade.save_to(out)
+        meta: dict[str, Any] = {"spinemm_version": __version__, "stages": self.stage_names}
+        for name, stage in self._stages.items():
+            section = stage.save(out)
+            if section:
+                meta[name] = section
         (out / PIPELINE_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
 
     @classmethod
@@ -194,63 +208,48 @@ class SpinePipeline(SpineHubMixin):
         return load_pipeline(folder)
 
     def card_facts(self) -> dict[str, Any]:
+        first = self.stages[0]
+        model = getattr(first, "model", first)
+        preset = getattr(getattr(model, "config", None), "name", type(model).__name__)
         return {
-            "title": f"spinemm pipeline ({self.detect.model.config.name})",
+            "title": f"spinemm pipeline ({preset})",
             "summary": "A staged spinemm pipeline for the RSNA 2024 lumbar spine task: detect (a SpineCLIP model "
                        "grades and places the 25 findings of a study), then the stages listed below. "
                        "spinemm.predict writes a Kaggle submission and the finding locations.",
-            "preset": self.detect.model.config.name,
-            "stages": " -> ".join(self.stages),
-            "towers": self.detect.model.tower_sources() if hasattr(self.detect.model, "tower_sources") else "",
+            "preset": preset,
+            "stages": " -> ".join(self.stage_names),
+            "towers": model.tower_sources() if hasattr(model, "tower_sources") else "",
             "loader": 'pipeline = spinemm.load_pipeline("hf-hub:ORG/NAME")   # or a local folder\n'
                       'submission, locations = spinemm.predict(pipeline, "/path/to/rsna", split="test")',
         }
 
 
+def _merged(before: Any, probs: Any) -> Any:
+    """The running probabilities after a stage: its rows where it gave them (not NaN), else before."""
+    if probs is None:
+        return before
+    if before is None:
+        return probs
+    return np.where(np.isnan(probs), before, probs)
+
+
 def load_pipeline(source: str | os.PathLike) -> SpinePipeline:
     """A pipeline by model name (:mod:`spinemm.models.names`): a pipeline folder
     (:meth:`SpinePipeline.save_pretrained`) or ``hf-hub:`` repo holding one; else whatever
-    ``spinemm.load_model`` reads (a saved model, a preset), as a pipeline of the detect stage alone."""
-    from safetensors.torch import load_model as load_weights
-
-    from ..models.factory import load_model
-
+    ``spinemm.load_model`` reads (a saved model, a preset), as a pipeline of the first stage alone."""
     name = parse_model_name(source, setting="load_pipeline(source)")
     folder = None if name.is_config else name.saved_folder("load_pipeline(source)")
     if folder is None or not (folder / PIPELINE_CONFIG).is_file():
         return SpinePipeline(load_model(folder if folder is not None else name.target))
     meta = _read_pipeline_json(folder / PIPELINE_CONFIG)
-    stages = meta.get("stages", ["detect"])
+    stages = meta.get("stages", registered_stages()[:1])
     if not isinstance(stages, list) or not all(isinstance(s, str) for s in stages):
         raise SpineModelError(f"{folder / PIPELINE_CONFIG}: stages must be a list of stage names, got {stages!r}")
-    unknown = sorted(set(stages) - set(STAGE_ORDER))
-    if unknown or "detect" not in stages:
-        raise SpineModelError(f"{folder / PIPELINE_CONFIG}: stages {stages} must include detect and be among {STAGE_ORDER}")
-    pipeline = SpinePipeline(load_model(folder / "detect"))
-    if "locate" in stages:
-        weights = folder / "locate.safetensors"
-        if not weights.is_file():
-            raise SpineModelError(f"{weights} is missing: the pipeline folder lists stage 'locate'")
-        pipeline.locate = LocateStage(_config(LocatorConfig, _section(meta, "locate", folder), folder, "locate"))
-        try:
-            load_weights(pipeline.locate, str(weights))
-        except Exception as err:  # safetensors' own error types: not a safetensors file, wrong keys
-            raise SpineModelError(f"cannot load {weights}: {type(err).__name__}: {err}") from None
-        check_finite(pipeline.locate, weights)
-    if "grade" in stages:
-        values = _section(meta, "grade", folder)
-        query_dim = values.pop("query_dim", 256)
-        if isinstance(query_dim, bool) or not isinstance(query_dim, int) or not 1 <= query_dim <= 8192:
-            raise SpineModelError(f"{folder / PIPELINE_CONFIG}: grade.query_dim must be an integer in 1..8192, "
-                                  f"got {query_dim!r}")
-        config = _config(GraderConfig, values, folder, "grade")
-        try:
-            pipeline.grade = GradeStage.load_from(folder, config, query_dim)
-        except SpineModelError as err:  # e.g. a backbone no registry knows: say which file asked for it
-            raise SpineModelError(err if str(folder) in str(err) else f"{folder / PIPELINE_CONFIG}: grade: {err}") \
-                from None
-        check_finite(pipeline.grade, folder / "grade.safetensors")
-    return pipeline.eval()
+    unknown = sorted(set(stages) - set(registered_stages()))
+    if unknown or registered_stages()[0] not in stages:
+        raise SpineModelError(f"{folder / PIPELINE_CONFIG}: stages {stages} must include {registered_stages()[0]} "
+                              f"and be among the registered stages {registered_stages()}")
+    return SpinePipeline(*(stage_class(name).load(folder, _section(meta, name, folder)) for name in stages)).eval()
 
 
 def _read_pipeline_json(path: Path) -> dict[str, Any]:
@@ -269,17 +268,6 @@ def _section(meta: dict[str, Any], name: str, folder: Path) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise SpineModelError(f"{folder / PIPELINE_CONFIG}: {name} must be a mapping, got {type(values).__name__}")
     return dict(values)
-
-
-def _config(cls: type, values: dict[str, Any], folder: Path, name: str) -> Any:
-    """The stage config of section ``name``, every key typed and bounded (``check_config``)."""
-    where = f"{folder / PIPELINE_CONFIG}: {name}."
-    try:
-        config = cls(**values)
-    except (TypeError, ValueError) as err:
-        raise SpineModelError(f"{where[:-1]}: bad {cls.__name__}: {err}") from None
-    check_config(config, where)
-    return config
 
 
 def _sample_submission_order(root: Path, split: str) -> list[str] | None:

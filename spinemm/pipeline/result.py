@@ -6,52 +6,89 @@ can join their shares without importing the pipeline that starts them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
+from ..constants import LABEL_COLUMNS
 from ..errors import SpineDataError, SpineModelError
 from ..metrics import submission_frame
 from .findings import Findings
+from .stage import StageOutput
 
 __all__ = ["PipelineResult", "submission_from_probs"]
 
 
 @dataclass
 class PipelineResult:
-    """Every stage's output for the studies of one run (study-major, ``LABEL_COLUMNS`` order).
+    """Every stage's output for the studies of one run, by stage name in the order they ran
+    (rows study-major, ``LABEL_COLUMNS`` order).
 
     Unpacks as ``submission, locations = result`` (the final stage's), as ``spinemm.predict`` did.
     """
 
     study_ids: list[int]
-    detect_probs: np.ndarray  # [B, 25, 3]
-    detected: Findings
-    located: Findings | None = None
-    grade_log_probs: np.ndarray | None = None  # [B * 25, 3] without study context; NaN: not graded
-    grade_probs: np.ndarray | None = None  # [B * 25, 3] with the study context; NaN: not graded
-    graded: Findings | None = None
+    outputs: dict[str, StageOutput] = field(default_factory=dict)
     order: list[str] | None = None  # sample_submission's row order, when it applies
+
+    def probs_after(self, stage: str | None = None) -> np.ndarray:
+        """Probabilities ``[B, 25, 3]`` after ``stage`` (default: the last): each stage's rows
+        where it gave them (not NaN), else the stages' before it."""
+        names = list(self.outputs)
+        if stage is not None and stage not in names:
+            raise SpineModelError(f"stage must be one of {names} (or 'final'), got {stage!r}")
+        flat = None
+        for name in names[:names.index(stage) + 1] if stage is not None else names:
+            probs = self.outputs[name].probs
+            if probs is not None:
+                flat = probs if flat is None else np.where(np.isnan(probs), flat, probs)
+        if flat is None:
+            return np.zeros((len(self.study_ids), len(LABEL_COLUMNS), 3))
+        return flat.reshape(len(self.study_ids), len(LABEL_COLUMNS), -1)
 
     @property
     def probs(self) -> np.ndarray:
-        """Final probabilities [B, 25, 3]: graded where the grade stage graded, else detect's."""
-        flat = self.detect_probs.reshape(-1, self.detect_probs.shape[-1])
-        if self.grade_probs is not None:
-            flat = np.where(np.isnan(self.grade_probs), flat, self.grade_probs)
-        return flat.reshape(self.detect_probs.shape)
+        """Final probabilities [B, 25, 3]: each row from the last stage that graded it."""
+        return self.probs_after()
 
     @property
     def findings(self) -> Findings:
         """The final stage's points."""
-        return next(f for f in (self.graded, self.located, self.detected) if f is not None)
+        return list(self.outputs.values())[-1].findings
+
+    # the built-in stages' outputs under the names the result has always had
+    @property
+    def detect_probs(self) -> np.ndarray:
+        return self.probs_after("detect")
+
+    @property
+    def detected(self) -> Findings:
+        return self.outputs["detect"].findings
+
+    @property
+    def located(self) -> Findings | None:
+        return self.outputs["locate"].findings if "locate" in self.outputs else None
+
+    @property
+    def graded(self) -> Findings | None:
+        return self.outputs["grade"].findings if "grade" in self.outputs else None
+
+    @property
+    def grade_probs(self) -> np.ndarray | None:
+        """[B * 25, 3] with the study context; NaN: not graded."""
+        return self.outputs["grade"].probs if "grade" in self.outputs else None
+
+    @property
+    def grade_log_probs(self) -> np.ndarray | None:
+        """[B * 25, 3] without the study context; NaN: not graded."""
+        return self.outputs["grade"].extras["log_probs"] if "grade" in self.outputs else None
 
     def submission(self, stage: str = "final") -> pd.DataFrame:
-        """Kaggle submission (rows sum to 1) of the final result or of ``stage="detect"`` alone."""
-        if stage not in ("final", "detect"):
-            raise SpineModelError(f"stage must be 'final' or 'detect', got {stage!r}")
-        return submission_from_probs(self.study_ids, self.probs if stage == "final" else self.detect_probs, self.order)
+        """Kaggle submission (rows sum to 1) of the final result or of the stages up to ``stage``
+        (``stage="detect"``: the first stage alone)."""
+        probs = self.probs if stage == "final" else self.probs_after(stage)
+        return submission_from_probs(self.study_ids, probs, self.order)
 
     def locations(self) -> pd.DataFrame:
         """The location frame of the final points (``locations.csv``)."""
@@ -64,14 +101,9 @@ class PipelineResult:
     @classmethod
     def concat(cls, parts: list[PipelineResult]) -> PipelineResult:
         """The results of disjoint shares of studies as one, in the order of ``parts``."""
-        def joined(name: str, join):
-            values = [getattr(p, name) for p in parts]
-            return None if any(v is None for v in values) else join(values)
-
-        return cls([s for p in parts for s in p.study_ids], np.concatenate([p.detect_probs for p in parts]),
-                   Findings.concat([p.detected for p in parts]), joined("located", Findings.concat),
-                   joined("grade_log_probs", np.concatenate), joined("grade_probs", np.concatenate),
-                   joined("graded", Findings.concat))
+        names = list(parts[0].outputs) if parts else []
+        return cls([s for p in parts for s in p.study_ids],
+                   {name: StageOutput.concat([p.outputs[name] for p in parts]) for name in names})
 
 
 def submission_from_probs(study_ids: list[int], probs: np.ndarray, order: list[str] | None = None) -> pd.DataFrame:

@@ -29,6 +29,7 @@ from ..metrics import (
     solution_frame,
     submission_frame,
 )
+from ..pipeline.detect import detect_outputs, findings_from_outputs
 
 #: Scalar metric keys, in table order.
 SCALAR_METRICS = ("score", "spinal", "foraminal", "subarticular", "any_severe_spinal", "accuracy",
@@ -63,10 +64,6 @@ def severity_metrics(study_ids: np.ndarray, labels: np.ndarray, probs: np.ndarra
     return out
 
 
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 @torch.no_grad()
 def evaluate_model(model: torch.nn.Module, loader: DataLoader, accelerator: Any = None, progress: bool = False,
              device: torch.device | str | None = None) -> dict[str, Any]:
@@ -79,36 +76,29 @@ def evaluate_model(model: torch.nn.Module, loader: DataLoader, accelerator: Any 
     """
     if accelerator is None:
         device = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     parts: dict[str, list[torch.Tensor]] = {}
     metas: list[dict] = []
     show = progress and (accelerator is None or accelerator.is_main_process)
     tic = time.perf_counter()
-    try:
-        for batch in tqdm(loader, desc="eval", unit="batch", disable=not show, leave=False):
-            if accelerator is None:
-                batch = _to_device(batch, device)
-            out = model(batch)
-            step = {
-                "probs": out["logits"].float().softmax(-1),
-                "labels": batch["label"].long(),
-                "location": out["location"].float(),
-                "location_confidence": out["location_confidence"].float(),
-                "location_target": batch["location"].float(),
-                "location_mask": batch["location_mask"].to(torch.uint8),
-                "study_ids": torch.tensor([int(m["study_id"]) for m in batch["meta"]],
-                                          device=batch["label"].device),
-            }
-            meta = batch["meta"]
-            if accelerator is not None:
-                step = accelerator.gather_for_metrics(step)
-                meta = accelerator.gather_for_metrics(meta, use_gather_object=True)
-            for key, value in step.items():
-                parts.setdefault(key, []).append(value.cpu())
-            metas.extend(meta)
-    finally:
-        model.train(was_training)
+    for batch in tqdm(loader, desc="eval", unit="batch", disable=not show, leave=False):
+        # accelerate's loader has moved the batch already
+        out = detect_outputs(model, batch, device if accelerator is None else None)
+        step = {
+            "probs": out["logits"].float().softmax(-1),
+            "labels": batch["label"].long(),
+            "location": out["location"].float(),
+            "location_confidence": out["location_confidence"].float(),
+            "location_target": batch["location"].float(),
+            "location_mask": batch["location_mask"].to(torch.uint8),
+            "study_ids": torch.tensor([int(m["study_id"]) for m in batch["meta"]]),
+        }
+        meta = batch["meta"]
+        if accelerator is not None:
+            step = accelerator.gather_for_metrics({k: v.to(accelerator.device) for k, v in step.items()})
+            meta = accelerator.gather_for_metrics(meta, use_gather_object=True)
+        for key, value in step.items():
+            parts.setdefault(key, []).append(value.cpu())
+        metas.extend(meta)
     seconds = time.perf_counter() - tic
     result: dict[str, Any] = {k: torch.cat(v).numpy() for k, v in parts.items()}
     result["location_mask"] = result["location_mask"].astype(bool)
@@ -126,8 +116,6 @@ def write_predictions(result: dict[str, Any], directory: str | Path, prefix: str
     """Write ``{prefix}submission.csv`` (Kaggle format), ``{prefix}solution.csv`` (the labels, to
     rescore with ``spinemm evaluate``) and ``{prefix}locations.csv`` (predicted locations in the
     original pixels) under ``directory``; returns the paths."""
-    from ..pipeline.detect import findings_from_outputs
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = {name: directory / f"{prefix}{name}.csv" for name in ("submission", "solution", "locations")}

@@ -121,7 +121,7 @@ class ValidationRun:
         return rsna_score(self.solution, submission_from_probs(self.before.study_ids, merged))
 
     def evaluate(self, stage: GradeStage) -> dict[str, float]:
-        grades = stage.run(self.before.findings, self.store)
+        grades = stage.grade(self.before.findings, self.store)
         return {"score": self.score(np.exp(grades.log_probs)), "graded_rows": int(grades.graded.sum())}
 
 
@@ -273,7 +273,7 @@ def _fit_context(stage: GradeStage, val: ValidationRun) -> dict[str, Any]:
     then fitted on all val studies; the classification metrics and throughput are the grader's own
     (no study context), on the val findings."""
     tic = time.perf_counter()
-    grades = stage.run(val.before.findings, val.store)
+    grades = stage.grade(val.before.findings, val.store)
     seconds = time.perf_counter() - tic
     scores: dict[str, Any] = {"before_score": val.score(np.full((len(grades.log_probs), 3), np.nan)),
                               "detect_score": rsna_score(val.solution, val.before.submission("detect")),
