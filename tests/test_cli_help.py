@@ -104,15 +104,15 @@ def test_python_dash_m_spinemm_is_the_cli():
 
 
 def test_recipe_help_lists_every_key_with_type_default_and_description(capsys):
-    from spinemm.training import config
     from spinemm.training.config import DEFAULTS, config_from_argv
     from spinemm.training.config_help import key_docs
+    from spinemm.training.sections import RecipeConfig
 
     with pytest.raises(SystemExit) as done:
         config_from_argv(["--help"])
     assert done.value.code == 0
     text = capsys.readouterr().out
-    docs = key_docs(config)
+    docs = key_docs(RecipeConfig)
 
     def leaves(mapping, prefix=""):
         for key, value in mapping.items():
@@ -122,8 +122,38 @@ def test_recipe_help_lists_every_key_with_type_default_and_description(capsys):
                 yield f"{prefix}{key}", value
 
     undocumented = [key for key, _ in leaves(DEFAULTS) if not docs.get(key)]
-    assert not undocumented, f"config keys without a comment in DEFAULTS (or their dataclass): {undocumented}"
+    assert not undocumented, f"config keys without a comment in their dataclass (training.sections): {undocumented}"
     for key, value in leaves(DEFAULTS):
         assert f"  {key}  (" in text and f"default {value!r})" in text, key
     assert "train.epochs  (int, default 1)\n      passes over the training studies" in text
     assert "grader.model.refine  (int, default 1)" in text  # the stage dataclass's fields too
+
+
+@pytest.mark.parametrize("load, where, typo, near", [
+    (lambda: spinemm.training.load_config({"train": {"epocs": 2}}), "recipe config", "train.epocs", "train.epochs"),
+    (lambda: spinemm.training.load_config(None, ["grader.model.sise=3"]), "recipe config", "grader.model.sise",
+     "grader.model.size"),
+    (lambda: spinemm.create_model("spine-tiny", **{"fusion.layrs": 2}), "model config", "fusion.layrs",
+     "fusion.layers"),
+    (lambda: spinemm.load_model("spine-tiny", revison="main"), "load_model", "revison", "revision"),
+])
+def test_every_config_names_the_nearest_key(load, where, typo, near):
+    """One strict-key error everywhere a config is read: where, the key, and the nearest known key."""
+    with pytest.raises(spinemm.SpineModelError) as err:
+        load()
+    assert str(err.value).startswith(where) and f"unknown key {typo!r}; did you mean {near!r}?" in str(err.value)
+
+
+def test_a_pipeline_json_section_names_the_nearest_key(tmp_path):
+    import json
+
+    from spinemm.models.config import LocatorConfig
+    from spinemm.pipeline import LocateStage
+
+    spinemm.SpinePipeline(spinemm.create_model("spine-tiny"), LocateStage(LocatorConfig(size=32))) \
+        .save_pretrained(tmp_path / "p")
+    meta = json.loads((tmp_path / "p" / "pipeline.json").read_text())
+    meta["locate"]["sise"] = meta["locate"].pop("size")
+    (tmp_path / "p" / "pipeline.json").write_text(json.dumps(meta))
+    with pytest.raises(spinemm.SpineModelError, match=r"pipeline.json: locate: unknown key 'sise'; did you mean 'size'"):
+        spinemm.load_pipeline(tmp_path / "p")

@@ -128,7 +128,7 @@ def test_loading_returns_eval_mode_and_from_pretrained_takes_the_transformers_ke
         torch.testing.assert_close(first, again, rtol=0, atol=0)  # dropout is off
     half = SpineCLIP.from_pretrained(tmp_path / "m", torch_dtype=torch.bfloat16, device="cpu")
     assert {p.dtype for p in half.parameters()} == {torch.bfloat16} and not half.training
-    with pytest.raises(SpineModelError, match="unknown keyword 'revison'; did you mean 'revision'"):
+    with pytest.raises(SpineModelError, match="unknown key 'revison'; did you mean 'revision'"):
         SpineCLIP.from_pretrained(tmp_path / "m", revison="main")
     with pytest.raises(SpineModelError, match="revision='v1' needs a hub name"):
         SpineCLIP.from_pretrained(tmp_path / "m", revision="v1")

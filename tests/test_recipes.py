@@ -167,4 +167,4 @@ def test_the_old_detect_names_still_work_and_say_so(tmp_path):
     proc = subprocess.run([sys.executable, str(RECIPES / "train_severity.py"), "no_such_key=1"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "train_severity.py is now recipes/train_detect.py" in proc.stderr
-    assert "unknown config key 'no_such_key'" in proc.stderr
+    assert "unknown key 'no_such_key'" in proc.stderr

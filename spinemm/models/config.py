@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import SpineModelError
+from ..errors import SpineModelError, unknown_key
 
 CHANNEL_MODES = ("2.5d", "single")
 
@@ -281,11 +281,26 @@ def _check_keys(cls: type, data: Mapping[str, Any], prefix: str) -> dict[str, An
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise SpineModelError(
-            f"unknown model config key(s) {[prefix + k for k in unknown]}; "
-            f"valid keys: {sorted(prefix + n for n in names)}"
-        )
+        raise unknown_key(prefix + unknown[0], (prefix + n for n in names), "model config")
     return dict(data)
+
+
+def config_from_dict(cls: type, values: Mapping[str, Any], where: str) -> Any:
+    """The config dataclass ``cls`` from a mapping (a JSON / YAML section): an unknown key names
+    the nearest known one, and every value is typed and bounded (:func:`check_config`); errors are
+    :class:`SpineModelError` starting with ``where`` (e.g. ``"pipeline.json: grade."``)."""
+    if not isinstance(values, Mapping):
+        raise SpineModelError(f"{where.rstrip('.')} must be a mapping, got {type(values).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise unknown_key(unknown[0], names, where.rstrip(". "))
+    try:
+        config = cls(**values)
+    except (TypeError, ValueError) as err:
+        raise SpineModelError(f"{where.rstrip('.')}: bad {cls.__name__}: {err}") from None
+    check_config(config, where)
+    return config
 
 
 def merge_overrides(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:

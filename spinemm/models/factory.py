@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..errors import SpineModelError, unknown_key
 from .config import ModelConfig, merge_overrides
 from .hub import resolve_files
 from .names import parse_model_name
@@ -73,14 +74,28 @@ def create_model(
     return model
 
 
-def load_model(source: str | os.PathLike) -> SpineCLIP:
-    """A model by name (:mod:`spinemm.models.names`): a saved folder, its ``model.safetensors`` or
-    an ``hf-hub:`` repo gives the saved model; a preset or JSON config gives ``create_model(name)``
-    (upstream tower weights as configured, fusion and heads untrained)."""
+LOAD_OPTIONS = ("revision", "torch_dtype", "device", "map_location")
+
+
+def load_model(source: str | os.PathLike, **options: Any) -> SpineCLIP:
+    """A model by name (:mod:`spinemm.models.names`), in eval mode: a saved folder, its
+    ``model.safetensors`` or an ``hf-hub:`` repo gives the saved model; a preset or JSON config
+    gives ``create_model(name)`` (upstream tower weights as configured, fusion and heads untrained).
+    ``options``: ``revision`` (hub names only), ``torch_dtype``, ``device`` / ``map_location``, as
+    :meth:`SpineCLIP.from_pretrained`; any other keyword is refused with the nearest one named."""
+    unknown = sorted(set(options) - set(LOAD_OPTIONS))
+    if unknown:
+        raise unknown_key(unknown[0], LOAD_OPTIONS, "load_model")
     name = parse_model_name(source, setting="load_model(source)")
-    if name.is_config:
-        return create_model(name.target)
-    return SpineCLIP._load_folder(name.saved_folder("load_model(source)"))
+    if not name.is_config:
+        return SpineCLIP.from_pretrained(source, **options)
+    if options.get("revision") is not None:
+        raise SpineModelError(f"load_model: revision= needs a hub name (hf-hub:org/name), not the preset {source!r}")
+    model = create_model(name.target)
+    if options.get("torch_dtype") is not None:
+        model = model.to(dtype=options["torch_dtype"])
+    device = options.get("device") if options.get("device") is not None else options.get("map_location")
+    return (model.to(device) if device is not None else model).eval()
 
 
 def _weights_file(pretrained: str | os.PathLike) -> Path:

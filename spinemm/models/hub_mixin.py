@@ -14,7 +14,6 @@ synthetic phantom: the card then says the numbers are not about real MRI).
 
 from __future__ import annotations
 
-import difflib
 import os
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from typing import Any
 from huggingface_hub import ModelCard, ModelHubMixin
 from huggingface_hub.errors import OfflineModeIsEnabled
 
-from ..errors import SpineModelError
+from ..errors import SpineModelError, unknown_key
 from .names import HF_HUB_PREFIX, parse_model_name
 
 CARD_TEMPLATE = """---
@@ -145,11 +144,7 @@ class SpineHubMixin(
         Any other keyword is refused, with the nearest accepted one."""
         setting = f"{cls.__name__}.from_pretrained"
         if unknown:
-            accepted = ("revision", "torch_dtype", "device", "map_location")
-            key = sorted(unknown)[0]
-            near = difflib.get_close_matches(key, accepted, n=1)
-            raise SpineModelError(f"{setting}: unknown keyword {key!r}"
-                                  + (f"; did you mean {near[0]!r}?" if near else f"; accepted: {list(accepted)}"))
+            raise unknown_key(sorted(unknown)[0], ("revision", "torch_dtype", "device", "map_location"), setting)
         name = parse_model_name(pretrained_model_name_or_path, setting=setting)
         if revision is not None and name.kind != "hub":
             raise SpineModelError(f"{setting}: revision={revision!r} needs a hub name (hf-hub:org/name), "

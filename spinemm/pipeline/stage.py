@@ -23,7 +23,7 @@ import torch
 
 from ..data.store import SeriesStore
 from ..errors import SpineModelError
-from ..models.config import check_config
+from ..models.config import config_from_dict
 from ..models.names import PIPELINE_CONFIG
 from ..models.saved import check_finite
 from .findings import Findings
@@ -136,12 +136,6 @@ class Stage(torch.nn.Module):
 
 
 def stage_config(cls: type, values: dict[str, Any], folder: Path, name: str) -> Any:
-    """The config dataclass ``cls`` of ``pipeline.json``'s section ``name``, every key typed and
-    bounded (``check_config``); a bad key or value is a SpineModelError naming file and key."""
-    where = f"{Path(folder) / PIPELINE_CONFIG}: {name}."
-    try:
-        config = cls(**values)
-    except (TypeError, ValueError) as err:
-        raise SpineModelError(f"{where[:-1]}: bad {cls.__name__}: {err}") from None
-    check_config(config, where)
-    return config
+    """The config dataclass ``cls`` of ``pipeline.json``'s section ``name``, every key known (else
+    the nearest is named), typed and bounded; errors are SpineModelErrors naming file and key."""
+    return config_from_dict(cls, values, f"{Path(folder) / PIPELINE_CONFIG}: {name}.")

@@ -1,18 +1,19 @@
 """``--help`` of a recipe: every config key with its type, default and description.
 
-The descriptions are the comments written beside each key of :data:`~.config.DEFAULTS` (and beside
-each field of the stage config dataclasses whose fields make the ``grader.model`` and
-``locator.model`` sections), read from the source with ``ast`` and ``tokenize``, so the help
-cannot drift from the code: a key documented in one place is documented in both.
+The descriptions are the comments written beside each field of the config dataclasses
+(:class:`~.sections.RecipeConfig`, its sections, and the stage model dataclasses nested in
+``grader.model`` and ``locator.model``), read from the source with ``ast`` and ``tokenize``, so
+the help cannot drift from the code: a key documented in one place is documented everywhere.
 """
 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import inspect
 import io
 import tokenize
-from types import ModuleType
+import typing
 from typing import Any
 
 
@@ -44,28 +45,30 @@ def _dataclass_docs(cls: type) -> dict[str, str]:
             if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)}
 
 
-def key_docs(config_module: ModuleType) -> dict[str, str]:
-    """Dotted key -> description, for every key of ``config_module.DEFAULTS`` that has one (the
-    module is passed in, :mod:`spinemm.training.config`, which imports this one for ``--help``)."""
-    source = inspect.getsource(config_module)
-    comments, lines = _comments(source), source.splitlines()
-    tree = ast.parse(source)
-    node = next(n.value for n in tree.body if isinstance(n, ast.AnnAssign) and getattr(n.target, "id", "") == "DEFAULTS")
+def key_types(config_class: type, prefix: str = "") -> dict[str, str]:
+    """Dotted key -> its declared type, as written (``int | None``), through nested dataclasses."""
+    out: dict[str, str] = {}
+    hints = typing.get_type_hints(config_class)
+    for f in dataclasses.fields(config_class):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            out.update(key_types(hint, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = str(f.type if isinstance(f.type, str) else getattr(hint, "__name__", hint))
+    return out
+
+
+def key_docs(config_class: type, prefix: str = "") -> dict[str, str]:
+    """Dotted key -> description, for every field of the config dataclass ``config_class`` and of
+    the dataclasses nested in it (a section's own description is the comment on its field)."""
     docs: dict[str, str] = {}
-
-    def walk(mapping: ast.Dict, prefix: str) -> None:
-        for key, value in zip(mapping.keys, mapping.values, strict=True):
-            if not isinstance(key, ast.Constant):
-                continue
-            dotted = f"{prefix}{key.value}"
-            docs[dotted] = _described(key.lineno, comments, lines)
-            if isinstance(value, ast.Dict):
-                walk(value, f"{dotted}.")
-            elif isinstance(value, ast.Call) and getattr(value.func, "id", "") == "_fields":
-                cls = getattr(config_module, value.args[0].id)
-                docs.update({f"{dotted}.{k}": v for k, v in _dataclass_docs(cls).items()})
-
-    walk(node, "")
+    own = _dataclass_docs(config_class)
+    hints = typing.get_type_hints(config_class)
+    for f in dataclasses.fields(config_class):
+        dotted = f"{prefix}{f.name}"
+        docs[dotted] = own.get(f.name, "")
+        if dataclasses.is_dataclass(hints[f.name]):
+            docs.update(key_docs(hints[f.name], f"{dotted}."))
     return docs
 
 
@@ -73,9 +76,10 @@ def _type_name(value: Any) -> str:
     return "any (null)" if value is None else "mapping" if isinstance(value, dict) else type(value).__name__
 
 
-def help_text(defaults: dict[str, Any], config_module: ModuleType) -> str:
-    """One entry per leaf key: ``dotted.key  (type, default value)`` and its description."""
-    docs = key_docs(config_module)
+def help_text(defaults: dict[str, Any], config_class: type) -> str:
+    """One entry per leaf key of ``defaults``: ``dotted.key  (type, default value)`` and its
+    description from ``config_class`` (:class:`~.sections.RecipeConfig`)."""
+    docs, types = key_docs(config_class), key_types(config_class)
     out: list[str] = []
 
     def walk(mapping: dict[str, Any], prefix: str) -> None:
@@ -86,7 +90,7 @@ def help_text(defaults: dict[str, Any], config_module: ModuleType) -> str:
                 out.append(f"\n[{dotted}]" + (f"  {section}" if section else ""))
                 walk(value, f"{dotted}.")
                 continue
-            out.append(f"  {dotted}  ({_type_name(value)}, default {value!r})")
+            out.append(f"  {dotted}  ({types.get(dotted) or _type_name(value)}, default {value!r})")
             if docs.get(dotted):
                 out.append(f"      {docs[dotted]}")
 

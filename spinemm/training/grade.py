@@ -30,7 +30,7 @@ from ..data.roi import ROIWindows
 from ..errors import SpineModelError
 from ..losses import weighted_cross_entropy
 from ..metrics import classification_report, rsna_score, solution_frame
-from ..models.config import GraderConfig
+from ..models.config import GraderConfig, config_from_dict
 from ..models.lora import add_lora, merge_lora, resolve_targets
 from ..pipeline.grade import GradeStage
 from ..pipeline.pipeline import SpinePipeline
@@ -171,10 +171,7 @@ def build_grade_stage(config: dict[str, Any], detect: torch.nn.Module) -> GradeS
     swaps in a freshly built vision tower and keeps that text tower, for the backbone comparison.
     The CNN grader takes the detect model's 25 query embeddings, once."""
     options = config["grader"]
-    try:
-        model_config = GraderConfig(**(options["model"] or {}))
-    except TypeError as err:
-        raise SpineModelError(f"grader.model: {err}") from None
+    model_config = config_from_dict(GraderConfig, options["model"] or {}, "grader.model.")
     if model_config.backbone != "clip":
         stage = GradeStage(model_config, query_dim=detect.config.fusion.dim)
         with torch.no_grad():

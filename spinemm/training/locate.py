@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from ..data.level_slices import LevelSlices, foramen_offsets_mm
 from ..errors import SpineModelError
 from ..losses import heatmap_loss
-from ..models.config import LocatorConfig
+from ..models.config import LocatorConfig, config_from_dict
 from ..models.locator import decode_heatmaps
 from ..pipeline.locate import LocateStage
 from .stage_fit import epoch_generator, fit_stage
@@ -124,10 +124,7 @@ def train_locate(config: dict[str, Any], run: Any, output_dir: Path, progress: b
     """Train a fresh locate stage (``locator.model``: :class:`LocatorConfig` fields) on ``run``'s
     studies; returns ``{"stage", "state", "history", "metrics"}`` (``stage`` None if stopped early)."""
     options = config["locator"]
-    try:
-        stage = LocateStage(LocatorConfig(**(options["model"] or {})))
-    except TypeError as err:
-        raise SpineModelError(f"locator.model: {err}") from None
+    stage = LocateStage(config_from_dict(LocatorConfig, options["model"] or {}, "locator.model."))
     cfg = stage.config
     data_args = {"size": cfg.size, "context": cfg.context, "progress": progress, "store": run.store}
     train_set = LevelSlices(run.root, run.frame, run.train_ids, **data_args)
