@@ -139,11 +139,13 @@ def reading_notes(summary: Mapping[str, Any]) -> dict[str, str]:
                 notes[name] = f"below chance ({chance:.3f})"
             elif value < chance + 1e-9:
                 notes[name] = f"at chance ({chance:.3f}): one grade for everything"
-        elif last in ("official_score", "fusion_only_score") and prior is not None and value >= prior:
-            notes[name] = f"no better than the prior alone ({prior:.4f})"
-        elif better(name) == "lower is better" and (last in ("score", "log_loss") or name.startswith(
-                "evaluation.official.")) and value >= uniform:
-            notes[name] = f"no better than 1/3 for every grade ({uniform:.3f})"
+        elif better(name) == "lower is better" and (last.endswith("score") or last == "log_loss"
+                                                   or name.startswith("evaluation.official.")):
+            # a log loss: against the prior's where it is the headline score, else against 1/3 each
+            if last in ("official_score", "fusion_only_score") and prior is not None and value >= prior:
+                notes[name] = f"no better than the prior alone ({prior:.4f})"
+            elif value >= uniform:
+                notes[name] = f"no better than 1/3 for every grade ({uniform:.3f})"
         elif last == "gap_closed" and value <= 0:
             notes[name] = "the model is no better than the prior"
         elif last.endswith("within_5mm") and value == 0:
@@ -158,8 +160,9 @@ def write_report_page(report: Path, summary: Mapping[str, Any], pictures: Mappin
     sections = [("Held-out score", _scores(summary, notes, pictures["outside"]))]
     sections[0:0] = [("Read this first", _warnings(summary, notes, pictures))] if (
         summary.get("smoke_run") or notes or pictures["outside"][0]) else []
-    curves_note = "".join(f'<p class="note">{html.escape(title)}: one epoch, so one point and no curve.</p>'
-                          for title in pictures.get("single_epoch", ()))
+    single = pictures.get("single_epoch", ())
+    curves_note = (f'<p class="note">One epoch, so one point and no curve: {html.escape("; ".join(single))}.</p>'
+                   if single else "")
     sections += [
         ("Training curves of every stage", "<p>Grey: training loss (left axis, lower is better); colours: the "
                                            "stage's validation metric (right axis; a score or an error in mm: lower "

@@ -187,13 +187,14 @@ def test_numbers_that_mean_nothing_learnt_get_a_note():
     from spinemm.report import better
 
     summary = {"official_score": 1.25, "prior_score": 1.2, "oracle_score": 0.3, "gap_closed": -0.06,
-               "fusion_only_score": 1.0, "zero_shot": {"balanced_accuracy": 0.167, "chance": 1 / 3, "n_crops": 50},
+               "fusion_only_score": 1.1, "zero_shot": {"balanced_accuracy": 0.167, "chance": 1 / 3, "n_crops": 50},
                "evaluation": {"classification": {"balanced_accuracy": 1 / 3, "accuracy": 0.6},
                               "per_condition": {"spinal": {"log_loss": 1.2, "balanced_accuracy": 0.5}}},
                "grader": {"val": {"locator_val_median_mm": 160.6, "locator_val_within_5mm": 0.0}},
                "settings": {"epochs": 0}, "seconds": 0.0}
     notes = reading_notes(summary)
     assert notes == {"official_score": "no better than the prior alone (1.2000)",
+                     "fusion_only_score": "no better than 1/3 for every grade (1.099)",
                      "gap_closed": "the model is no better than the prior",
                      "zero_shot.balanced_accuracy": "below chance (0.333)",
                      "evaluation.classification.balanced_accuracy": "at chance (0.333): one grade for everything",
@@ -214,7 +215,8 @@ def test_a_smoke_run_page_says_so_and_a_real_one_does_not(tmp_path):
     pictures = {"overlays": [], "attention": None, "attention_note": "no attention", "tables": [],
                 "outside": (0, 75), "single_epoch": ["detect stage"]}
     smoke = write_report_page(tmp_path, summary, pictures).read_text()
-    assert "Smoke run" in smoke and "are expected here" in smoke and "detect stage: one epoch" in smoke
+    assert "Smoke run" in smoke and "are expected here" in smoke
+    assert "One epoch, so one point and no curve: detect stage." in smoke
     assert smoke.index("Read this first") < smoke.index("Held-out score")
     assert "<td>0.9000</td><td>lower is better</td>" in smoke and "<td>33%</td><td>higher is better</td>" in smoke
     real = write_report_page(tmp_path, {**summary, "smoke_run": False}, {**pictures, "single_epoch": []}).read_text()
