@@ -207,7 +207,7 @@ def run_demo(out: str | Path = "demo_out", n_studies: int | None = None, seed: i
     pictures = report_pictures(report, root, result, pipeline, store, solution, load_tables(root, "test"), histories,
                                validation=validation)
     write_report_page(report, summary, pictures)
-    overlays = pictures["overlays"]
+    overlays = [*pictures["overlays"], *pictures["validation_overlays"]]
     lines = [
         "# spinemm demo report", "",
         *(["**Smoke run** (`--quick`): it checks that every step runs; its numbers say nothing about the model, "

@@ -132,7 +132,8 @@ def reading_notes(summary: Mapping[str, Any]) -> dict[str, str]:
     uniform = float(np.log(len(SEVERITIES)))  # the log loss of 1/3 for every grade, whatever the weights
     prior = summary.get("prior_score")
     notes = {}
-    for name, value in flat_metrics(summary):
+    flat = dict(flat_metrics(summary))
+    for name, value in flat.items():
         last = name.rsplit(".", 1)[-1]
         if last == "balanced_accuracy":
             if value < chance - 1e-9:
@@ -148,7 +149,8 @@ def reading_notes(summary: Mapping[str, Any]) -> dict[str, str]:
                 notes[name] = f"no better than 1/3 for every grade ({uniform:.3f})"
         elif last == "gap_closed" and value <= 0:
             notes[name] = "the model is no better than the prior"
-        elif last.endswith("within_5mm") and value == 0:
+        elif (last.endswith("within_5mm") and value == 0) or (
+                last.endswith("median_mm") and flat.get(name.replace("median_mm", "within_5mm")) == 0):
             notes[name] = "no located level within 5 mm"
     return notes
 

@@ -199,6 +199,7 @@ def test_numbers_that_mean_nothing_learnt_get_a_note():
                      "zero_shot.balanced_accuracy": "below chance (0.333)",
                      "evaluation.classification.balanced_accuracy": "at chance (0.333): one grade for everything",
                      "evaluation.per_condition.spinal.log_loss": "no better than 1/3 for every grade (1.099)",
+                     "grader.val.locator_val_median_mm": "no located level within 5 mm",
                      "grader.val.locator_val_within_5mm": "no located level within 5 mm"}
     assert [better(k) for k in ("official_score", "evaluation.per_condition.spinal.log_loss", "gap_closed",
                                 "grader.val.locator_val_median_mm", "zero_shot.n_crops", "prior_score")] == [
