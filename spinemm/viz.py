@@ -289,13 +289,14 @@ def location_overlays(root: str | Path, locations: pd.DataFrame, out_dir: str | 
                     if truth is not None else located.iloc[:0])
         slices = {(_plane_index(r), int(r.series_id), int(r.instance_number))
                   for frame in (located, recorded) for r in frame.itertuples()}
-        panels, outside = [], 0
+        panels, outside, undrawn = [], 0, 0
         for plane_index, series_id, instance in sorted(slices):
             series = store.find(int(study_id), series_id, "drawn")
+            here = located[(located.series_id == series_id) & (located.instance_number == instance)]
             if series is None or instance not in series.instance_to_index:
+                undrawn += len(here)  # named under the figure, never dropped without a word
                 continue
             image = series.volume[series.instance_to_index[instance]]
-            here = located[(located.series_id == series_id) & (located.instance_number == instance)]
             marks = [_overlay_mark(r, grades) for r in here.itertuples()]
             outside += sum(not inside_image(m.x, m.y, image.shape) for m in marks)
             legend = [(f"{finding_label(r.condition, r.level)}: {_grade_text(r, grades)}"
@@ -311,6 +312,7 @@ def location_overlays(root: str | Path, locations: pd.DataFrame, out_dir: str | 
             missing = rows.drop(located.index)
             note = "; ".join(filter(None, [
                 f"{outside} of {len(located)} predicted points lie outside their image" if outside else "",
+                f"{undrawn} on a slice that could not be read" if undrawn else "",
                 "not located: " + ", ".join(finding_label(r.condition, r.level) for r in missing.itertuples())
                 if len(missing) else ""])) or None
             title = f"study {int(study_id)}: predicted and recorded points, every finding on its own slice" + (
