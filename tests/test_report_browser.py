@@ -67,7 +67,11 @@ SKIPPED = {"settings", "seconds", "step_seconds", "model_dir", "smoke_run"}
 
 @pytest.fixture(scope="module")
 def smoke_report(tmp_path_factory) -> Path:
-    """The report folder of one ``spinemm demo --quick`` run (a few seconds)."""
+    """The report folder of one ``spinemm demo --quick`` run (a few seconds); skipped, loudly,
+    before the run where there is no Chromium to read it."""
+    if CHROMIUM is None:
+        warnings.warn(NO_CHROMIUM, stacklevel=1)
+        pytest.skip(NO_CHROMIUM)
     out = tmp_path_factory.mktemp("demo")
     run_demo(out, quick=True)
     return out / "report"
@@ -126,9 +130,6 @@ def _render(report: Path, tmp_path: Path) -> tuple[dict, list[str]]:
 
 @pytest.mark.slow
 def test_the_report_reads_right_in_a_browser(smoke_report, tmp_path):
-    if CHROMIUM is None:
-        warnings.warn(NO_CHROMIUM, stacklevel=1)
-        pytest.skip(NO_CHROMIUM)
     page = (smoke_report / "index.html").read_text(encoding="utf-8")
     referenced = re.findall(r'(?:src|href)="([^"#:]+)"', page)
     assert referenced and all((smoke_report / html.unescape(name)).is_file() for name in referenced), referenced
