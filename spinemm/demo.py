@@ -109,6 +109,7 @@ def run_demo(out: str | Path = "demo_out", n_studies: int | None = None, seed: i
     from .metrics import evaluate_frames, format_metrics, rsna_score
     from .pipeline import load_pipeline
     from .training import pretrain_clip, train_detect, train_stages
+    from .training.common import split_studies
     from .training.config import load_config
     from .viz import confusion_matrix_png, training_curves_png
 
@@ -188,7 +189,7 @@ def run_demo(out: str | Path = "demo_out", n_studies: int | None = None, seed: i
                "fusion_only_score": fusion_score,
                "zero_shot": zero_shot, "evaluation": metrics, "history": trained["history"],
                "grader": {"history": graded["history"], "val": graded.get("metrics")},
-               "settings": settings, "model_dir": str(model_dir), "seconds": time.perf_counter() - start,
+               "settings": settings, "smoke_run": bool(quick), "model_dir": str(model_dir), "seconds": time.perf_counter() - start,
                "step_seconds": seconds}
     write_atomic(report / "metrics.json", json.dumps(summary, indent=2, default=str).encode())
     confusion_matrix_png(metrics["classification"]["confusion_matrix"], report / "confusion_matrix.png",
@@ -197,11 +198,20 @@ def run_demo(out: str | Path = "demo_out", n_studies: int | None = None, seed: i
     training_curves_png(curves, report / "training_curves.png")
     histories = {"pretrain": pretrained["history"], "detect": trained["history"],
                  **{name: staged["stages"][name]["history"] for name in ("locate", "grade") if name in staged["stages"]}}
-    pictures = report_pictures(report, root, result, pipeline, store, solution, load_tables(root, "test"), histories)
-    write_report_page(report, summary, pictures, format_metrics(metrics))
-    overlays = pictures["overlays"]
+    # The held-out (test) studies have no recorded points, as in Kaggle's test split: one validation
+    # study (train split, no stage trained on it) shows predicted and recorded points together.
+    train_frame, train_store = load_tables(root, "train"), SeriesStore(root, "train", cache_dir=out / "cache")
+    val_ids = split_studies(train_frame, config)[1][:1]
+    validation = (predict(pipeline, root, split="train", study_ids=val_ids, store=train_store, progress=False),
+                  train_store, train_frame) if val_ids else None
+    pictures = report_pictures(report, root, result, pipeline, store, solution, load_tables(root, "test"), histories,
+                               validation=validation)
+    write_report_page(report, summary, pictures)
+    overlays = [*pictures["overlays"], *pictures["validation_overlays"]]
     lines = [
         "# spinemm demo report", "",
+        *(["**Smoke run** (`--quick`): it checks that every step runs; its numbers say nothing about the model, "
+           "and numbers below chance or the prior are expected.", ""] if quick else []),
         f"Held-out phantom studies: {settings['n_test']}. Official score (lower is better):", "",
         "| whole pipeline | detect stage alone | prior only | oracle floor | gap closed |",
         "| --- | --- | --- | --- | --- |",

@@ -8,9 +8,11 @@ the recorded grade when a solution is at hand). :func:`write_index` writes the p
 from __future__ import annotations
 
 import html
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from .constants import (
@@ -25,7 +27,18 @@ from .constants import (
 from .files import write_atomic
 from .viz import GRADE_COLORS, predicted_grades
 
-__all__ = ["grade_table", "grade_table_html", "recorded_grades", "write_index"]
+__all__ = ["better", "flat_metrics", "grade_table", "grade_table_html", "metrics_table_html", "recorded_grades",
+           "write_index"]
+
+#: Which way is better, by a metric's last name (suffixes match too: ``locator_val_median_mm``).
+#: Log losses and distances: lower; accuracies, F1 and the share of the gap closed: higher.
+LOWER_IS_BETTER = ("score", "spinal", "foraminal", "subarticular", "any_severe_spinal", "log_loss", "loss", "_mm")
+HIGHER_IS_BETTER = ("accuracy", "precision", "recall", "f1", "gap_closed", "within_5mm", "_per_s")
+#: Reference points, not results: what "knows nothing" and "perfect" score.
+REFERENCES = {"prior_score": "reference: the class prior alone", "oracle_score": "reference: the best possible",
+              "chance": "reference: chance"}
+#: Parts of metrics.json that are not metrics: the run's settings and timings, curves (lists).
+NOT_METRICS = ("settings", "seconds", "step_seconds", "model_dir")
 
 
 def recorded_grades(solution: pd.DataFrame) -> dict[tuple[int, str], str]:
@@ -74,11 +87,51 @@ def write_index(report_dir: str | Path, title: str, sections: Sequence[tuple[str
     style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
              "img{max-width:100%;border:1px solid #ddd;margin:.3em 0}"
              "table{border-collapse:collapse;margin:.5em 0;font-size:.9em}"
-             "td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}pre{background:#f6f6f6;padding:1em}")
+             "td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}pre{background:#f6f6f6;padding:1em}"
+             ".warning{background:#fff3cd;border:1px solid #e0b400;padding:.6em 1em}.note{color:#a00000}")
     body = "\n".join(f"<h2>{html.escape(heading)}</h2>\n{content}" for heading, content in sections)
     page = (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head>\n<body><h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n")
     return write_atomic(Path(report_dir) / "index.html", page.encode("utf-8"))
+
+
+def better(name: str) -> str:
+    """``"lower is better"``, ``"higher is better"``, a reference's meaning, or ``""`` for counts
+    and the like, for a dotted metric name."""
+    last = name.rsplit(".", 1)[-1]
+    if last in REFERENCES:
+        return REFERENCES[last]
+    if any(last == k or last.endswith(k) for k in LOWER_IS_BETTER):
+        return "lower is better"
+    if any(last == k or last.endswith(k) for k in HIGHER_IS_BETTER):
+        return "higher is better"
+    return ""
+
+
+def flat_metrics(summary: Mapping[str, Any], prefix: str = "") -> list[tuple[str, float]]:
+    """Every number of a metrics dict as ``(dotted name, value)``, in its order; lists (curves,
+    matrices, weights) and :data:`NOT_METRICS` are left out."""
+    rows: list[tuple[str, float]] = []
+    for key, value in summary.items():
+        name = f"{prefix}{key}"
+        if not prefix and key in NOT_METRICS:
+            continue
+        if isinstance(value, Mapping):
+            rows += flat_metrics(value, name + ".")
+        elif isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
+            rows.append((name, float(value)))
+    return rows
+
+
+def metrics_table_html(summary: Mapping[str, Any], notes: Mapping[str, str] | None = None) -> str:
+    """Every metric of :func:`flat_metrics` as a table row: name, value, which way is better, and
+    ``notes[name]`` where given (e.g. "below chance")."""
+    notes = notes or {}
+    rows = "".join(f"<tr><td><code>{html.escape(name)}</code></td><td>{value:.4g}</td>"
+                   f"<td>{html.escape(better(name))}</td><td>{html.escape(notes.get(name, ''))}</td></tr>"
+                   for name, value in flat_metrics(summary))
+    return ('<table class="metrics"><tr><th>metric</th><th>value</th><th>better</th><th>note</th></tr>'
+            f"{rows}</table>")
 
 
 def image(name: str, alt: str) -> str:

@@ -25,6 +25,7 @@ from .constants import (
     target_index,
 )
 from .files import write_atomic
+from .marks import Mark, draw_marks, inside_image, legend_handles, side_of
 
 # The paper's colour code: spinal canal red, foraminal pink, subarticular yellow.
 _GROUP_COLORS = {"spinal": "#e6194b", "foraminal": "#f58fd0", "subarticular": "#ffe119"}
@@ -84,25 +85,42 @@ def finding_label(column_condition: str, level: str) -> str:
 
 
 def plot_slices_with_points(
-    panels: Sequence[Mapping[str, Any]], out: str | Path, title: str | None = None
+    panels: Sequence[Mapping[str, Any]], out: str | Path, title: str | None = None, note: str | None = None,
+    columns: int = 4,
 ) -> Path:
-    """One panel per image: ``{"image": [H, W], "title": str, "points": [(x, y, label, color), ...],
-    "heatmap": optional [H, W] in [0, 1], "legend": optional [(text, color), ...] listed under the
-    image}``. Points are in the image's own pixel coordinates."""
+    """One panel per image, ``columns`` to a row: ``{"image": [H, W], "title": str, "points":
+    [Mark or (x, y, label, color), ...], "heatmap": optional [H, W] in [0, 1], "legend": optional
+    [(text, color), ...] listed under the image}``. Points are in the image's own pixel coordinates;
+    how they are drawn (side, recorded or predicted, outside the image) is :func:`spinemm.marks.draw_marks`'s,
+    explained by a legend under the figure. ``note``: a line under that legend."""
     plt = _pyplot()
-    rows = max((len(panel.get("legend", ())) for panel in panels), default=0)
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.6 + 0.16 * rows), squeeze=False)
-    for ax, panel in zip(axes[0], panels, strict=True):
-        ax.imshow(_display(np.asarray(panel["image"], dtype=np.float32)), cmap="gray")
+    columns = max(1, min(columns, len(panels)))
+    grid_rows = -(-len(panels) // columns)
+    lines = max((len(panel.get("legend", ())) for panel in panels), default=0)
+    # each panel row: the image, then a strip for its legend lines, so rows never cover each other
+    ratios = [r for _ in range(grid_rows) for r in (3.8, 0.05 + 0.14 * lines)]
+    fig = plt.figure(figsize=(4.2 * columns, sum(ratios) + 0.6 * grid_rows))
+    grid = fig.add_gridspec(2 * grid_rows, columns, height_ratios=ratios, hspace=0.3)
+    for i, panel in enumerate(panels):
+        ax, strip = fig.add_subplot(grid[2 * (i // columns), i % columns]), fig.add_subplot(grid[2 * (i // columns) + 1,
+                                                                                                 i % columns])
+        image = np.asarray(panel["image"], dtype=np.float32)
+        ax.imshow(_display(image), cmap="gray")
         if panel.get("heatmap") is not None:
             ax.imshow(panel["heatmap"], cmap="inferno", alpha=0.35)
-        for x, y, label, color in panel.get("points", ()):
-            ax.scatter([x], [y], s=60, facecolors="none", edgecolors=color, linewidths=1.8)
-            ax.annotate(label, (x, y), xytext=(4, -4), textcoords="offset points", color=color, fontsize=7)
-        for i, (text, color) in enumerate(panel.get("legend", ())):
-            ax.text(0.0, -0.03 - 0.045 * i, text, color=color, fontsize=7.5, transform=ax.transAxes, va="top")
+        marks = [p if isinstance(p, Mark) else Mark(*p) for p in panel.get("points", ())]
+        draw_marks(ax, marks, image.shape)
+        for k, (text, color) in enumerate(panel.get("legend", ())):
+            strip.text(0.0, 1.0 - k / max(lines, 1), text, color=color, fontsize=7.5, transform=strip.transAxes,
+                       va="top")
         ax.set_title(panel.get("title", ""), fontsize=9)
         ax.axis("off")
+        strip.axis("off")
+    if any(panel.get("points") for panel in panels):
+        fig.legend(handles=legend_handles(), loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3, fontsize=8,
+                   frameon=False)
+    if note:
+        fig.text(0.5, -0.06, note, ha="center", va="top", fontsize=8, wrap=True)
     if title:
         fig.suptitle(title, fontsize=11)
     return _save(fig, out)
@@ -203,6 +221,9 @@ def stage_curves_png(stages: Sequence[Mapping[str, Any]], out: str | Path) -> Pa
                 right.plot(*zip(*rows, strict=True), color=color, marker="o", label=label)
         lines = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
         ax.legend(lines, [ln.get_label() for ln in lines], fontsize=7, loc="best")
+        if len(history) == 1:  # a smoke run: say so, or one dot reads as a broken plot
+            ax.text(0.5, 0.5, "one epoch: a single point, no curve", transform=ax.transAxes, ha="center",
+                    fontsize=8, color="#a00000")
         ax.set_title(stage["title"], fontsize=9)
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -243,13 +264,15 @@ __all__ = [
 def location_overlays(root: str | Path, locations: pd.DataFrame, out_dir: str | Path, split: str = "test",
                       max_studies: int = 3, truth: pd.DataFrame | None = None, store: Any = None,
                       submission: pd.DataFrame | None = None) -> list[Path]:
-    """One PNG per study: each plane's most-predicted slice with predicted points (and true ones if given).
+    """One PNG per study: every located finding on its own slice, one panel per (series, slice).
 
     ``locations`` is the frame of :func:`spinemm.predict`; ``truth`` the long frame of
-    :func:`spinemm.data.load_tables`, whose label points are drawn as small white circles;
-    ``store``: the :class:`~spinemm.data.store.SeriesStore` to read from (default: a new one).
-    With ``submission`` (the same run's) each point is coloured by its predicted grade
-    (:data:`GRADE_COLORS`) and labelled with the grade's probability; else by condition.
+    :func:`spinemm.data.load_tables`, whose label points are drawn too (white), each on its own
+    slice; ``store``: the :class:`~spinemm.data.store.SeriesStore` to read from (default: a new
+    one). With ``submission`` (the same run's) each predicted point is coloured by its predicted
+    grade (:data:`GRADE_COLORS`) and listed under its panel with the grade's probability; else
+    coloured by condition. A point outside its image is flagged at the edge; a finding that was not
+    located is named under the figure.
     """
     from .data.store import SeriesStore
 
@@ -260,65 +283,108 @@ def location_overlays(root: str | Path, locations: pd.DataFrame, out_dir: str | 
     out_dir = Path(out_dir)
     paths = []
     for study_id in list(dict.fromkeys(locations.study_id))[:max_studies]:
-        rows = locations[(locations.study_id == study_id) & (locations.series_id >= 0)]
-        panels = []
-        for plane_index, plane in enumerate(PLANES):
-            plane_rows = rows[[TARGET_PLANE_INDEX[target_index(r.condition, r.level)] == plane_index
-                               for r in rows.itertuples()]]
-            if plane_rows.empty:
+        rows = locations[locations.study_id == study_id]
+        located = rows[(rows.series_id >= 0) & rows.instance_number.notna()]
+        recorded = (truth[(truth.study_id == study_id) & (truth.series_id >= 0) & truth.instance_number.notna()]
+                    if truth is not None else located.iloc[:0])
+        slices = {(_plane_index(r), int(r.series_id), int(r.instance_number))
+                  for frame in (located, recorded) for r in frame.itertuples()}
+        panels, outside, undrawn = [], 0, 0
+        for plane_index, series_id, instance in sorted(slices):
+            series = store.find(int(study_id), series_id, "drawn")
+            here = located[(located.series_id == series_id) & (located.instance_number == instance)]
+            if series is None or instance not in series.instance_to_index:
+                undrawn += len(here)  # named under the figure, never dropped without a word
                 continue
-            series_id = int(plane_rows.series_id.iloc[0])
-            series = store.get(int(study_id), series_id)
-            instance = int(plane_rows.instance_number.mode().iloc[0])
-            on_slice = plane_rows[plane_rows.instance_number == instance]
-            points = [_overlay_point(r, grades) for r in on_slice.itertuples()]
-            legend = [] if grades is None else [(f"{finding_label(r.condition, r.level)}: {label.split(' ', 1)[1]}", color)
-                                                for r, (_, _, label, color) in zip(on_slice.itertuples(), points,
-                                                                                   strict=True)]
-            if truth is not None:
-                t = truth[(truth.study_id == study_id) & (truth.series_id == series_id) & (truth.instance_number == instance)]
-                points += [(r.x, r.y, "", "white") for r in t.itertuples()]
-            panels.append({"image": series.volume[series.instance_to_index[instance]], "points": points,
-                           "title": f"{plane} · instance {instance}", "legend": legend})
+            image = series.volume[series.instance_to_index[instance]]
+            marks = [_overlay_mark(r, grades) for r in here.itertuples()]
+            outside += sum(not inside_image(m.x, m.y, image.shape) for m in marks)
+            legend = [(f"{finding_label(r.condition, r.level)}: {_grade_text(r, grades)}"
+                       + ("" if inside_image(r.x, r.y, image.shape) else f", outside the image at ({r.x:.0f}, {r.y:.0f})"),
+                       m.color)
+                      for r, m in zip(here.itertuples(), marks, strict=True)]
+            on_slice = recorded[(recorded.series_id == series_id) & (recorded.instance_number == instance)]
+            marks += [Mark(r.x, r.y, _short_label(r.level, r.condition), "white", recorded=True, side=side_of(r.condition))
+                      for r in on_slice.itertuples()]
+            panels.append({"image": image, "points": marks, "legend": legend,
+                           "title": f"{PLANES[plane_index]} · series {series_id} · instance {instance}"})
         if panels:
-            title = f"study {int(study_id)}: predicted locations" + (
-                ", coloured by predicted grade (green Normal/Mild, amber Moderate, red Severe)" if grades is not None
-                else "")
-            paths.append(plot_slices_with_points(panels, out_dir / f"study_{int(study_id)}.png", title=title))
+            missing = rows.drop(located.index)
+            note = "; ".join(filter(None, [
+                f"{outside} of {len(located)} predicted points lie outside their image" if outside else "",
+                f"{undrawn} on a slice that could not be read" if undrawn else "",
+                "not located: " + ", ".join(finding_label(r.condition, r.level) for r in missing.itertuples())
+                if len(missing) else ""])) or None
+            title = f"study {int(study_id)}: predicted and recorded points, every finding on its own slice" + (
+                "\npredicted points coloured by grade: green Normal/Mild, amber Moderate, red Severe"
+                if grades is not None else "")
+            paths.append(plot_slices_with_points(panels, out_dir / f"study_{int(study_id)}.png", title=title,
+                                                 note=note))
     return paths
 
 
-def _overlay_point(row: Any, grades: pd.DataFrame | None) -> tuple[float, float, str, str]:
+def _plane_index(row: Any) -> int:
+    return TARGET_PLANE_INDEX[target_index(row.condition, row.level)]
+
+
+def _short_label(level: str, condition: str) -> str:
+    """What is printed beside a point: its level and side (the panel's list says the rest)."""
+    side = side_of(condition)
+    return LEVEL_NAMES[LEVELS.index(level)] + (f" {side}" if side else "")
+
+
+def _grade_text(row: Any, grades: pd.DataFrame | None) -> str:
     if grades is None:
-        return row.x, row.y, finding_label(row.condition, row.level), CONDITION_COLORS[row.condition]
-    grade = grades.loc[(row.study_id, row.condition, row.level)]  # the point says its level; the legend the rest
-    return row.x, row.y, f"{LEVEL_NAMES[LEVELS.index(row.level)]} {grade.grade} {grade.grade_prob:.0%}", \
-        GRADE_COLORS[grade.grade]
+        return "located"
+    grade = grades.loc[(row.study_id, row.condition, row.level)]
+    return f"{grade.grade} {grade.grade_prob:.0%}"
+
+
+def _overlay_mark(row: Any, grades: pd.DataFrame | None) -> Mark:
+    color = (CONDITION_COLORS[row.condition] if grades is None
+             else GRADE_COLORS[grades.loc[(row.study_id, row.condition, row.level)].grade])
+    return Mark(float(row.x), float(row.y), _short_label(row.level, row.condition), color, side=side_of(row.condition))
 
 
 def attention_png(items: Sequence[Mapping[str, Any]], out: str | Path, title: str | None = None) -> Path:
     """What a grader looked at: one column per finding, its crop (the finding's slice: the crop's
     middle channel) above the same crop under the query's cross-attention over the crop's tokens,
-    upsampled and shaded from the map's lowest to its highest token weight (both printed).
-    ``items``: ``{"crop": [C, H, W], "attention": [slices, h, w] or [h, w], "title": str}``."""
+    upsampled and shaded from the map's lowest to its highest token weight (the colour bar's scale).
+    ``items``: ``{"crop": [C, H, W], "attention": [slices, h, w] or [h, w], "title": str,
+    "outside": optional str}``; an item with ``outside`` (its point lies outside its image, so its
+    crop is empty) is drawn as that flag instead of a black square."""
     import torch
     import torch.nn.functional as F
 
     plt = _pyplot()
-    fig, axes = plt.subplots(2, len(items), figsize=(3.2 * len(items), 7.0), squeeze=False)
+    fig, axes = plt.subplots(2, len(items), figsize=(3.6 * len(items), 7.0), squeeze=False)
     for column, item in enumerate(items):
+        top, bottom = axes[0][column], axes[1][column]
+        top.set_title(item.get("title", ""), fontsize=8)
+        if item.get("outside"):
+            for ax, text in ((top, f"POINT OUTSIDE ITS IMAGE\n{item['outside']}"),
+                             (bottom, "no attention map:\nthe grader read an empty crop")):
+                ax.set_facecolor("#f3d6d6")
+                ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=8, color="#a00000", wrap=True,
+                        transform=ax.transAxes)
+                ax.set_xticks([])
+                ax.set_yticks([])
+            continue
         crop = torch.as_tensor(item["crop"]).float()
         image = crop[crop.shape[0] // 2].numpy()
         weights = torch.as_tensor(item["attention"]).float()
         weights = weights.sum(0) if weights.ndim == 3 else weights  # a volumetric tower: over its slices
         heat = F.interpolate(weights[None, None], size=image.shape, mode="bilinear", align_corners=False)[0, 0]
         low, high = float(weights.min()), float(weights.max())
-        top, bottom = axes[0][column], axes[1][column]
         top.imshow(_display(image), cmap="gray")
-        top.set_title(item.get("title", ""), fontsize=8)
         bottom.imshow(_display(image), cmap="gray")
-        # min..max of this map: a near-uniform map would otherwise look like no attention at all
-        bottom.imshow(heat.numpy(), cmap="inferno", alpha=0.5, vmin=low, vmax=max(high, low + 1e-12))
+        # min..max of this map: a near-uniform map would otherwise look like no attention at all;
+        # the colour bar says how narrow that range is
+        shade = bottom.imshow(heat.numpy(), cmap="inferno", alpha=0.5, vmin=low, vmax=max(high, low + 1e-12))
+        bar = fig.colorbar(shade, ax=bottom, orientation="horizontal", fraction=0.06, pad=0.04,
+                           format=_percent_formatter())
+        bar.set_label("token weight (share of the query's attention)", fontsize=7)
+        bar.ax.tick_params(labelsize=7)
         bottom.set_title(f"token weights {low:.1%} .. {high:.1%}", fontsize=8)
         for ax in (top, bottom):
             ax.scatter([image.shape[1] / 2 - 0.5], [image.shape[0] / 2 - 0.5], marker="+", color="cyan", s=60)
@@ -326,3 +392,9 @@ def attention_png(items: Sequence[Mapping[str, Any]], out: str | Path, title: st
     if title:
         fig.suptitle(title, fontsize=10)
     return _save(fig, out)
+
+
+def _percent_formatter() -> Any:
+    from matplotlib.ticker import PercentFormatter
+
+    return PercentFormatter(1.0, decimals=2)

@@ -118,7 +118,8 @@ def crop_finding(
     ``image`` is a DICOM path (its PixelSpacing is read unless ``pixel_spacing`` is given) or an
     ``[H, W]`` array of intensities with ``pixel_spacing = (row mm, column mm)``. The slice is
     windowed to its own 0.5/99.5 percentiles; pretraining windows a whole series, which on a typical
-    series differs little. Parts outside the image are zero.
+    series differs little. Parts of the crop past the image's edge are zero; a point outside the
+    image is a :class:`SpineDataError` (its crop would be all or mostly zeros, read as a finding).
     """
     from .data.roi import crop_roi
 
@@ -134,5 +135,9 @@ def crop_finding(
         raise SpineDataError("crop_finding needs pixel_spacing=(row mm, column mm) for an array image")
     if pixels.ndim != 2:
         raise SpineDataError(f"crop_finding needs one [H, W] slice, got shape {tuple(pixels.shape)}")
+    h, w = pixels.shape
+    if not (np.isfinite(x) and np.isfinite(y) and -0.5 <= x < w - 0.5 and -0.5 <= y < h - 0.5):
+        raise SpineDataError(f"crop_finding: the point (x={x:g}, y={y:g}) lies outside the {w} x {h} px image "
+                             f"(x from 0 to {w - 1}, y from 0 to {h - 1})")
     unit = to_unit_range(pixels.numpy(), intensity_window(pixels.numpy()))
     return crop_roi(unit[None], pixel_spacing, 0, x, y, side_mm, size, slice_offsets=(0,))

@@ -180,8 +180,12 @@ def test_crop_finding_is_a_millimetre_window_around_the_point(tmp_path):
     assert finer[0, 4:6, 4:6].min() > 0.7 and finer[0, 4, 4] > 0.99 and finer[0, 2].max() < 0.1
     moved = crop_finding(image.numpy(), x=27, y=20, side_mm=10, size=10, pixel_spacing=(1.0, 1.0))
     torch.testing.assert_close(moved[0, :, :5], block[0, :, 5:])  # 5 mm right: the block shifts left
-    far = crop_finding(image.numpy(), x=500, y=500, side_mm=10, size=10, pixel_spacing=(1.0, 1.0))
-    assert far.abs().sum() == 0  # outside the image: zeros
+    # a point outside the image is refused, never an all-zero crop read as a finding (issue 29)
+    for x, y in ((500, 500), (-1, 20), (22, 39.6), (float("nan"), 20)):
+        with pytest.raises(SpineDataError, match="outside the 40 x 40 px image"):
+            crop_finding(image.numpy(), x=x, y=y, side_mm=10, size=10, pixel_spacing=(1.0, 1.0))
+    edge = crop_finding(image.numpy(), x=39, y=0, side_mm=10, size=10, pixel_spacing=(1.0, 1.0))
+    assert edge.shape == (1, 10, 10)  # on the last pixel: its crop, zero past the edge
     with pytest.raises(SpineDataError, match="pixel_spacing"):
         crop_finding(image.numpy(), 5, 5, side_mm=10, size=10)
     _write_dicom(tmp_path / "a.dcm", np.full((24, 20), 7, dtype=np.uint16))  # has no PixelSpacing
