@@ -73,7 +73,8 @@ def layer_of(module: str) -> int:
 
 
 #: What training never imports: inference, zero-shot scoring, pictures and reports.
-TRAINING_NEVER = ("spinemm.inference", "spinemm.zero_shot", "spinemm.viz", "spinemm.report", "spinemm.demo_report")
+TRAINING_NEVER = ("spinemm.inference", "spinemm.zero_shot", "spinemm.viz", "spinemm.marks", "spinemm.report",
+                  "spinemm.demo_report")
 #: Third-party packages only one part of spinemm may import: package -> the part.
 THIRD_PARTY_HOME = {"pydicom": "spinemm.data", "timm": "spinemm.models", "open_clip": "spinemm.models"}
 

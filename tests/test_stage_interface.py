@@ -122,3 +122,17 @@ def test_the_pipeline_names_no_stage_class(method):
     assert not strings & {"detect", "locate", "grade"}
     loader = inspect.getsource(spinemm.load_pipeline)
     assert not any(name in loader for name in ("DetectStage", "LocateStage", "GradeStage", '"locate"', '"grade"'))
+
+
+def test_register_stage_takes_named_stage_classes_once(monkeypatch):
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+
+    class Other(Stage):
+        name = "grade"  # a built-in's name: refused, never silently replaced
+
+    with pytest.raises(spinemm.SpineModelError, match="already registered"):
+        registry.register_stage(Other)
+    with pytest.raises(spinemm.SpineModelError, match="Stage subclass"):
+        registry.register_stage(torch.nn.Linear)
+    assert registry.register_stage(Calibrate) is Calibrate  # usable as a decorator
+    assert registry.registered_stages() == ["detect", "locate", "grade", "calibrate"]
