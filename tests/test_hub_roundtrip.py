@@ -115,3 +115,21 @@ def test_an_offline_push_says_what_to_do(tmp_path, monkeypatch):
         model.push_to_hub("org/m")
     with pytest.raises(spinemm.SpineModelError, match="not a valid hub repo id"):
         model.push_to_hub("hf-hub:not/a/repo")
+
+
+def test_cards_name_the_licence_of_each_upstream_tower():
+    from types import SimpleNamespace
+
+    from spinemm.models.config import ModelConfig
+    from spinemm.models.presets import get_model_config
+    from spinemm.models.spine_clip import SpineCLIP
+
+    def towers(preset):
+        cfg = get_model_config(preset)
+        return SpineCLIP.tower_sources(SimpleNamespace(config=cfg if isinstance(cfg, ModelConfig)
+                                                       else ModelConfig.from_dict(cfg)))
+
+    vitb = towers("spine-vitb16-bert")
+    assert "`ViT-B-16`, weights openai (licence MIT" in vitb and "`bert-base-uncased` (licence Apache-2.0" in vitb
+    assert "licence MIT" in towers("spine-biomedclip")
+    assert towers("spine-tiny").count("no upstream weights") == 2

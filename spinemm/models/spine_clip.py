@@ -56,6 +56,25 @@ def _describe(value: Any) -> str:
     return type(value).__name__
 
 
+#: Licences of the upstream weights the presets load, as their model cards state them. A tower
+#: built from its config carries no upstream weights; any other upstream name is "not recorded".
+UPSTREAM_LICENCES = {
+    "ViT-B-16:openai": "MIT (OpenAI CLIP, github.com/openai/CLIP)",
+    "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224": "MIT (its Hugging Face model card)",
+    "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract": "MIT (its Hugging Face model card)",
+    "bert-base-uncased": "Apache-2.0 (its Hugging Face model card)",
+    "google-bert/bert-base-uncased": "Apache-2.0 (its Hugging Face model card)",
+}
+
+
+def upstream_licence(name: str) -> str:
+    """The licence of upstream weights ``name`` (``model`` or ``model:pretrained_tag``), for model cards."""
+    if name == "built from its config":
+        return "no upstream weights"
+    licence = UPSTREAM_LICENCES.get(name)
+    return f"licence {licence}" if licence else "licence not recorded by spinemm: check the upstream model card"
+
+
 class SpineCLIP(nn.Module, SpineHubMixin):
     """Vision tower + text tower + query decoder + heads. Build with :func:`spinemm.create_model`;
     ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` as :mod:`spinemm.models.hub_mixin`."""
@@ -326,12 +345,15 @@ class SpineCLIP(nn.Module, SpineHubMixin):
         return model.eval()  # loaded to be used: dropout off, as transformers' from_pretrained does
 
     def tower_sources(self) -> str:
-        """Where the towers came from, for the model card: each tower's type and upstream model."""
+        """Where the towers came from, for the model card: each tower's type, upstream model and
+        the licence its upstream weights carry (:data:`UPSTREAM_LICENCES`)."""
         vision, text = self.config.vision, self.config.text
         upstream_v = vision.model_name or "built from its config"
         upstream_t = text.open_clip_model or text.hf_model_name or "built from its config"
         pretrained = f", weights {vision.pretrained}" if vision.pretrained not in (None, False) else ""
-        return f"vision: {vision.type} `{upstream_v}`{pretrained}; text: {text.type} `{upstream_t}`"
+        weights_v = f"{upstream_v}:{vision.pretrained}" if pretrained else upstream_v
+        return (f"vision: {vision.type} `{upstream_v}`{pretrained} ({upstream_licence(weights_v)}); "
+                f"text: {text.type} `{upstream_t}` ({upstream_licence(upstream_t)})")
 
     def card_facts(self) -> dict[str, Any]:
         return {
