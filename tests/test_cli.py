@@ -159,3 +159,13 @@ def test_demo_quick_end_to_end(tmp_path, capsys, count_reads):
     assert list(report.glob("study_*.png")), "no location overlay"
     submission = pd.read_csv(report / "submission.csv")
     assert len(submission) == len(pd.read_csv(tmp_path / "demo" / "phantom" / "sample_submission.csv"))
+
+
+@pytest.mark.parametrize("flag, value", [("--level", "L9"), ("--condition", "foo")])
+def test_zero_shot_choices_are_checked_before_a_model_loads(flag, value, monkeypatch, capsys):
+    import spinemm.models.factory as factory
+
+    monkeypatch.setattr(factory, "load_model", lambda *a, **k: pytest.fail("the model loaded before the check"))
+    with pytest.raises(SystemExit) as done:
+        main(["zero-shot", "--model", "spine-tiny", flag, value, "x.dcm"])
+    assert done.value.code == 2 and f"argument {flag}: invalid choice: '{value}'" in capsys.readouterr().err
