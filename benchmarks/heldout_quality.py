@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=99)
     parser.add_argument("--variety", choices=["kaggle"], default=None, help="sets shaped like the real set")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--test-only", action="store_true",
+                        help="score the test set only (no labelled set, no location errors): for grade-stage ablations")
     args = parser.parse_args(argv)
 
     sets = Path(args.sets)
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     n_labelled = args.n if args.n_labelled is None else args.n_labelled
     labelled_root = _phantom(sets / f"labelled-{n_labelled}-seed{args.seed}{tag}", n_labelled, 2, args.seed, args.variety)
     pipeline = spinemm.load_pipeline(args.pipeline)
-    out: dict = {"pipeline": str(args.pipeline), "stages": pipeline.stages}
+    out: dict = {"pipeline": str(args.pipeline), "stages": pipeline.stage_names}
 
     tic = time.perf_counter()
     result = spinemm.predict(pipeline, test_root, "test", progress=False)
@@ -85,6 +87,13 @@ def main(argv: list[str] | None = None) -> dict:
         score = rsna_score(solution, result.submission(stage))
         out[f"test_{name}"] = {"score": score, "gap_closed": (prior - score) / (prior - oracle)}
     out["test_prior"], out["test_oracle"] = prior, oracle
+    print("| set | first stage alone | pipeline | prior-only | oracle floor | gap closed |\n| --- | ---: | ---: | ---: | ---: | ---: |")
+    print(f"| {args.n} test studies | {out['test_detect']['score']:.4f} | {out['test_pipeline']['score']:.4f} | "
+          f"{prior:.4f} | {oracle:.4f} | {out['test_pipeline']['gap_closed']:.0%} |")
+    if args.test_only:
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=2))
+        return out
 
     frame = spinemm.data.load_tables(labelled_root, "train")
     ids = sorted(int(s) for s in frame.study_id.unique())
@@ -93,9 +102,6 @@ def main(argv: list[str] | None = None) -> dict:
     out["labelled_pipeline"] = rsna_score(val_solution(frame, ids), labelled.submission())
     out["locations"] = summarize_errors(location_errors(labelled_root, "train", labelled.locations(), frame, store))
 
-    print("| set | first stage alone | pipeline | prior-only | oracle floor | gap closed |\n| --- | ---: | ---: | ---: | ---: | ---: |")
-    print(f"| {args.n} test studies | {out['test_detect']['score']:.4f} | {out['test_pipeline']['score']:.4f} | "
-          f"{prior:.4f} | {oracle:.4f} | {out['test_pipeline']['gap_closed']:.0%} |")
     loc = out["locations"]
     print(f"\n{n_labelled} labelled studies: pipeline score {out['labelled_pipeline']:.4f}; located points: median "
           f"{loc['median_mm']:.1f} mm, {loc['within_5mm']:.0%} within 5 mm, {loc['within_10mm']:.0%} within 10 mm "

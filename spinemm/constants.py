@@ -73,6 +73,9 @@ CONDITION_SIDE: dict[str, float] = {
     key: 1.0 if name.startswith("Left ") else -1.0
     for key, name in zip(CONDITIONS, CONDITION_NAMES, strict=True) if name.startswith(("Left ", "Right "))
 }
+#: Each right-sided condition's left counterpart: side folding reads a right finding mirrored, as
+#: its left twin (``spinemm.data.sides``).
+LEFT_TWIN: dict[str, str] = {c: c.replace("right_", "left_", 1) for c, side in CONDITION_SIDE.items() if side < 0}
 #: Short names for figure labels: SCS, L NFN, R NFN, L SS, R SS.
 CONDITION_SHORT: dict[str, str] = {
     key: " ".join(filter(None, ({"Left": "L", "Right": "R"}.get(name.split()[0], ""),

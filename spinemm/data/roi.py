@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from ..errors import SpineDataError
 from ..text import finding_texts
 from .series import Series
+from .sides import folded_targets, mirror_crops
 from .store import SeriesStore, windowed
 
 __all__ = ["normalized_volume", "crop_roi", "crop_rois", "ROIWindows", "labelled_volumes", "label_slice",
@@ -130,7 +131,7 @@ class ROIWindows:
 
     def __init__(self, root: str | Path, frame: pd.DataFrame, study_ids: Sequence[int], *, side_mm: float,
                  size: int, context: int = 1, shift: float = 0.1, slice_jitter: int = 1, split: str = "train",
-                 progress: bool = True, store: SeriesStore | None = None) -> None:
+                 progress: bool = True, store: SeriesStore | None = None, fold_sides: bool = False) -> None:
         self.size, self.context, self.slice_jitter = int(size), int(context), int(slice_jitter)
         self.pad = int(round(shift * self.size))
         rows = frame[frame["study_id"].isin([int(s) for s in study_ids])]
@@ -148,10 +149,14 @@ class ROIWindows:
             windows.append(crop_rois(volume, series.pixel_spacing, index, group["x"].to_numpy(), group["y"].to_numpy(),
                                      side_mm * outer / self.size, outer, offsets).to(torch.float16))
             targets += group["target"].astype(int).tolist()
-            texts += finding_texts(series, group["target"].to_numpy())
+            texts += finding_texts(series, folded_targets(group["target"].to_numpy())[0] if fold_sides
+                                   else group["target"].to_numpy())
             labels += group["label"].astype(int).tolist()
             studies += [int(study_id)] * len(group)
         self.windows = torch.cat(windows) if windows else torch.zeros(0, len(offsets), outer, outer, dtype=torch.float16)
+        if fold_sides:  # each right-sided window mirrored and read as its left twin (spinemm.data.sides)
+            self.windows = mirror_crops(self.windows, targets)
+            targets = folded_targets(targets)[0].tolist()
         self.targets = torch.tensor(targets, dtype=torch.long)
         self.labels = torch.tensor(labels, dtype=torch.long)
         self.study_ids = np.asarray(studies, dtype=np.int64)

@@ -116,6 +116,9 @@ class GraderConfig:
     # across a patient's spine and across the conditions of one disc level, so 25 noisy readings
     # say more together than apart. train_stages fits it on the validation studies.
     study_context: bool = True
+    # Read each right-sided finding mirrored, as its left twin (spinemm.data.sides), so one grader
+    # learns both sides of a condition from twice the samples
+    fold_sides: bool = False
 
     def __post_init__(self) -> None:
         self.channels = tuple(int(c) for c in self.channels)  # JSON gives a list

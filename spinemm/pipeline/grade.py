@@ -28,6 +28,7 @@ import torch
 
 from ..constants import LEVELS, NUM_CLASSES
 from ..data.roi import crop_rois
+from ..data.sides import folded_targets, mirror_crops, mirror_offsets
 from ..data.store import SeriesStore
 from ..errors import SpineModelError
 from ..models.config import GraderConfig
@@ -41,11 +42,12 @@ from ..text import finding_texts
 from .findings import Findings
 from .stage import Stage, StageInput, StageOutput, stage_config
 
-__all__ = ["GradeStage", "Grades"]
+__all__ = ["GradeStage", "GradeEnsemble", "Grades"]
 
 WEIGHTS = "grade.safetensors"
 ENCODER_DIR = "grade"  # the clip grader's SpineCLIP, a model folder inside the pipeline folder
 ENCODER_PREFIX = "grader.encoder."
+MEMBERS_DIR = "grade-members"  # an ensemble's members, one pipeline-like folder each (0/, 1/, ...)
 
 
 class Grades:
@@ -117,7 +119,10 @@ class GradeStage(Stage):
     @classmethod
     def load(cls, folder: Path, section: dict) -> GradeStage:
         """The stage :meth:`save` wrote in ``folder``; a file that is not safetensors, or whose
-        tensors do not fit, raises :class:`SpineModelError` naming it."""
+        tensors do not fit, raises :class:`SpineModelError` naming it. A section listing
+        ``members`` is an ensemble's (:class:`GradeEnsemble`)."""
+        if "members" in section:
+            return GradeEnsemble.load(folder, section)
         values = dict(section)
         query_dim = values.pop("query_dim", 256)
         if isinstance(query_dim, bool) or not isinstance(query_dim, int) or not 1 <= query_dim <= 8192:
@@ -187,8 +192,8 @@ class GradeStage(Stage):
         if not parts:
             return Grades(log_probs, out)
         rows = np.concatenate([group for _, group, _ in parts])
-        targets = torch.from_numpy(findings.target[rows])
-        texts = [text for series, group, _ in parts for text in finding_texts(series, findings.target[group])]
+        targets = torch.from_numpy(self._read_as(findings.target[rows]))
+        texts = [text for series, group, _ in parts for text in finding_texts(series, self._read_as(findings.target[group]))]
         device = next(self.grader.parameters()).device
         slices = [k for _, _, k in parts]
         points = [np.stack([findings.x[group], findings.y[group]], axis=1) for _, group, _ in parts]
@@ -199,10 +204,15 @@ class GradeStage(Stage):
             refine = int(self.config.refine)
             probs = torch.zeros(len(rows), NUM_CLASSES, dtype=torch.float64)
             for step in range(refine + 1):
-                out_pass = self._batched(self._cut(parts, slices, points), targets, queries, batch_size)
+                crops = self._cut(parts, slices, points)
+                if self.config.fold_sides:  # right findings read mirrored, as their left twins
+                    crops = mirror_crops(crops, findings.target[rows])
+                out_pass = self._batched(crops, targets, queries, batch_size)
                 probs += out_pass["logits"].softmax(-1).double()
-                if step < refine:  # re-centre on the offset head's estimate
-                    slices, points = self._moved(parts, slices, points, out_pass["offset"])
+                if step < refine:  # re-centre on the offset head's estimate (back in the series' frame)
+                    offset = mirror_offsets(out_pass["offset"], findings.target[rows]) if self.config.fold_sides \
+                        else out_pass["offset"]
+                    slices, points = self._moved(parts, slices, points, offset)
         finally:
             self.train(was_training)
         # the grade is the mean over the passes (the located crop and each re-centred one): a free
@@ -233,8 +243,10 @@ class GradeStage(Stage):
             parts.append((series, row[None], np.array([series.instance_to_index[int(graded.instance_number[row])]])))
         points = [np.array([[graded.x[row], graded.y[row]]]) for row in rows]
         crops = self._cut(parts, [k for _, _, k in parts], points)
-        targets = torch.from_numpy(graded.target[rows])
-        texts = [text for series, group, _ in parts for text in finding_texts(series, graded.target[group])]
+        if self.config.fold_sides:
+            crops = mirror_crops(crops, graded.target[rows])
+        targets = torch.from_numpy(self._read_as(graded.target[rows]))
+        texts = [text for series, group, _ in parts for text in finding_texts(series, self._read_as(graded.target[group]))]
         device = next(self.grader.parameters()).device
         was_training = self.training
         self.eval()
@@ -246,6 +258,11 @@ class GradeStage(Stage):
         last = out["attention"][:, -1].float().cpu()  # [N, 1 + T]
         return {"crops": crops, "attention": last[:, 1:].unflatten(-1, self.grader.token_grid()),
                 "pooled": last[:, 0], "log_probs": out["logits"].float().log_softmax(-1).cpu()}
+
+    def _read_as(self, targets: np.ndarray) -> np.ndarray:
+        """The label columns the grader reads findings ``targets`` as: each right-sided one as its
+        left twin when the stage folds sides (``GraderConfig.fold_sides``), else themselves."""
+        return folded_targets(targets)[0] if self.config.fold_sides else np.asarray(targets)
 
     def _cut(self, parts: list, slices: list[np.ndarray], points: list[np.ndarray]) -> torch.Tensor:
         """The crops of every part at its (slice, x, y), concatenated: ``[N, 1 + 2 context, size, size]``."""
@@ -290,3 +307,69 @@ class GradeStage(Stage):
         studies = torch.from_numpy(findings.study_id[rows])
         probs[rows] = self.study_context.cpu()(log_probs, levels, studies).softmax(-1).double().numpy()
         return probs
+
+
+class GradeEnsemble(Stage):
+    """Several grade stages (study-level folds and/or training seeds) read as one: each member
+    grades the same located findings and the ensemble's probabilities are their mean, after each
+    member's own study context (as the top RSNA 2024 solutions averaged folds and seeds). The
+    points passed on are the first member's re-centred ones. Saved as ``grade-members/K/`` folders
+    beside a ``pipeline.json`` section ``{"members": [each member's section]}``."""
+
+    name = "grade"
+
+    def __init__(self, members: list[GradeStage]) -> None:
+        super().__init__()
+        if not members:
+            raise SpineModelError("a grade ensemble needs at least one member")
+        self.members = torch.nn.ModuleList(members)
+
+    # what readers of a grade stage look at (the report's attention maps, the card): the first member's
+    @property
+    def config(self) -> GraderConfig:
+        return self.members[0].config
+
+    @property
+    def grader(self) -> torch.nn.Module:
+        return self.members[0].grader
+
+    @property
+    def encoder(self) -> SpineCLIP | None:
+        return self.members[0].encoder
+
+    @property
+    def study_context(self) -> StudyContext | None:
+        return self.members[0].study_context
+
+    def attention(self, graded: Findings, store: SeriesStore, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        """The first member's attention maps (:meth:`GradeStage.attention`)."""
+        return self.members[0].attention(graded, store, rows)
+
+    def text_towers(self) -> list[torch.nn.Module]:
+        return [tower for member in self.members for tower in member.text_towers()]
+
+    def compile_models(self, **options) -> None:
+        for member in self.members:
+            member.compile_models(**options)
+
+    def run(self, inputs: StageInput) -> StageOutput:
+        outs = [member.run(inputs) for member in self.members]
+        probs = np.mean([out.probs for out in outs], axis=0)
+        log_probs = np.log(np.mean([np.exp(out.extras["log_probs"]) for out in outs], axis=0))
+        return StageOutput(outs[0].findings, probs, {"log_probs": log_probs})
+
+    def save(self, folder: Path) -> dict:
+        sections = []
+        for k, member in enumerate(self.members):
+            sub = Path(folder) / MEMBERS_DIR / str(k)
+            sub.mkdir(parents=True, exist_ok=True)
+            sections.append(member.save(sub))
+        return {"members": sections}
+
+    @classmethod
+    def load(cls, folder: Path, section: dict) -> GradeEnsemble:
+        members = section["members"]
+        if not isinstance(members, list) or not members or not all(isinstance(m, dict) for m in members):
+            raise SpineModelError(f"{folder / PIPELINE_CONFIG}: grade.members must be a non-empty list of "
+                                  f"grade sections, got {members!r}")
+        return cls([GradeStage.load(Path(folder) / MEMBERS_DIR / str(k), m) for k, m in enumerate(members)])

@@ -21,6 +21,7 @@ _LAZY = {
     "pretrain_clip": "spinemm.training.pretrain",
     "train_stages": "spinemm.training.stages",
     "train_grade": "spinemm.training.grade",
+    "train_grade_stage": "spinemm.training.grade_ensemble",
     "train_locate": "spinemm.training.locate",
     "fit_study_context": "spinemm.training.study_context",
     "compare_backbones": "spinemm.training.compare",

@@ -35,6 +35,7 @@ from ..models.lora import add_lora, merge_lora, resolve_targets
 from ..pipeline.grade import GradeStage
 from ..pipeline.pipeline import SpinePipeline
 from ..pipeline.result import PipelineResult, submission_from_probs
+from .label_check import without_contradicted
 from .stage_fit import epoch_generator, fit_stage
 from .study_context import cross_fitted, fit_study_context, val_grades
 
@@ -136,8 +137,9 @@ def train_grade(config: dict[str, Any], run: Any, pipeline: SpinePipeline, outpu
     stage = build_grade_stage(config, pipeline.detect.model)
     cfg = stage.config
     window_args = {"side_mm": cfg.side_mm, "size": cfg.size, "context": cfg.context, "progress": progress,
-                   "store": run.store}
-    train_set = ROIWindows(run.root, run.frame, run.train_ids, shift=float(options["shift"]),
+                   "store": run.store, "fold_sides": cfg.fold_sides}
+    train_frame, dropped = without_contradicted(run.frame, options)  # the label check (null: every label)
+    train_set = ROIWindows(run.root, train_frame, run.train_ids, shift=float(options["shift"]),
                            slice_jitter=int(options["slice_jitter"]), **window_args)
     if len(train_set) == 0:
         raise SpineModelError(f"no labelled coordinates in the {len(run.train_ids)} training studies under {run.root}")
@@ -154,12 +156,14 @@ def train_grade(config: dict[str, Any], run: Any, pipeline: SpinePipeline, outpu
     trained_rate = state.timed_studies / state.train_seconds if state.train_seconds > 0 else math.nan
     result: dict[str, Any] = {"stage": None if state.stopped else stage, "state": state, "history": state.history,
                               "metrics": {"train_rows": len(train_set), "skipped_rows": train_set.skipped,
+                                          "dropped_labels": dropped,
                                           "train_crops_per_s": trained_rate,
                                           "trainable_params": sum(p.numel() for p in stage.parameters()
                                                                   if p.requires_grad)}}
     if state.stopped or val is None:
         return result
     result["metrics"].update(_fit_context(stage, val))
+    result["val"] = val  # the validation studies as graded: an ensemble reads its out-of-fold grades here
     return result
 
 

@@ -150,6 +150,17 @@ class GraderSection:
     # studies does not pick a mid-schedule epoch (RESULTS.md: "Model selection")
     select_window: int = 3
     stop_at_step: int | None = None  # stop this stage after this many steps as if killed (resume tests)
+    # an ensemble of one grade stage per study-level fold of all the run's studies (train and val
+    # together), each selected, and its study context fitted, on its own fold; their out-of-fold
+    # grades go to grade/oof.csv. 1: one grade stage, trained on train and selected on val
+    folds: int = 1
+    # an ensemble over training seeds (every fold's member once per seed); null: train.seed alone
+    seeds: list | None = None
+    # the out-of-fold label check: training labels whose out-of-fold probability of their recorded
+    # grade (oof_from: an earlier fold ensemble's grade/oof.csv) is below drop_below are left out,
+    # as some top RSNA solutions dropped labels their folds contradicted; null: every label is used
+    drop_below: float | None = None
+    oof_from: str | None = None  # the oof.csv drop_below reads
     model: GraderConfig = field(default_factory=GraderConfig)  # the grade stage's model (GraderConfig)
 
 

@@ -30,7 +30,7 @@ from ..pipeline.registry import register_stage, registered_stages
 from ..pipeline.stage import Stage
 from .common import model_card, start_run
 from .config import DEFAULTS, load_config
-from .grade import train_grade
+from .grade_ensemble import train_grade_stage
 from .locate import train_locate
 
 __all__ = ["train_stages", "parse_stages", "register_trainer", "trainable_stages", "Trainer"]
@@ -113,4 +113,4 @@ def _train_locate(config: dict[str, Any], run: Any, pipeline: SpinePipeline, out
 
 
 register_trainer(LocateStage, _train_locate)
-register_trainer(GradeStage, train_grade)
+register_trainer(GradeStage, train_grade_stage)  # one grader, or an ensemble (grader.folds / seeds)
