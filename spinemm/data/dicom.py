@@ -14,7 +14,9 @@ that does not depend on the slice's content.
 Policy for awkward series (each case warns or raises; nothing is silently dropped):
 
 - slices of differing size: resampled (bilinear, same field of view) to the most common shape, with a
-  warning naming the files; their geometry is taken as that of the common grid;
+  warning naming the files; their geometry is taken as that of the common grid, and each slice's own
+  size is kept (``Series.source_shapes``) so a label in its pixels is checked against that size and
+  then mapped into the common grid (:func:`spinemm.data.roi.label_point`);
 - slices with differing orientation (axial blocks angled per disc): grouped into blocks of one
   orientation, sorted within a block along its own normal and the blocks along the body axis; the
   Series keeps each slice's orientation (``Series.orientations``) and maps points through each
@@ -131,6 +133,8 @@ def read_series(series_dir: str | os.PathLike, windowed: bool = False) -> Series
 
     volume = unit_volume(slices, series_dir) if windowed else physical_volume(slices, series_dir)
     instances = np.array([s.instance for s in slices], dtype=np.int64)
+    shapes = np.array([s.pixels.shape for s in slices], dtype=np.int64)
+    resampled = bool((shapes != np.array(volume.shape[1:])).any())  # labels stay in their slice's pixels
     return Series(
         volume=volume,
         instance_numbers=instances,
@@ -143,6 +147,8 @@ def read_series(series_dir: str | os.PathLike, windowed: bool = False) -> Series
         files=[s.path for s in slices],
         orientations=orientations,
         windowed=windowed,
+        source_shapes=shapes if resampled else None,
+        nominal=not geometric,
     )
 
 
