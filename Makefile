@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # machine; worksteal evens out the few long end-to-end tests.
 PYTEST_WORKERS ?= auto
 
-.PHONY: venv test test-fast demo lint bench clean
+.PHONY: venv test test-fast test-fuzz demo lint bench clean
 
 venv: $(VENV)/.installed
 
@@ -31,6 +31,14 @@ test: venv
 test-fast: venv
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist worksteal -m "not slow" \
 	$(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+# The long fuzz tier (issue 28): 10,000 mutations a reader (DICOM, CSV, config.json, pipeline.json)
+# and the issue's bombs at full size, each process bounded to 2 GiB of allocation beyond its imports
+# (tests/fuzz_bound.py). About 20 minutes on one core; not part of `make test`.
+test-fuzz: venv
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} SPINEMM_FUZZ=1 SPINEMM_FUZZ_LONG=1 SPINEMM_FUZZ_MEMORY_GIB=2 \
+	$(PY) -m pytest -q -s -n $(PYTEST_WORKERS) --dist worksteal tests/test_fuzz.py tests/test_fuzz_long.py $(PYTEST_ARGS); \
+	rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 demo: venv
 	$(VENV)/bin/spinemm demo --out demo_out --overwrite  # a rerun replaces the last demo

@@ -89,7 +89,24 @@ def fuzz_examples(request) -> int:
 LONGEST_FIRST = ("test_regression.py",)
 
 
+def pytest_sessionstart(session):
+    """The long fuzz tier (``make test-fuzz``): bound the address space once everything is imported
+    (tests/fuzz_bound.py)."""
+    if os.environ.get("SPINEMM_FUZZ_MEMORY_GIB"):
+        import fuzz_bound
+
+        fuzz_bound.prewarm()
+        fuzz_bound.apply()
+
+
 def pytest_collection_modifyitems(config, items):
+    # the long fuzz tier runs only when asked for: SPINEMM_FUZZ=1 (make test-fuzz) or -m naming fuzz
+    if os.environ.get("SPINEMM_FUZZ") != "1" and "fuzz" not in (config.option.markexpr or ""):
+        fuzz = [item for item in items if item.get_closest_marker("fuzz")]
+        if fuzz:
+            config.hook.pytest_deselected(items=fuzz)
+            items[:] = [item for item in items if not item.get_closest_marker("fuzz")]
+
     def rank(item) -> int:
         if item.path.name in LONGEST_FIRST:
             return 0

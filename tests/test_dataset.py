@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pydicom
 import pytest
 import torch
 import torch.nn.functional as F
@@ -426,6 +428,15 @@ def test_bad_arguments_are_rejected(phantom_root, train_frame):
     assert len(LABEL_COLUMNS) == NUM_TARGETS
 
 
+def _turn_sagittal(folder: Path) -> None:
+    """Rewrite an axial series (slices along +z) as sagittal slices along +x, order kept."""
+    for path in folder.iterdir():
+        ds = pydicom.dcmread(path)
+        ds.ImageOrientationPatient = [0.0, 1.0, 0.0, 0.0, 0.0, 1.0]  # normal +x: a sagittal slice
+        ds.ImagePositionPatient = [float(ds.ImagePositionPatient[2]), 0.0, 0.0]
+        ds.save_as(path)
+
+
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory):
     """One study, 20x24 (non-square) images, two Sagittal T2/STIR series, no axial series."""
@@ -435,6 +446,7 @@ def tiny_root(tmp_path_factory):
     planes = {1001: ("Sagittal T1", 7), 1002: ("Sagittal T2/STIR", 9), 1004: ("Sagittal T2/STIR", 5)}
     for series, (_, n) in planes.items():
         write_series(root / "train_images" / "100" / str(series), n=n, seed=series)
+        _turn_sagittal(root / "train_images" / "100" / str(series))  # as described: the reader checks
     pd.DataFrame(
         [(100, s, d) for s, (d, _) in planes.items()], columns=["study_id", "series_id", "series_description"]
     ).to_csv(root / "train_series_descriptions.csv", index=False)

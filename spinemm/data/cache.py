@@ -50,12 +50,13 @@ from safetensors.torch import save as save_tensors
 from ..errors import SpineOutputError
 from ..files import write_atomic
 from . import transforms
-from .series import Series, series_files
+from .series import GEOMETRIC_PLANES, Series, series_files
 from .transforms import PreprocessedSeries, preprocess_series
 
 #: Bump when the preprocessing or the entry layout changes: old entries are then never read.
-FORMAT_VERSION = 4  # 2: stacks from SeriesStore's float16 series; 3: per-slice orientations; 4: the
-# window from sample_percentiles (np.percentile to float rounding)
+FORMAT_VERSION = 5  # 2: stacks from SeriesStore's float16 series; 3: per-slice orientations; 4: the
+# window from sample_percentiles (np.percentile to float rounding); 5: each slice's own size
+# (source_shapes) and the plane read from ImageOrientationPatient
 _RACY_NS = 2_000_000_000
 _ARRAYS = ("image", "indices", "instance_numbers", "source_instance_numbers")
 
@@ -277,7 +278,10 @@ class SeriesCache:
             "original_shape": list(entry.original_shape),
             "pixel_spacing": list(entry.pixel_spacing),
             "slice_spacing": entry.slice_spacing,
+            "plane": entry.plane,
         }
+        if entry.source_shapes is not None:
+            tensors["source_shapes"] = torch.from_numpy(np.ascontiguousarray(entry.source_shapes, dtype=np.int64))
         self.publish(path, save_tensors(tensors, metadata={"spinemm": json.dumps(meta)}))
 
     def _read(self, path: Path, image_shape: tuple[int, int, int, int]) -> PreprocessedSeries | None:
@@ -286,6 +290,7 @@ class SeriesCache:
             with safe_open(str(path), framework="pt") as fh:
                 meta = json.loads(fh.metadata()["spinemm"])
                 arrays = {name: fh.get_tensor(name) for name in _ARRAYS}
+                shapes = fh.get_tensor("source_shapes").numpy() if "source_shapes" in fh.keys() else None  # noqa: SIM118
             if meta["version"] != FORMAT_VERSION:
                 raise ValueError(f"format version {meta['version']}, expected {FORMAT_VERSION}")
             image = arrays["image"]
@@ -301,6 +306,10 @@ class SeriesCache:
                     )
             if not bool(((arrays["indices"] >= 0) & (arrays["indices"] < num_source)).all()):
                 raise ValueError("slice indices outside the source stack")
+            if shapes is not None and (shapes.shape != (num_source, 2) or (shapes < 1).any()):
+                raise ValueError(f"source_shapes of shape {shapes.shape} for {num_source} slices")
+            if meta["plane"] not in (None, *GEOMETRIC_PLANES):
+                raise ValueError(f"plane {meta['plane']!r}")
             height, width = (int(v) for v in meta["original_shape"])
             row_mm, col_mm = (float(v) for v in meta["pixel_spacing"])
             return PreprocessedSeries(
@@ -311,6 +320,8 @@ class SeriesCache:
                 original_shape=(height, width),
                 pixel_spacing=(row_mm, col_mm),
                 slice_spacing=float(meta["slice_spacing"]),
+                source_shapes=shapes,
+                plane=meta["plane"],
             )
         except Exception as err:  # safetensors raises its own error types; any failure means "rebuild"
             self.corrupt += 1

@@ -1,6 +1,7 @@
 """Model-ready samples: one dict per study (CONTRACTS "Sample format"), plus study-level splits.
 
-For each of the three planes the dataset picks one series, preprocesses it to ``[S, C, H, W]``
+For each of the three planes the dataset picks one series (its description, checked against the
+plane its ImageOrientationPatient shows: :mod:`spinemm.data.planes`), preprocesses it to ``[S, C, H, W]``
 (:mod:`spinemm.data.transforms`, optionally through :class:`~spinemm.data.cache.SeriesCache`) and
 turns the label coordinates into targets on that stack: ``(slice index in the resampled stack,
 x / W_orig, y / H_orig)``.
@@ -25,7 +26,8 @@ from spinemm.errors import SpineDataError
 from spinemm.text import QUERY_TEXTS
 
 from .cache import SeriesCache
-from .roi import point_outside
+from .planes import assign_by_geometry
+from .roi import label_point
 from .store import SeriesStore
 from .tables import load_tables, series_path
 from .transforms import (
@@ -228,13 +230,14 @@ class SpineDataset(torch.utils.data.Dataset):
             if source is None:
                 self._policy(f"{where}: instance {int(instance)} is not a slice of the series")
                 continue
-            problem = point_outside(x, y, width, height)
-            if problem:
+            own = (height, width) if series.source_shapes is None else tuple(series.source_shapes[source])
+            point, problem = label_point(x, y, own, (height, width))  # in the pixels of its own slice
+            if point is None:
                 self._policy(f"{where}: {problem}")
                 continue
             targets.append(t)
             sources.append(source)
-            points.append((x / width, y / height))
+            points.append((point[0] / width, point[1] / height))
         return targets, sources, torch.tensor(points, dtype=torch.float32).reshape(-1, 2)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -254,8 +257,13 @@ class SpineDataset(torch.utils.data.Dataset):
             "pixel_spacing": [(0.0, 0.0)] * num_planes,
         }
         generator = self._generator(index) if self.augment is not None else None
-        for plane, series_id in enumerate(rec.series):
-            series = self.load_series(rec.study_id, series_id) if series_id >= 0 else None
+        loaded = {s: self.load_series(rec.study_id, s) for s in rec.series if s >= 0}
+        loaded = {s: v for s, v in loaded.items() if v is not None}
+        # the plane each series shows is read from its geometry, not taken from its description
+        chosen = assign_by_geometry(rec.study_id, [s if s in loaded else -1 for s in rec.series],
+                                    {s: v.plane for s, v in loaded.items()})
+        for plane, series_id in enumerate(chosen):
+            series = loaded.get(series_id)
             if series is None:
                 continue
             targets, sources, points = self._plane_targets(rec, plane, series, series_id)

@@ -14,7 +14,9 @@ that does not depend on the slice's content.
 Policy for awkward series (each case warns or raises; nothing is silently dropped):
 
 - slices of differing size: resampled (bilinear, same field of view) to the most common shape, with a
-  warning naming the files; their geometry is taken as that of the common grid;
+  warning naming the files; their geometry is taken as that of the common grid, and each slice's own
+  size is kept (``Series.source_shapes``) so a label in its pixels is checked against that size and
+  then mapped into the common grid (:func:`spinemm.data.roi.label_point`);
 - slices with differing orientation (axial blocks angled per disc): grouped into blocks of one
   orientation, sorted within a block along its own normal and the blocks along the body axis; the
   Series keeps each slice's orientation (``Series.orientations``) and maps points through each
@@ -27,7 +29,9 @@ Policy for awkward series (each case warns or raises; nothing is silently droppe
   and empty folders raise :class:`~spinemm.errors.SpineDataError` naming the path;
 - so does an inconsistent pixel module (checked before decoding, naming the tag): an empty or
   unreadable Rows / Columns / SamplesPerPixel / BitsAllocated / BitsStored / PixelRepresentation,
-  BitsStored outside 1..BitsAllocated, an unknown TransferSyntaxUID, PixelSpacing of 0 or below, or
+  BitsStored outside 1..BitsAllocated, an unknown TransferSyntaxUID, PixelSpacing of 0 or below, a
+  compressed frame whose stream declares another size than Rows x Columns, a deflated dataset that
+  inflates beyond a bound (:mod:`spinemm.data.compressed`), or
   a modality LUT that maps a storable value outside float32 (it would read as inf); any other failure
   inside pydicom (e.g. a header element of unknown VR, converted lazily) is a SpineDataError too;
 - a compressed file whose decoder is missing raises SpineDataError saying ``pip install "spinemm[dicom]"``.
@@ -45,16 +49,16 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_modality_lut, get_decoder
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.pixels import apply_modality_lut
 
 from spinemm.errors import SpineDataError
 
+from .compressed import HEAD_BYTES, check_deflated, may_be_deflated
+from .decode import decode_pixels
 from .dicom_tags import (
     FLOAT32_MAX,
     PIXEL_SPACING_RANGE_MM,
     TAG,
-    PixelModule,
     check_pixel_module,
     integer,
     number,
@@ -131,6 +135,8 @@ def read_series(series_dir: str | os.PathLike, windowed: bool = False) -> Series
 
     volume = unit_volume(slices, series_dir) if windowed else physical_volume(slices, series_dir)
     instances = np.array([s.instance for s in slices], dtype=np.int64)
+    shapes = np.array([s.pixels.shape for s in slices], dtype=np.int64)
+    resampled = bool((shapes != np.array(volume.shape[1:])).any())  # labels stay in their slice's pixels
     return Series(
         volume=volume,
         instance_numbers=instances,
@@ -143,6 +149,8 @@ def read_series(series_dir: str | os.PathLike, windowed: bool = False) -> Series
         files=[s.path for s in slices],
         orientations=orientations,
         windowed=windowed,
+        source_shapes=shapes if resampled else None,
+        nominal=not geometric,
     )
 
 
@@ -207,7 +215,13 @@ def _read_slice(path: Path, in_series: bool = True) -> _Slice:
     """Open ``path`` once and pull out its pixels and placing tags; bad files raise SpineDataError.
     ``in_series=False``: a lone slice, which needs no InstanceNumber (0 when it has none)."""
     try:
-        ds = pydicom.dcmread(path)
+        with open(path, "rb") as fh:  # one open: the bounds' peek at the file meta, then dcmread
+            if may_be_deflated(fh.read(HEAD_BYTES)):
+                check_deflated(path)  # before pydicom inflates the whole dataset, unbounded
+            fh.seek(0)
+            ds = pydicom.dcmread(fh)
+    except SpineDataError:
+        raise
     except InvalidDicomError as exc:
         raise SpineDataError(f"{path}: not a DICOM file ({exc})") from exc
     except Exception as exc:  # truncated headers and garbage raise many kinds inside pydicom
@@ -231,7 +245,7 @@ def _parse_slice(ds: pydicom.Dataset, path: Path, in_series: bool = True) -> _Sl
         raise SpineDataError(f"{path}: colour DICOM ({photometric}) is not supported; expected greyscale MRI")
     module = check_pixel_module(ds, path)
     bits_stored, signed = module.bits_stored, module.signed
-    pixels = _decode(ds, module, path)
+    pixels = decode_pixels(ds, module, path)
     if pixels.ndim != 2:
         raise SpineDataError(f"{path}: expected a 2-D greyscale slice, got pixel array of shape {pixels.shape}")
 
@@ -278,71 +292,6 @@ def _parse_slice(ds: pydicom.Dataset, path: Path, in_series: bool = True) -> _Sl
         mirror=mirror,
         lut_dataset=lut_dataset,
     )
-
-
-def _decode(ds: pydicom.Dataset, module: PixelModule, path: Path) -> np.ndarray:
-    """The slice's stored values [H, W]: ``ds.pixel_array``, or the same values read in place.
-
-    Decoder and corruption failures become SpineDataError naming the file.
-    """
-    native = _native_pixels(ds, module, path)
-    if native is not None:
-        return native
-    try:
-        return ds.pixel_array
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    # pydicom raises many kinds; all mean "this file cannot be decoded". A Rust decoder's panic on a
-    # garbled stream (pylibjpeg-rle: pyo3's PanicException) derives from BaseException, not Exception.
-    except BaseException as exc:
-        syntax = module.syntax
-        if syntax is not None and syntax.is_compressed and not _decoder_available(syntax):
-            raise SpineDataError(
-                f"{path}: no decoder installed for {syntax.name} pixel data; "
-                f'install one with: pip install "spinemm[dicom]"'
-            ) from exc
-        raise SpineDataError(f"{path}: cannot decode pixel data ({exc})") from exc
-
-
-# Uncompressed little-endian pixel data needs no decoding: pydicom's pixel_array reinterprets the
-# bytes too, but its option handling and defensive copy cost about 40% of reading a 512x512 slice
-# (DESIGN §6 anchor). Other syntaxes and anything unusual go through pixel_array.
-_NATIVE_LITTLE_ENDIAN = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
-
-
-def _native_pixels(ds: pydicom.Dataset, module: PixelModule, path: Path) -> np.ndarray | None:
-    """The values ``ds.pixel_array`` would give, as a read-only view on the file's bytes; None when
-    the data is not plain native little-endian (then pixel_array decodes it or reports the fault)."""
-    if module.syntax not in _NATIVE_LITTLE_ENDIAN:
-        return None
-    rows, cols, bits, stored = module.rows, module.columns, module.bits_allocated, module.bits_stored
-    data = ds.get_item(TAG["PixelData"]).value
-    if not isinstance(data, bytes):
-        return None
-    dtype = np.dtype(f"<{'ui'[module.signed]}{bits // 8}")
-    needed = rows * cols * dtype.itemsize
-    if len(data) < needed:
-        return None  # short data: let pixel_array raise its precise error
-    if len(data) >= 2 * needed:  # trailing padding happens (pydicom's MR_small_padded); a whole frame more does not
-        raise SpineDataError(f"{path}: PixelData (7FE00010) holds {len(data)} bytes, {len(data) // needed} frames "
-                             f"of {rows} x {cols} x {dtype.itemsize} bytes, but NumberOfFrames says 1: hidden "
-                             f"frames or a wrong Rows/Columns")
-    pixels = np.frombuffer(data, dtype=dtype, count=rows * cols).reshape(rows, cols)
-    if stored < bits:
-        # Unused high bits carry no meaning (PS3.5 8.1.1); pydicom shifts them out. Do the same, but
-        # only when some value lies outside the stored range, which is rare.
-        lo, hi = (-(1 << (stored - 1)), (1 << (stored - 1)) - 1) if module.signed else (0, (1 << stored) - 1)
-        if pixels.max() > hi or (module.signed and pixels.min() < lo):
-            shift = bits - stored
-            pixels = (pixels << shift) >> shift  # arithmetic right shift sign-extends signed dtypes
-    return pixels
-
-
-def _decoder_available(syntax: pydicom.uid.UID) -> bool:
-    try:
-        return get_decoder(syntax).is_available
-    except NotImplementedError:  # pydicom has no decoder at all for this transfer syntax
-        return False
 
 
 def _instance_number(ds: pydicom.Dataset, path: Path) -> int:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..constants import CANAL, CONDITION_PLANE, FORAMINA, LEVELS, PLANES
-from .roi import label_slice, labelled_volumes
+from .roi import label_location, labelled_volumes
 from .store import SeriesStore
 
 __all__ = ["locator_input", "square_frame", "LevelSlices", "foramen_offsets_mm"]
@@ -73,10 +73,11 @@ class LevelSlices:
             for (condition, instance), labelled in group.groupby(["condition", "instance_number"], sort=True):
                 point, mask = np.zeros((len(LEVELS), 2), np.float32), np.zeros(len(LEVELS), bool)
                 for row in labelled.itertuples(index=False):  # every point on its slice, or a named error
-                    index = label_slice(series, path, instance, study_id, f"{condition} {row.level}", row.x, row.y)
+                    index, x, y = label_location(series, path, instance, study_id, f"{condition} {row.level}",
+                                                 row.x, row.y)
                     level = LEVELS.index(row.level)
-                    point[level], mask[level] = ((row.x + left) / side, (row.y + top) / side), True
-                    x_mm = series.voxel_to_patient(np.array([[row.x, row.y, index]], dtype=np.float64))[0, 0]
+                    point[level], mask[level] = ((x + left) / side, (y + top) / side), True
+                    x_mm = series.voxel_to_patient(np.array([[x, y, index]], dtype=np.float64))[0, 0]
                     patient_x.append((study_id, condition, row.level, float(x_mm)))
                 slices.append(locator_input(volume, index, context, size).to(torch.float16))
                 points.append(point)

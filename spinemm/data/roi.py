@@ -12,9 +12,10 @@ on the finding, with a side fixed in millimetres so every scanner's crop covers 
 - :class:`ROIWindows`: every labelled point of some studies, cut once with a margin in space and
   slices, so training draws shifted crops (the jitter that makes the grader tolerate the first
   stage's location errors) without decoding a DICOM again.
-- :func:`labelled_volumes` / :func:`label_slice`: the labelled series of some studies, taken from
-  a :class:`~spinemm.data.store.SeriesStore`, and a label's slice in one (for ``ROIWindows`` and
-  the locator's ``LevelSlices``).
+- :func:`labelled_volumes` / :func:`label_location`: the labelled series of some studies, taken from
+  a :class:`~spinemm.data.store.SeriesStore`, and a label's slice and point in one (for ``ROIWindows``
+  and the locator's ``LevelSlices``); :func:`label_point`: the one label check, in the pixels of the
+  slice a label names, shared with ``SpineDataset``.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from .sides import folded_targets, mirror_crops
 from .store import SeriesStore, windowed
 
 __all__ = ["normalized_volume", "crop_roi", "crop_rois", "ROIWindows", "labelled_volumes", "label_slice",
-           "point_outside"]
+           "label_location", "label_point", "point_outside"]
 
 
 def normalized_volume(series: Series) -> torch.Tensor:
@@ -144,9 +145,10 @@ class ROIWindows:
         windows, targets, labels, studies, texts = [], [], [], [], []
         store = store if store is not None else SeriesStore(root, split)
         for study_id, path, series, volume, group in labelled_volumes(store, rows, "ROI windows", progress):
-            index = [label_slice(series, path, row.instance_number, study_id, row.column, row.x, row.y)
-                     for row in group.itertuples(index=False)]
-            windows.append(crop_rois(volume, series.pixel_spacing, index, group["x"].to_numpy(), group["y"].to_numpy(),
+            located = [label_location(series, path, row.instance_number, study_id, row.column, row.x, row.y)
+                       for row in group.itertuples(index=False)]
+            index, xs, ys = (list(v) for v in zip(*located, strict=True))
+            windows.append(crop_rois(volume, series.pixel_spacing, index, xs, ys,
                                      side_mm * outer / self.size, outer, offsets).to(torch.float16))
             targets += group["target"].astype(int).tolist()
             texts += finding_texts(series, folded_targets(group["target"].to_numpy())[0] if fold_sides
@@ -210,17 +212,41 @@ def point_outside(x: float, y: float, width: int, height: int) -> str | None:
     return None
 
 
-def label_slice(series: Series, path: Path, instance: float, study_id: int, what: str,
-                x: float | None = None, y: float | None = None) -> int:
-    """The slice index of a label's InstanceNumber, or a :class:`SpineDataError` naming the series;
-    with ``x``, ``y`` the point is checked against the slice's size too (:func:`point_outside`)."""
-    where = f"train_label_coordinates.csv, study {study_id}, {what}"
+def label_point(x: float, y: float, own_shape: tuple[int, int],
+                grid_shape: tuple[int, int]) -> tuple[tuple[float, float] | None, str | None]:
+    """A label point read in the pixels of the slice it names: ``((x, y) in the series' common grid,
+    None)``, or ``(None, why not)`` when it is off that slice (:func:`point_outside` against the
+    slice's OWN (rows, columns) ``own_shape``). A slice of another size was resampled to
+    ``grid_shape`` over the same field of view with pixel centres aligned
+    (:mod:`spinemm.data.pixels`), so its pixel ``x`` lies at ``(x + 0.5) * W / w - 0.5`` of the grid.
+    Every reader of label coordinates goes through here (``SpineDataset``, ``ROIWindows``,
+    ``LevelSlices`` via :func:`label_location`)."""
+    (own_h, own_w), (grid_h, grid_w) = own_shape, grid_shape
+    problem = point_outside(float(x), float(y), own_w, own_h)
+    if problem:
+        return None, problem
+    if (own_h, own_w) == (grid_h, grid_w):
+        return (float(x), float(y)), None
+    return ((float(x) + 0.5) * grid_w / own_w - 0.5, (float(y) + 0.5) * grid_h / own_h - 0.5), None
+
+
+def label_slice(series: Series, path: Path, instance: float, study_id: int, what: str) -> int:
+    """The slice index of a label's InstanceNumber, or a :class:`SpineDataError` naming the series."""
     index = series.instance_to_index.get(int(instance))
     if index is None:
+        where = f"train_label_coordinates.csv, study {study_id}, {what}"
         raise SpineDataError(f"{path}: no slice with InstanceNumber {int(instance)} ({where})")
-    if x is not None and y is not None:
-        height, width = series.volume.shape[-2:]
-        problem = point_outside(float(x), float(y), width, height)
-        if problem:
-            raise SpineDataError(f"{path}: label point {problem} of InstanceNumber {int(instance)} ({where})")
     return index
+
+
+def label_location(series: Series, path: Path, instance: float, study_id: int, what: str,
+                   x: float, y: float) -> tuple[int, float, float]:
+    """``(slice index, x, y)`` of a label: its InstanceNumber's slice (:func:`label_slice`) and its
+    point checked against that slice's own size and mapped into the series' grid
+    (:func:`label_point`); a point off its slice is a :class:`SpineDataError` naming the series."""
+    index = label_slice(series, path, instance, study_id, what)
+    point, problem = label_point(x, y, series.slice_shape(index), series.volume.shape[-2:])
+    if point is None:
+        where = f"train_label_coordinates.csv, study {study_id}, {what}"
+        raise SpineDataError(f"{path}: label point {problem} of InstanceNumber {int(instance)} ({where})")
+    return index, point[0], point[1]

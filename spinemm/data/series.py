@@ -15,9 +15,17 @@ import numpy as np
 
 from spinemm.errors import SpineDataError
 
-__all__ = ["Series", "map_point", "map_points", "series_files"]
+__all__ = ["Series", "map_point", "map_points", "series_files", "geometric_plane", "GEOMETRIC_PLANES"]
 
 NOMINAL_ORIENTATION = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+#: What a slice normal along each patient axis (LPS x, y, z) shows.
+GEOMETRIC_PLANES: tuple[str, str, str] = ("sagittal", "coronal", "axial")
+
+
+def geometric_plane(normal: np.ndarray) -> str:
+    """``"sagittal"``, ``"coronal"`` or ``"axial"``: the plane a slice normal (LPS) is closest to,
+    read from ImageOrientationPatient, never from a description."""
+    return GEOMETRIC_PLANES[int(np.argmax(np.abs(np.asarray(normal, dtype=np.float64))))]
 
 
 @dataclass(eq=False)  # array fields: identity comparison, not an ambiguous elementwise ==
@@ -44,6 +52,25 @@ class Series:
     # 0.5/99.5 percentile window mapped to [0, 1] as float16, the form every stage reads
     # (:class:`~spinemm.data.store.SeriesStore` keeps series this way).
     windowed: bool = False
+    # int64 [S, 2]: each sorted slice's (rows, columns) as stored, when some slice had another size
+    # than ``volume``'s and was resampled to it; None when every slice has the volume's size. Label
+    # points are in the pixels of their own slice (:func:`spinemm.data.roi.label_point` maps them).
+    source_shapes: np.ndarray | None = None
+    # True: the files lack ImagePositionPatient / ImageOrientationPatient and the geometry is nominal.
+    nominal: bool = False
+
+    @property
+    def plane(self) -> str | None:
+        """The plane the slices lie in, from ImageOrientationPatient (:func:`geometric_plane`);
+        None when the geometry is nominal (no orientation recorded)."""
+        return None if self.nominal else geometric_plane(self.normal)
+
+    def slice_shape(self, index: int) -> tuple[int, int]:
+        """(rows, columns) of sorted slice ``index`` as stored in its file."""
+        if self.source_shapes is None:
+            return int(self.volume.shape[-2]), int(self.volume.shape[-1])
+        rows, cols = self.source_shapes[index]
+        return int(rows), int(cols)
 
     def blocks(self) -> list[np.ndarray]:
         """Indices of each block of parallel slices, in order (one block unless ``orientations``)."""

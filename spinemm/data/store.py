@@ -50,7 +50,8 @@ def windowed(series: Series) -> Series:
     return Series(volume=unit, instance_numbers=series.instance_numbers, instance_to_index=series.instance_to_index,
                   positions=series.positions, orientation=series.orientation, normal=series.normal,
                   pixel_spacing=series.pixel_spacing, slice_spacing=series.slice_spacing, files=series.files,
-                  orientations=series.orientations, windowed=True)
+                  orientations=series.orientations, windowed=True, source_shapes=series.source_shapes,
+                  nominal=series.nominal)
 
 
 class SeriesStore:
@@ -194,8 +195,11 @@ def _write_entry(cache: SeriesCache, path: Path, series: Series) -> None:
     }
     if series.orientations is not None:  # blocks of differing orientation (per-level oblique axials)
         tensors["orientations"] = torch.from_numpy(np.ascontiguousarray(series.orientations, dtype=np.float64))
+    if series.source_shapes is not None:  # slices of another size, resampled: their own sizes
+        tensors["source_shapes"] = torch.from_numpy(np.ascontiguousarray(series.source_shapes, dtype=np.int64))
     meta = {"version": FORMAT_VERSION, "pixel_spacing": list(series.pixel_spacing),
-            "slice_spacing": series.slice_spacing, "files": [p.name for p in series.files]}
+            "slice_spacing": series.slice_spacing, "files": [p.name for p in series.files],
+            "nominal": bool(series.nominal)}
     cache.publish(path, save_tensors(tensors, metadata={"spinemm": json.dumps(meta)}))
 
 
@@ -217,13 +221,16 @@ def _read_entry(path: Path, series_dir: Path) -> Series | None:
         orientations = arrays.get("orientations")
         if orientations is not None and orientations.shape != (len(volume), 2, 3):
             raise ValueError(f"orientations of shape {orientations.shape} for {len(volume)} slices")
+        shapes = arrays.get("source_shapes")
+        if shapes is not None and (shapes.shape != (len(volume), 2) or (shapes < 1).any()):
+            raise ValueError(f"source_shapes of shape {shapes.shape} for {len(volume)} slices")
         return Series(volume=volume, instance_numbers=instances,
                       instance_to_index={int(n): i for i, n in enumerate(instances)},
                       positions=arrays["positions"], orientation=arrays["orientation"], normal=arrays["normal"],
                       pixel_spacing=tuple(float(v) for v in meta["pixel_spacing"]),
                       slice_spacing=float(meta["slice_spacing"]),
                       files=[series_dir / name for name in meta["files"]], orientations=orientations,
-                      windowed=True)
+                      windowed=True, source_shapes=shapes, nominal=bool(meta["nominal"]))
     except Exception as err:  # safetensors raises its own error types; any failure means "rebuild"
         warnings.warn(f"corrupt cache entry {path} ({type(err).__name__}: {err}); rebuilding it", stacklevel=3)
         return None

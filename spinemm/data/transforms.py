@@ -47,6 +47,10 @@ class PreprocessedSeries:
     original_shape: tuple[int, int]  # (H, W) of the DICOM images
     pixel_spacing: tuple[float, float]  # (row_mm, col_mm)
     slice_spacing: float  # mm between neighbouring sorted slices
+    # int64 [N, 2]: each sorted slice's own (rows, columns) when some slice was resampled to
+    # ``original_shape`` (``Series.source_shapes``); None when all have that size
+    source_shapes: np.ndarray | None = None
+    plane: str | None = None  # "sagittal" / "coronal" / "axial" from ImageOrientationPatient (Series.plane)
 
     @property
     def num_source_slices(self) -> int:
@@ -211,6 +215,8 @@ def preprocess_series(
         original_shape=(int(volume.shape[1]), int(volume.shape[2])),
         pixel_spacing=(float(series.pixel_spacing[0]), float(series.pixel_spacing[1])),
         slice_spacing=float(series.slice_spacing),
+        source_shapes=getattr(series, "source_shapes", None),
+        plane=getattr(series, "plane", None),
     )
 
 

@@ -225,17 +225,39 @@ def refuse_pickle(path: Path) -> None:
 
 def load_upstream_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of an upstream (open_clip / HF) checkpoint: safetensors, or a pickle read with
-    ``weights_only=True`` (tensors and containers only, no code) for repos that ship nothing else."""
+    ``weights_only=True`` (tensors and containers only, no code) for repos that ship nothing else.
+    A file that is neither (a pickle that would run code, one renamed ``.safetensors``, garbage, a
+    mapping of anything but named tensors) is a :class:`SpineModelError` naming it; nothing in it runs."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = load_file(str(path))
+        except Exception as exc:  # safetensors' own error types: not a safetensors file
+            raise SpineModelError(f"{path}: not a valid safetensors file ({type(exc).__name__}: "
+                                  f"{_first_line(exc)})") from None
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # weights_only refuses code (UnpicklingError); garbage fails in many ways
+            raise SpineModelError(
+                f"{path}: not a checkpoint of plain tensors (read with torch.load(weights_only=True), which "
+                f"runs no code: {type(exc).__name__}: {_first_line(exc)}); convert it with "
+                f"safetensors.torch.save_file") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise SpineModelError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
+    odd = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if odd:
+        raise SpineModelError(f"{path}: expected a state dict of tensors; entries {odd[:5]!r} are not named tensors")
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception's message up to its first line break (torch's weights_only advice runs to 20 lines)."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else ""
 
 
 # ------------------------------------------------------------------------ whole repos, fail fast
