@@ -37,7 +37,7 @@ def count_reads(monkeypatch):
     real = pydicom.dcmread
 
     def counting(path, *args, **kwargs):
-        reads[str(path)] += 1
+        reads[str(getattr(path, "name", path))] += 1  # a path, or a file opened from one
         return real(path, *args, **kwargs)
 
     monkeypatch.setattr(pydicom, "dcmread", counting)

@@ -123,7 +123,10 @@ class Stage(torch.nn.Module):
         from safetensors.torch import load_model
 
         config = stage_config(cls.config_class, section, folder, cls.name) if cls.config_class is not None else None
-        stage = cls(config) if config is not None else cls()
+        try:
+            stage = cls(config) if config is not None else cls()
+        except (SpineModelError, ValueError) as err:  # the model's own checks of its config: name the file
+            raise SpineModelError(f"{Path(folder) / PIPELINE_CONFIG}: {cls.name}: {err}") from None
         weights = Path(folder) / f"{cls.name}.safetensors"
         if not weights.is_file():
             raise SpineModelError(f"{weights} is missing: the pipeline folder lists stage {cls.name!r}")
