@@ -114,3 +114,23 @@ def test_seed_spread_reports_each_seed_and_resumes_without_training_again(tmp_pa
     assert "| mean | 10.0% | | 69.0% | 92.7% |" in table
     assert "| sd | 0.0% | | 6.6% | 3.1% |" in table and "| worst | 10.0% | | 62.0% | 90.0% |" in table
     assert json.loads((tmp_path / "spread.json").read_text())["1"]["test_pipeline"]["gap_closed"] == 0.70
+
+
+def test_grade_ablation_scores_the_label_check_against_the_phantoms_truth(tmp_path):
+    """Precision and recall of the flagged labels, from an oof.csv and a phantom_truth.csv."""
+    import pandas as pd
+
+    grade_ablation = _benchmark("grade_ablation")
+    demo, out = tmp_path / "demo", tmp_path / "out" / "demo"
+    (demo / "phantom").mkdir(parents=True)
+    (out / "folds5" / "grade").mkdir(parents=True)
+    columns = ["spinal_canal_stenosis_l1_l2", "spinal_canal_stenosis_l2_l3", "spinal_canal_stenosis_l3_l4"]
+    pd.DataFrame({"study_id": [7, 7, 7, 8], "split": ["train"] * 3 + ["test"], "column": columns + columns[:1],
+                  "true_label": [0, 0, 1, 0], "recorded_label": [0, 2, 1, 2], "latent_severity": 0.0}) \
+        .to_csv(demo / "phantom" / "phantom_truth.csv", index=False)
+    # flagged: row 1 (recorded severe at 0.02, truly noisy) and row 2 (recorded moderate at 0.05, clean)
+    pd.DataFrame({"row_id": [f"7_{c}" for c in columns], "study_id": 7, "target": [0, 1, 2], "label": [0, 2, 1],
+                  "member": "member-0", "normal_mild": [0.9, 0.9, 0.9], "moderate": [0.05, 0.08, 0.05],
+                  "severe": [0.05, 0.02, 0.05]}).to_csv(out / "folds5" / "grade" / "oof.csv", index=False)
+    check = grade_ablation.label_check_quality(demo, out)
+    assert check == {"flagged": 2, "noisy_labels": 1, "labels": 3, "precision": 0.5, "recall": 1.0}
