@@ -221,9 +221,9 @@ def test_the_grade_is_the_mean_of_every_passes_probabilities(phantom_root, refin
     located = pipeline.run(phantom_root, "test", store=store, progress=False).located
     grade = pipeline.grade.eval()
     rows = np.flatnonzero(located.located)[:6]
-    findings = located.replace()
-    findings.located[:] = False
-    findings.located[rows] = True
+    others = np.setdiff1d(np.arange(len(located)), rows)
+    findings = located.replace(others, instance_number=-1)  # only the chosen rows are located
+    assert np.array_equal(np.flatnonzero(findings.located), rows)
     grades = grade.grade(findings, store)
     assert np.isfinite(grades.log_probs[rows]).all() and np.isnan(grades.log_probs[~findings.located]).all()
     for row in rows:
