@@ -34,10 +34,12 @@ test-fast: venv
 
 # The long fuzz tier (issue 28): 10,000 mutations a reader (DICOM, CSV, config.json, pipeline.json)
 # and the issue's bombs at full size, each process bounded to 2 GiB of allocation beyond its imports
-# (tests/fuzz_bound.py). About 20 minutes on one core; not part of `make test`.
+# (tests/fuzz_bound.py), plus the fault runs (tests/test_faults.py: full disk, kills). About 20
+# minutes on one core; not part of `make test`.
 test-fuzz: venv
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} SPINEMM_FUZZ=1 SPINEMM_FUZZ_LONG=1 SPINEMM_FUZZ_MEMORY_GIB=2 \
-	$(PY) -m pytest -q -s -n $(PYTEST_WORKERS) --dist worksteal tests/test_fuzz.py tests/test_fuzz_long.py $(PYTEST_ARGS); \
+	$(PY) -m pytest -q -s -n $(PYTEST_WORKERS) --dist worksteal tests/test_fuzz.py tests/test_fuzz_long.py tests/test_faults.py \
+	$(PYTEST_ARGS); \
 	rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 demo: venv

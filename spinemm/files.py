@@ -111,6 +111,8 @@ class OutputLock:
                     ) from None
                 with contextlib.suppress(FileNotFoundError):
                     self.path.unlink()  # its owner is gone: take it over
+                for stale in self.folder.glob(".*.tmp"):  # what the dead run was writing (_temp_beside)
+                    stale.unlink(missing_ok=True)
                 continue
             except OSError as err:
                 raise SpineOutputError(f"cannot write {self.path}: {err.strerror or err}") from err

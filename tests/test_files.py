@@ -72,6 +72,9 @@ def test_a_live_run_holds_its_folder_and_a_dead_ones_lock_is_taken_over(tmp_path
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (tmp_path / LOCK_NAME).write_text(dead.stdout)  # that process has exited
+    (tmp_path / ".submission.csv.x1y2.tmp").write_text("half a file the dead run was writing")
+    (tmp_path / "submission.csv").write_text("the last complete file")
     with OutputLock(tmp_path):
         assert (tmp_path / LOCK_NAME).read_text().strip() == str(os.getpid())
     assert not (tmp_path / LOCK_NAME).exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["submission.csv"]  # its temp cleared, its outputs kept
