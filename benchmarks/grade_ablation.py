@@ -10,7 +10,8 @@ own detect and locate stages (``train_stages`` with ``pipeline.stages=[grade]``)
 - ``folds5``: a 5-fold ensemble (``grader.folds=5``), whose out-of-fold grades give ``oof.csv``;
 - ``sides``: left/right folding (``grader.model.fold_sides=true``);
 - ``labelcheck``: the single grader trained without the labels the 5-fold ensemble's out-of-fold
-  grades contradict (``grader.drop_below``, reading ``folds5``'s ``oof.csv``).
+  grades contradict (``grader.drop_below``, reading ``folds5``'s ``oof.csv``);
+- ``folds5+sides``: both, the 5-fold ensemble of side-folding graders.
 
 Every pipeline is scored on the same 240 held-out studies (``heldout_quality.py --test-only``).
 The label check's flagged labels are compared with the phantom's truth (``phantom_truth.csv``:
@@ -38,6 +39,7 @@ VARIANTS = {
     "folds5": ["grader.folds=5"],
     "sides": ["grader.model.fold_sides=true"],
     "labelcheck": [f"grader.drop_below={DROP_BELOW}", "grader.oof_from={out}/folds5/grade/oof.csv"],
+    "folds5+sides": ["grader.folds=5", "grader.model.fold_sides=true"],
 }
 
 
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demos", nargs="+", required=True, help="finished `spinemm demo --out` folders")
     parser.add_argument("--out", required=True, help="one folder per demo and variant, kept for resuming")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS)[:4], choices=list(VARIANTS))
     parser.add_argument("--sets", default="heldout_sets")
     parser.add_argument("--n", type=int, default=240, help="held-out test studies")
     args = parser.parse_args(argv)
