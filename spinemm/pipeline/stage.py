@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 import torch
+from safetensors.torch import load_model, save_model
 
 from ..data.store import SeriesStore
 from ..errors import SpineModelError
@@ -112,16 +113,12 @@ class Stage(torch.nn.Module):
 
     def save(self, folder: Path) -> dict[str, Any]:
         """Write this stage's files into the pipeline ``folder``; returns its ``pipeline.json`` section."""
-        from safetensors.torch import save_model
-
         save_model(self, str(Path(folder) / f"{self.name}.safetensors"))
         return self.config_dict()
 
     @classmethod
     def load(cls, folder: Path, section: dict[str, Any]) -> Stage:
         """The stage :meth:`save` wrote in ``folder``, from its ``pipeline.json`` ``section``."""
-        from safetensors.torch import load_model
-
         config = stage_config(cls.config_class, section, folder, cls.name) if cls.config_class is not None else None
         try:
             stage = cls(config) if config is not None else cls()
