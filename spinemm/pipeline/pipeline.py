@@ -24,7 +24,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -39,7 +38,7 @@ from ..models.towers import TextTower
 from .parallel import run_distributed, run_in_workers
 from .registry import registered_stages, stage_class, stage_rank
 from .result import PipelineResult
-from .stage import RunJob, Stage, StageInput, StageOutput
+from .stage import RunJob, Stage, StageInput, StageOutput, merge_probs
 
 __all__ = ["SpinePipeline", "PipelineResult", "load_pipeline", "PIPELINE_CONFIG"]
 
@@ -168,7 +167,7 @@ class SpinePipeline(SpineHubMixin):
                     for name, stage in self._stages.items():
                         out = stage.run(inputs)
                         outputs[name].append(out)
-                        inputs = StageInput(inputs.study_ids, store, out.findings, _merged(inputs.probs, out.probs))
+                        inputs = StageInput(inputs.study_ids, store, out.findings, merge_probs(inputs.probs, out.probs))
                     if own_store:  # no stage comes back to a study: peak memory stays one batch's series
                         for study_id in inputs.study_ids:
                             store.forget_study(study_id)
@@ -222,15 +221,6 @@ class SpinePipeline(SpineHubMixin):
             "loader": 'pipeline = spinemm.load_pipeline("hf-hub:ORG/NAME")   # or a local folder\n'
                       'submission, locations = spinemm.predict(pipeline, "/path/to/rsna", split="test")',
         }
-
-
-def _merged(before: Any, probs: Any) -> Any:
-    """The running probabilities after a stage: its rows where it gave them (not NaN), else before."""
-    if probs is None:
-        return before
-    if before is None:
-        return probs
-    return np.where(np.isnan(probs), before, probs)
 
 
 def load_pipeline(source: str | os.PathLike) -> SpinePipeline:

@@ -15,7 +15,7 @@ from ..constants import LABEL_COLUMNS
 from ..errors import SpineDataError, SpineModelError
 from ..metrics import submission_frame
 from .findings import Findings
-from .stage import StageOutput
+from .stage import StageOutput, merge_probs
 
 __all__ = ["PipelineResult", "submission_from_probs"]
 
@@ -40,9 +40,7 @@ class PipelineResult:
             raise SpineModelError(f"stage must be one of {names} (or 'final'), got {stage!r}")
         flat = None
         for name in names[:names.index(stage) + 1] if stage is not None else names:
-            probs = self.outputs[name].probs
-            if probs is not None:
-                flat = probs if flat is None else np.where(np.isnan(probs), flat, probs)
+            flat = merge_probs(flat, self.outputs[name].probs)
         if flat is None:
             return np.zeros((len(self.study_ids), len(LABEL_COLUMNS), 3))
         return flat.reshape(len(self.study_ids), len(LABEL_COLUMNS), -1)

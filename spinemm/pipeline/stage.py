@@ -29,7 +29,7 @@ from ..models.names import PIPELINE_CONFIG
 from ..models.saved import check_finite
 from .findings import Findings
 
-__all__ = ["Stage", "StageInput", "StageOutput", "RunJob", "stage_config"]
+__all__ = ["Stage", "StageInput", "StageOutput", "RunJob", "stage_config", "merge_probs"]
 
 
 @dataclass
@@ -51,6 +51,13 @@ class StageInput:
     store: SeriesStore
     findings: Findings | None = None  # the previous stage's points (None for the first stage)
     probs: np.ndarray | None = None  # [len(study_ids) * 25, 3], the probabilities so far (None for the first)
+
+
+def merge_probs(before: np.ndarray | None, probs: np.ndarray | None) -> np.ndarray | None:
+    """The running probabilities after a stage: its rows where it gave them (not NaN), else before."""
+    if probs is None or before is None:
+        return before if probs is None else probs
+    return np.where(np.isnan(probs), before, probs)
 
 
 @dataclass
