@@ -277,6 +277,54 @@ def test_stage_keeps_the_epoch_its_selection_window_prefers(tmp_path, window, ke
     torch.testing.assert_close(module.weight, weights[kept_epoch], rtol=0, atol=0)
 
 
+def _window_run(out: Path, *extra: str) -> tuple[torch.nn.Linear, dict[int, torch.Tensor], object]:
+    """A 1-weight stage pulled towards 5 for 6 epochs, scored by its distance from 5, its weights
+    averaged over the selection window (3)."""
+    from spinemm.training.stage_fit import fit_stage
+
+    config = load_config(None, ["train.cpu=true", "log.progress=false", "log.tensorboard=false",
+                                "checkpoint.every_steps=0", "grader.epochs=6", "grader.batch_size=2",
+                                "grader.select_window=3", "grader.average_window=true", "grader.lr=0.3",
+                                "optim.warmup_ratio=0", *extra])
+    torch.manual_seed(0)
+    module = torch.nn.Linear(1, 1, bias=False)
+    weights: dict[int, torch.Tensor] = {}
+
+    def eval_fn(m):
+        weights[len(weights) + 1] = m.weight.detach().clone()
+        return {"score": float((m.weight.detach() - 5).abs().sum())}
+
+    data = [{"x": torch.ones(1)} for _ in range(4)]
+    state, _ = fit_stage(config, "grader", module, data, lambda m, b: ((m(b["x"]) - 5).abs().mean(), {}),
+                         eval_fn, out)
+    return module, weights, state
+
+
+def test_average_window_keeps_the_mean_of_the_selected_evaluations(tmp_path):
+    module, weights, state = _window_run(tmp_path)
+    assert state.best_epoch == 6  # the weight nears 5 at every epoch: the last window is the best
+    expected = torch.stack([weights[4], weights[5], weights[6]]).mean(0)
+    torch.testing.assert_close(module.weight, expected, rtol=0, atol=1e-7)
+    assert not torch.allclose(module.weight, weights[6])  # an average, not the last evaluation
+    assert sorted(f.name for f in (tmp_path / "window").iterdir()) == [f"epoch-{e}.safetensors" for e in (4, 5, 6)]
+
+
+def test_average_window_resumes_to_the_same_average(tmp_path):
+    reference, _, _ = _window_run(tmp_path / "a")
+    stopped, _, state = _window_run(tmp_path / "b", "grader.stop_at_step=9")
+    assert state.stopped
+    resumed, _, state = _window_run(tmp_path / "b", "resume=latest")
+    assert not state.stopped and state.best_epoch == 6
+    torch.testing.assert_close(resumed.weight, reference.weight, rtol=0, atol=0)
+
+
+def test_average_window_names_a_damaged_snapshot(tmp_path):
+    _window_run(tmp_path, "grader.stop_at_step=9")
+    (tmp_path / "window" / "epoch-4.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(SpineModelError, match=r"epoch-4\.safetensors: cannot read"):
+        _window_run(tmp_path, "resume=latest")
+
+
 def test_study_splits_from_config():
     from spinemm.training.common import split_studies
 

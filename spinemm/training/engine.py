@@ -234,13 +234,15 @@ def _batch_size(batch: dict) -> int:
 def fit(accelerator: Any, model: torch.nn.Module, optimizer: Any, scheduler: Any, train_loader: DataLoader,
         sampler: EpochSampler, step_fn: StepFn, eval_fn: EvalFn, config: dict[str, Any], output_dir: Path,
         on_best: Callable[[dict[str, Any]], None] | None = None,
+        on_eval: Callable[[dict[str, Any]], None] | None = None,
         watch: tuple[str, ...] = ()) -> tuple[TrainState, dict[str, Any] | None]:
     """Train until the epochs / max_steps budget is spent, resuming from ``config["resume"]``.
 
     All objects must already be prepared by ``accelerator``. ``step_fn(model, batch)`` returns the
     loss and a dict of scalar tensors to log; ``eval_fn(model)`` returns metrics with ``"score"``
     (lower is better), called on every process. ``on_best(metrics)`` runs when the selection score
-    (:func:`selection_score` over ``train.select_window`` evaluations) improves. Returns the final
+    (:func:`selection_score` over ``train.select_window`` evaluations) improves, after
+    ``on_eval(record)`` has seen that evaluation's history record (epoch, step, scores). Returns the final
     state and the last evaluation's metrics (None if nothing ran). Each checkpoint records the run's
     settings (:func:`~.checkpoint.run_settings` of the shared sections and ``watch``, the stage's own
     section), which a resume must match (``resume=force`` skips the check).
@@ -343,6 +345,8 @@ def fit(accelerator: Any, model: torch.nn.Module, optimizer: Any, scheduler: Any
             record = {"epoch": state.epoch, "step": state.step, "train_loss": train_loss,
                       **{k: v for k, v in last_eval.items() if isinstance(v, (int, float))}}
             state.history.append(record)
+            if on_eval is not None:
+                on_eval(record)
             accelerator.log({f"val/{k}": v for k, v in record.items() if k not in ("epoch", "step")},
                             step=state.step)
             score = selection_score(state.history, select_window)

@@ -149,6 +149,9 @@ class GraderSection:
     # keep the evaluation ending the best run of 3 (mean score): one lucky score on a few val
     # studies does not pick a mid-schedule epoch (RESULTS.md: "Model selection")
     select_window: int = 3
+    # keep the mean of the weights at those select_window evaluations, not the last of them (a
+    # weight average over the end of the run; each evaluation's weights go to window/)
+    average_window: bool = False
     stop_at_step: int | None = None  # stop this stage after this many steps as if killed (resume tests)
     # an ensemble of one grade stage per study-level fold of all the run's studies (train and val
     # together), each selected, and its study context fitted, on its own fold; their out-of-fold

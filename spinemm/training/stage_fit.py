@@ -8,6 +8,13 @@ config section (``locator`` or ``grader``) supplies ``epochs``, ``lr``, ``weight
 ``stop_at_step``; the rest (``train``, ``optim``, ``checkpoint``, ``log``, ``resume``) is the
 recipe's. The best epoch (lowest mean ``score`` over ``select_window`` evaluations ending there) is
 kept, in memory and as ``best.safetensors``, so a resumed run that had already passed it restores it.
+
+With ``average_window: true`` in the section, the kept weights are the mean of the weights at the
+evaluations that best window's score averages (its trainable parameters and float buffers; the
+frozen ones are the same at every evaluation), not the last of them: a weight average over the end
+of the run the selection found good, as stochastic weight averaging takes over the end of a run.
+Each evaluation's weights are written under ``window/`` (the last ``select_window`` of them are
+kept), so a resumed run averages the same weights as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from ..errors import SpineModelError
 from .engine import StepFn, TrainState, adamw, budget, fit, make_accelerator, make_loader, make_scheduler
 
 BEST = "best.safetensors"
+WINDOW = "window"  # each evaluation's averaged weights, with average_window
 
 
 def stage_config(config: dict[str, Any], section: str, output_dir: Path) -> dict[str, Any]:
@@ -75,16 +83,21 @@ def fit_stage(config: dict[str, Any], section: str, module: torch.nn.Module, tra
     _, total = budget(run, len(loader), accelerator.gradient_accumulation_steps)
     scheduler = accelerator.prepare(make_scheduler(optimizer, total, float(run["optim"]["warmup_ratio"])))
     best: dict[str, Any] = {}
+    window = WeightWindow(module, output_dir / WINDOW, int(options["select_window"]), accelerator) \
+        if options.get("average_window") else None
 
     def on_best(_: dict[str, Any]) -> None:
         state = {k: v.detach().cpu().clone().contiguous() for k, v in module.state_dict().items()}
+        if window is not None:
+            state.update(window.mean())
         best["state"] = state
         if accelerator.is_main_process:
             write_atomic(output_dir / BEST, save(state))  # a kill mid-write leaves the previous best
         accelerator.wait_for_everyone()
 
     state, metrics = fit(accelerator, wrapped, optimizer, scheduler, loader, sampler, step_fn,
-                         lambda _: eval_fn(module), run, output_dir, on_best=on_best, watch=(section,))
+                         lambda _: eval_fn(module), run, output_dir, on_best=on_best,
+                         on_eval=window.keep if window is not None else None, watch=(section,))
     if state.stopped:
         return state, None
     if "state" in best:
@@ -98,3 +111,57 @@ def fit_stage(config: dict[str, Any], section: str, module: torch.nn.Module, tra
         metrics = eval_fn(module)
     module.eval()
     return state, metrics
+
+
+class WeightWindow:
+    """The weights at the last ``size`` evaluations, on disk (``folder/epoch-E.safetensors``), for
+    ``average_window``: only what training changes, i.e. trainable parameters and float buffers."""
+
+    def __init__(self, module: torch.nn.Module, folder: Path, size: int, accelerator: Any) -> None:
+        trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+        buffers = {name for name, b in module.named_buffers() if b.is_floating_point()}
+        self.module, self.folder, self.size, self.accelerator = module, Path(folder), int(size), accelerator
+        self.keys = [k for k in module.state_dict() if k in trainable | buffers]
+        self.epoch = 0
+
+    def _files(self) -> list[Path]:
+        """The snapshots up to the current evaluation, oldest first (later ones are a killed run's)."""
+        found = [(int(f.stem.split("-", 1)[1]), f) for f in self.folder.glob("epoch-*.safetensors")
+                 if f.stem.split("-", 1)[1].isdigit()]
+        return [f for epoch, f in sorted(found) if epoch <= self.epoch]
+
+    def keep(self, record: dict[str, Any]) -> None:
+        """Write this evaluation's weights and drop those outside the window (engine ``on_eval``)."""
+        from safetensors.torch import save
+
+        from ..files import write_atomic
+
+        self.epoch = int(record["epoch"])
+        if self.accelerator.is_main_process:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            state = self.module.state_dict()
+            weights = {k: state[k].detach().cpu().clone().contiguous() for k in self.keys}
+            write_atomic(self.folder / f"epoch-{self.epoch}.safetensors", save(weights))
+            for old in self._files()[:-self.size]:
+                old.unlink(missing_ok=True)
+        self.accelerator.wait_for_everyone()
+
+    def mean(self) -> dict[str, torch.Tensor]:
+        """The mean of the window's weights (float32 sums, cast back to each tensor's dtype)."""
+        from safetensors.torch import load_file
+
+        files = self._files()[-self.size:]
+        if not files:
+            raise SpineModelError(f"{self.folder}: no evaluation's weights to average")
+        total: dict[str, torch.Tensor] = {}
+        state = self.module.state_dict()
+        for f in files:
+            try:
+                weights = load_file(str(f))
+            except Exception as err:  # safetensors' own error types: a damaged file
+                raise SpineModelError(f"{f}: cannot read an evaluation's weights ({err})") from None
+            if set(weights) != set(self.keys) or any(weights[k].shape != state[k].shape for k in self.keys):
+                raise SpineModelError(f"{f}: holds other weights than this stage's; delete {self.folder} to start over")
+            for k, v in weights.items():
+                total[k] = total.get(k, 0) + v.float()
+        return {k: (v / len(files)).to(state[k].dtype) for k, v in total.items()}
