@@ -17,6 +17,12 @@ axial slices) under their own names, so they sit beside the plain sets.
 Prints a table: the official score of the first stage alone and of the whole pipeline (both from
 one run), the share of the gap from prior-only to the oracle floor each closes, and the located
 points' median error and share within 5 mm. Pass ``--json FILE`` to keep the numbers.
+
+On the labelled set the gap is split by stage: the grade stage is run a second time with every
+labelled finding at its recorded point (``graded_at_labels``), so "grade at recorded points" is
+what the grader gives when the locate stage makes no error, and its distance to the pipeline's
+number is what the located points cost. The labelled set's oracle is ``P(recorded | true)`` of each
+row's true label (``phantom_truth.csv``), as the phantom computes its test set's.
 """
 
 from __future__ import annotations
@@ -30,10 +36,12 @@ import numpy as np
 import pandas as pd
 
 import spinemm
-from spinemm.constants import NUM_CLASSES, NUM_TARGETS
+from spinemm.constants import LABEL_COLUMNS, NUM_CLASSES, NUM_TARGETS
+from spinemm.data.phantom import noise_transition
 from spinemm.data.store import SeriesStore
 from spinemm.metrics import rsna_score, submission_frame
 from spinemm.pipeline.location_errors import location_errors, summarize_errors
+from spinemm.pipeline.stage import StageInput, merge_probs
 from spinemm.training.grade import val_solution
 
 
@@ -52,6 +60,34 @@ def prior_submission(train_root: Path, study_ids: list[int]) -> pd.DataFrame:
     np.add.at(counts, (labelled.target.to_numpy(), labelled.label.to_numpy()), 1)
     prior = counts / counts.sum(-1, keepdims=True)
     return submission_frame(study_ids, np.broadcast_to(prior, (len(study_ids), NUM_TARGETS, NUM_CLASSES)))
+
+
+def graded_at_labels(pipeline, result, frame: pd.DataFrame, store: SeriesStore) -> np.ndarray:
+    """``[B, 25, 3]``: the run's probabilities with the grade stage reading every labelled finding
+    at its recorded point instead of the located one (the stages before it as they ran)."""
+    names = pipeline.stage_names
+    previous = names[names.index("grade") - 1]
+    findings = result.outputs[previous].findings
+    row = {(int(s), int(t)): i for i, (s, t) in enumerate(zip(findings.study_id, findings.target, strict=True))}
+    known = frame.dropna(subset=["instance_number", "x", "y"])
+    known = known[known.series_id >= 0]
+    rows = np.array([row[(int(s), int(t))] for s, t in zip(known.study_id, known.target, strict=True)])
+    at_labels = findings.replace(rows, series_id=known.series_id.to_numpy(),
+                                 instance_number=known.instance_number.to_numpy().astype(np.int64),
+                                 x=known.x.to_numpy(), y=known.y.to_numpy())
+    before = result.probs_after(previous).reshape(-1, NUM_CLASSES)
+    graded = pipeline.grade.run(StageInput(result.study_ids, store, at_labels, before))
+    return merge_probs(before, graded.probs).reshape(len(result.study_ids), NUM_TARGETS, NUM_CLASSES)
+
+
+def labelled_oracle(root: Path, study_ids: list[int]) -> pd.DataFrame:
+    """The labelled set's oracle: ``P(recorded | true)`` of each row's true label."""
+    truth = pd.read_csv(root / "phantom_truth.csv")
+    truth = truth[truth.split == "train"]
+    columns = list(LABEL_COLUMNS)
+    true = truth.pivot(index="study_id", columns="column", values="true_label").loc[study_ids, columns]
+    noise = json.loads((root / "phantom_info.json").read_text())["label_noise"]
+    return submission_frame(study_ids, noise_transition(noise)[true.to_numpy()])
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -99,10 +135,25 @@ def main(argv: list[str] | None = None) -> dict:
     ids = sorted(int(s) for s in frame.study_id.unique())
     store = SeriesStore(labelled_root, "train")
     labelled = spinemm.predict(pipeline, labelled_root, "train", study_ids=ids, store=store, progress=False)
-    out["labelled_pipeline"] = rsna_score(val_solution(frame, ids), labelled.submission())
+    solution = val_solution(frame, ids)
+    prior, oracle = (rsna_score(solution, sub) for sub in (prior_submission(Path(args.train_root), ids),
+                                                            labelled_oracle(labelled_root, ids)))
+    out["labelled_prior"], out["labelled_oracle"] = prior, oracle
+    scores = {"detect": rsna_score(solution, labelled.submission("detect")),
+              "pipeline": rsna_score(solution, labelled.submission())}
+    if "grade" in pipeline.stage_names and pipeline.stage_names.index("grade") > 0:
+        probs = graded_at_labels(pipeline, labelled, frame, store)
+        scores["grade_at_labels"] = rsna_score(solution, submission_frame(labelled.study_ids, probs))
+    out["labelled_pipeline"] = scores["pipeline"]
+    out["labelled"] = {name: {"score": score, "gap_closed": (prior - score) / (prior - oracle)}
+                       for name, score in scores.items()}
     out["locations"] = summarize_errors(location_errors(labelled_root, "train", labelled.locations(), frame, store))
 
     loc = out["locations"]
+    print(f"\n| {n_labelled} labelled studies | " + " | ".join(out["labelled"]) + " | prior-only | oracle floor |\n"
+          "| --- |" + " ---: |" * (len(out["labelled"]) + 2))
+    print("| score (gap closed) | " + " | ".join(f"{v['score']:.4f} ({v['gap_closed']:.0%})"
+                                              for v in out["labelled"].values()) + f" | {prior:.4f} | {oracle:.4f} |")
     print(f"\n{n_labelled} labelled studies: pipeline score {out['labelled_pipeline']:.4f}; located points: median "
           f"{loc['median_mm']:.1f} mm, {loc['within_5mm']:.0%} within 5 mm, {loc['within_10mm']:.0%} within 10 mm "
           f"({loc['n_rows']} labelled rows); test predict {out['test_seconds']:.1f} s")

@@ -7,6 +7,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 # every test runs a benchmark script end to end
@@ -48,7 +49,49 @@ def test_heldout_quality_benchmark_scores_a_pipeline(phantom_root, tmp_path, cap
         assert out[key]["gap_closed"] == pytest.approx((prior - score) / (prior - oracle))
     assert out["test_detect"]["score"] != out["test_pipeline"]["score"]  # the later stages changed the grades
     assert out["locations"]["n_rows"] > 0 and 0 < out["locations"]["median_mm"] < 200
+    # the labelled set's gap, split by stage: the grade stage read again at the recorded points
+    labelled, prior, oracle = out["labelled"], out["labelled_prior"], out["labelled_oracle"]
+    assert set(labelled) == {"detect", "pipeline", "grade_at_labels"} and oracle < prior
+    for numbers in labelled.values():
+        assert numbers["gap_closed"] == pytest.approx((prior - numbers["score"]) / (prior - oracle))
+    assert labelled["pipeline"]["score"] == out["labelled_pipeline"]
+    assert labelled["grade_at_labels"]["score"] != labelled["pipeline"]["score"]  # read at other points
     assert "| 3 test studies |" in capsys.readouterr().out
+
+
+def test_heldout_quality_grades_again_at_the_recorded_points(phantom_root, tmp_path, monkeypatch):
+    import torch
+
+    import spinemm
+    from spinemm.data.store import SeriesStore
+    from spinemm.models.config import GraderConfig, LocatorConfig
+    from spinemm.pipeline import GradeStage, LocateStage, SpinePipeline
+
+    torch.manual_seed(0)
+    detect = spinemm.create_model("spine-tiny", num_slices=4, **{"vision.image_size": 32})
+    pipeline = SpinePipeline(detect, LocateStage(LocatorConfig(size=32, channels=(8, 16, 16))),
+                             GradeStage(GraderConfig(backbone="cnn", size=16, channels=(8, 16)),
+                                        query_dim=detect.config.fusion.dim)).eval()
+    frame = spinemm.data.load_tables(phantom_root, "train")
+    ids = sorted(int(s) for s in frame.study_id.unique())[:2]
+    frame = frame[frame.study_id.isin(ids)]
+    store = SeriesStore(phantom_root, "train")
+    result = spinemm.predict(pipeline, phantom_root, "train", study_ids=ids, store=store, progress=False)
+    seen = {}
+    run = pipeline.grade.run
+
+    def watched(inputs):
+        seen["findings"] = inputs.findings
+        return run(inputs)
+
+    monkeypatch.setattr(pipeline.grade, "run", watched)
+    probs = _benchmark("heldout_quality").graded_at_labels(pipeline, result, frame, store)
+    assert probs.shape == (2, 25, 3) and np.allclose(probs.sum(-1), 1)
+    given = seen["findings"].to_frame().set_index(["study_id", "condition", "level"])
+    known = frame.dropna(subset=["x"]).set_index(["study_id", "condition", "level"])
+    assert len(known) > 10
+    np.testing.assert_allclose(given.loc[known.index, ["x", "y"]].to_numpy(), known[["x", "y"]].to_numpy())
+    assert (given.loc[known.index, "instance_number"].to_numpy() == known.instance_number.to_numpy()).all()
 
 
 def _benchmark(name: str):
