@@ -296,16 +296,18 @@ def location_overlays(root: str | Path, locations: pd.DataFrame, out_dir: str | 
             if series is None or instance not in series.instance_to_index:
                 undrawn += len(here)  # named under the figure, never dropped without a word
                 continue
-            image = series.volume[series.instance_to_index[instance]]
-            marks = [_overlay_mark(r, grades) for r in here.itertuples()]
+            index = series.instance_to_index[instance]
+            image = series.volume[index]
+            marks = [_overlay_mark(r, grades, series.to_grid_pixels(index, float(r.x), float(r.y)))
+                     for r in here.itertuples()]
             outside += sum(not inside_image(m.x, m.y, image.shape) for m in marks)
             legend = [(f"{finding_label(r.condition, r.level)}: {_grade_text(r, grades)}"
-                       + ("" if inside_image(r.x, r.y, image.shape) else f", outside the image at ({r.x:.0f}, {r.y:.0f})"),
+                       + ("" if inside_image(m.x, m.y, image.shape) else f", outside the image at ({r.x:.0f}, {r.y:.0f})"),
                        m.color)
                       for r, m in zip(here.itertuples(), marks, strict=True)]
             on_slice = recorded[(recorded.series_id == series_id) & (recorded.instance_number == instance)]
-            marks += [Mark(r.x, r.y, _short_label(r.level, r.condition), "white", recorded=True, side=side_of(r.condition))
-                      for r in on_slice.itertuples()]
+            marks += [Mark(*series.to_grid_pixels(index, float(r.x), float(r.y)), _short_label(r.level, r.condition),
+                           "white", recorded=True, side=side_of(r.condition)) for r in on_slice.itertuples()]
             panels.append({"image": image, "points": marks, "legend": legend,
                            "title": f"{PLANES[plane_index]} · series {series_id} · instance {instance}"})
         if panels:
@@ -340,10 +342,11 @@ def _grade_text(row: Any, grades: pd.DataFrame | None) -> str:
     return f"{grade.grade} {grade.grade_prob:.0%}"
 
 
-def _overlay_mark(row: Any, grades: pd.DataFrame | None) -> Mark:
+def _overlay_mark(row: Any, grades: pd.DataFrame | None, point: tuple[float, float]) -> Mark:
+    """A predicted point's mark at ``point``: the row's, in the pixels of the image drawn."""
     color = (CONDITION_COLORS[row.condition] if grades is None
              else GRADE_COLORS[grades.loc[(row.study_id, row.condition, row.level)].grade])
-    return Mark(float(row.x), float(row.y), _short_label(row.level, row.condition), color, side=side_of(row.condition))
+    return Mark(*point, _short_label(row.level, row.condition), color, side=side_of(row.condition))
 
 
 def attention_png(items: Sequence[Mapping[str, Any]], out: str | Path, title: str | None = None) -> Path:

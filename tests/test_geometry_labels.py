@@ -126,6 +126,51 @@ def test_a_cached_stack_keeps_each_slice_size(odd_roots, tmp_path):
     assert warm.plane == cold.plane == "sagittal"
 
 
+def test_predicted_points_are_written_in_the_pixels_of_their_own_slice(phantom_root, odd_roots, monkeypatch):
+    """The inverse of the labels' map: a point the pipeline places on the 2x slice (in the series'
+    64 px grid, where every stage works) is written to locations.csv in that slice's own 128 px
+    pixels, as its label is; location_errors reads both back to the same place (0 mm)."""
+    import torch
+
+    import spinemm
+    from spinemm.models.config import LocatorConfig
+    from spinemm.pipeline import LocateStage, SpinePipeline, StageOutput
+    from spinemm.pipeline.location_errors import location_errors
+
+    roots, study, rows = odd_roots
+    grid = load_tables(phantom_root, "train").loc[rows[0]]  # the label in the 64 px original's pixels
+    torch.manual_seed(0)
+    pipeline = SpinePipeline(spinemm.create_model("spine-tiny", num_slices=4, **{"vision.image_size": 32}),
+                             LocateStage(LocatorConfig(size=32, channels=(8, 16, 16)))).eval()
+    locate = pipeline.locate.run
+
+    def placed(inputs):  # the locate stage, with the labelled finding put on the odd slice
+        out = locate(inputs)
+        row = (out.findings.study_id == study) & (out.findings.target == int(grid.target))
+        findings = out.findings.replace(row, series_id=int(grid.series_id), instance_number=int(grid.instance_number),
+                                        x=float(grid.x), y=float(grid.y))
+        return StageOutput(findings, out.probs, out.extras)
+
+    monkeypatch.setattr(pipeline.locate, "run", placed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the resampling warning of the odd slice
+        result = spinemm.predict(pipeline, roots[2], "train", study_ids=[study], progress=False)
+    locations = result.locations()
+    written = locations.set_index(["condition", "level"]).loc[(grid.condition, grid.level)]
+    assert (written.x, written.y) == pytest.approx((2 * grid.x + 0.5, 2 * grid.y + 0.5))
+    assert result.findings.x[result.findings.target == int(grid.target)][0] == pytest.approx(grid.x)  # stages: grid
+    same = result.findings.located & (result.findings.instance_number != int(grid.instance_number))
+    assert same.any()
+    np.testing.assert_array_equal(locations.x.to_numpy()[same], result.findings.x[same])  # grid-sized slices: as is
+    own = load_tables(phantom_root, "train")
+    own.loc[rows, ["x", "y"]] = 2 * own.loc[rows, ["x", "y"]] + 0.5  # the label in the odd slice's pixels
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        errors = location_errors(roots[2], "train", result.locations(), own[own.study_id == study])
+    hit = errors[(errors.condition == grid.condition) & (errors.level == grid.level)]
+    assert hit.error_mm.iloc[0] == pytest.approx(0.0, abs=1e-6)
+
+
 # --- item 6: the plane from the geometry -----------------------------------------------------------
 
 

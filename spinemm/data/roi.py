@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from ..errors import SpineDataError
 from ..text import finding_texts
-from .series import Series
+from .series import Series, resampled_point
 from .sides import folded_targets, mirror_crops
 from .store import SeriesStore, windowed
 
@@ -221,13 +221,11 @@ def label_point(x: float, y: float, own_shape: tuple[int, int],
     (:mod:`spinemm.data.pixels`), so its pixel ``x`` lies at ``(x + 0.5) * W / w - 0.5`` of the grid.
     Every reader of label coordinates goes through here (``SpineDataset``, ``ROIWindows``,
     ``LevelSlices`` via :func:`label_location`)."""
-    (own_h, own_w), (grid_h, grid_w) = own_shape, grid_shape
-    problem = point_outside(float(x), float(y), own_w, own_h)
+    problem = point_outside(float(x), float(y), own_shape[1], own_shape[0])
     if problem:
         return None, problem
-    if (own_h, own_w) == (grid_h, grid_w):
-        return (float(x), float(y)), None
-    return ((float(x) + 0.5) * grid_w / own_w - 0.5, (float(y) + 0.5) * grid_h / own_h - 0.5), None
+    return resampled_point(float(x), float(y), own_shape, grid_shape), None
+
 
 
 def label_slice(series: Series, path: Path, instance: float, study_id: int, what: str) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -71,6 +72,16 @@ class Series:
             return int(self.volume.shape[-2]), int(self.volume.shape[-1])
         rows, cols = self.source_shapes[index]
         return int(rows), int(cols)
+
+    def to_slice_pixels(self, index: int, x: Any, y: Any) -> tuple[Any, Any]:
+        """A point in the series' common grid (``volume``'s pixels, where every stage works) -> the
+        pixels of sorted slice ``index`` as stored, where label coordinates and ``locations.csv``
+        are; :meth:`to_grid_pixels` is the inverse. The identity unless that slice was resampled."""
+        return resampled_point(x, y, tuple(self.volume.shape[-2:]), self.slice_shape(index))
+
+    def to_grid_pixels(self, index: int, x: Any, y: Any) -> tuple[Any, Any]:
+        """A point in the pixels of sorted slice ``index`` as stored -> the series' common grid."""
+        return resampled_point(x, y, self.slice_shape(index), tuple(self.volume.shape[-2:]))
 
     def blocks(self) -> list[np.ndarray]:
         """Indices of each block of parallel slices, in order (one block unless ``orientations``)."""
@@ -239,3 +250,14 @@ def _has_dicom_preamble(path: Path) -> bool:
     except OSError:
         return False
     return head[128:132] == b"DICM"
+
+
+def resampled_point(x: Any, y: Any, from_shape: tuple[int, int], to_shape: tuple[int, int]) -> tuple[Any, Any]:
+    """A point (floats or arrays) in the pixels of an image of ``from_shape`` (rows, columns) ->
+    the pixels of the same field of view at ``to_shape``, pixel centres aligned: ``(x + 0.5) * W /
+    w - 0.5``. Its own inverse with the shapes swapped: a slice's pixels to the series' grid
+    (:meth:`Series.to_grid_pixels`) and back (:meth:`Series.to_slice_pixels`). Unchanged when the shapes match."""
+    if tuple(from_shape) == tuple(to_shape):
+        return x, y
+    (from_h, from_w), (to_h, to_w) = from_shape, to_shape
+    return (x + 0.5) * to_w / from_w - 0.5, (y + 0.5) * to_h / from_h - 0.5

@@ -15,8 +15,10 @@ import numpy as np
 import pandas as pd
 
 from ..constants import CONDITIONS, LEVELS, target_index
+from ..data.store import SeriesStore
+from ..errors import SpineDataError
 
-__all__ = ["Findings", "LOCATION_COLUMNS"]
+__all__ = ["Findings", "LOCATION_COLUMNS", "slice_points"]
 
 #: Columns of the location frame (``locations.csv``).
 LOCATION_COLUMNS = ("study_id", "condition", "level", "series_id", "instance_number", "x", "y", "confidence")
@@ -24,7 +26,9 @@ LOCATION_COLUMNS = ("study_id", "condition", "level", "series_id", "instance_num
 
 @dataclass
 class Findings:
-    """Aligned arrays of length N: where each finding is, in the original pixels of its series.
+    """Aligned arrays of length N: where each finding is, in the original pixels of its series (its
+    common grid: the size most of its slices are stored at; :func:`slice_points` gives a point in
+    the pixels of its own slice where that slice was stored at another size).
 
     ``series_id`` is -1 where the study has no series for the finding's plane, ``instance_number``
     -1 and ``x``/``y`` NaN where it was not located.
@@ -109,3 +113,23 @@ class Findings:
             y=frame["y"].to_numpy(dtype=np.float64),
             confidence=frame["confidence"].to_numpy(dtype=np.float64) if "confidence" in frame else np.zeros(len(frame)),
         )
+
+
+def slice_points(findings: Findings, store: SeriesStore) -> np.ndarray:
+    """``[N, 2]``: each finding's ``(x, y)`` in the pixels of its own slice as stored
+    (:meth:`~spinemm.data.series.Series.to_slice_pixels`), as label coordinates are; the grid's point
+    where the slice has the series' size, or its series cannot be read (its stage warned)."""
+    xy = np.stack([findings.x, findings.y], axis=1)
+    for study_id, rows in findings.by_study(findings.located):
+        for series_id in np.unique(findings.series_id[rows]):
+            try:
+                series = store.get(study_id, int(series_id))
+            except SpineDataError:
+                continue
+            if series.source_shapes is None:  # every slice at the grid's size
+                continue
+            for row in rows[findings.series_id[rows] == series_id]:
+                index = series.instance_to_index.get(int(findings.instance_number[row]))
+                if index is not None:
+                    xy[row] = series.to_slice_pixels(index, xy[row, 0], xy[row, 1])
+    return xy

@@ -1,6 +1,7 @@
 """How far predicted locations are from the labelled ones, in millimetres of patient space.
 
-Both points are mapped through their series' DICOM geometry (:meth:`Series.voxel_to_patient`), so
+Both points are in the pixels of the slice they name (as label coordinates and ``locations.csv``
+are); each is mapped into its series' grid and through the DICOM geometry (:meth:`Series.voxel_to_patient`), so
 the distance counts in-plane pixel spacing and the through-plane gap when the predicted instance is
 not the labelled one. A prediction on another series than the label's counts too (same patient
 space); a row without a prediction counts as missed.
@@ -34,7 +35,10 @@ def location_errors(root: str | Path, split: str, locations: pd.DataFrame, frame
             return None
         series = store.get(int(study), int(series_id))
         k = series.instance_to_index.get(int(instance))
-        return None if k is None else series.voxel_to_patient(np.array([[x, y, k]], dtype=float))[0]
+        if k is None:
+            return None
+        x, y = series.to_grid_pixels(k, float(x), float(y))
+        return series.voxel_to_patient(np.array([[x, y, k]], dtype=float))[0]
 
     errors = []
     for r in merged.itertuples():

@@ -24,6 +24,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -35,6 +36,7 @@ from ..models.factory import load_model
 from ..models.hub_mixin import SpineHubMixin
 from ..models.names import PIPELINE_CONFIG, parse_model_name
 from ..models.towers import TextTower
+from .findings import slice_points
 from .parallel import run_distributed, run_in_workers
 from .registry import registered_stages, stage_class, stage_rank
 from .result import PipelineResult
@@ -160,6 +162,7 @@ class SpinePipeline(SpineHubMixin):
         for stage in self.stages:
             stage.begin(job)
         outputs: dict[str, list[StageOutput]] = {name: [] for name in self._stages}
+        points = []  # the final points in their own slices' pixels, read while the series are held
         try:
             with self._remembering_texts():  # every batch asks for the same query texts
                 for start in tqdm(range(0, len(ids), batch_size), desc="predict", unit="batch", disable=not progress):
@@ -168,13 +171,15 @@ class SpinePipeline(SpineHubMixin):
                         out = stage.run(inputs)
                         outputs[name].append(out)
                         inputs = StageInput(inputs.study_ids, store, out.findings, merge_probs(inputs.probs, out.probs))
+                    points.append(slice_points(inputs.findings, store))
                     if own_store:  # no stage comes back to a study: peak memory stays one batch's series
                         for study_id in inputs.study_ids:
                             store.forget_study(study_id)
         finally:
             for stage in self.stages:
                 stage.end()
-        result = PipelineResult(ids, {name: StageOutput.concat(parts) for name, parts in outputs.items()})
+        result = PipelineResult(ids, {name: StageOutput.concat(parts) for name, parts in outputs.items()},
+                                slice_xy=np.concatenate(points) if points else None)
         result.order = _sample_submission_order(root, split) if study_ids is None else None
         return result
 

@@ -31,6 +31,9 @@ class PipelineResult:
     study_ids: list[int]
     outputs: dict[str, StageOutput] = field(default_factory=dict)
     order: list[str] | None = None  # sample_submission's row order, when it applies
+    # [N, 2]: the final points in the pixels of their own slices (findings.slice_points), which
+    # locations() writes; None: the final findings' own (every slice at its series' size)
+    slice_xy: np.ndarray | None = None
 
     def probs_after(self, stage: str | None = None) -> np.ndarray:
         """Probabilities ``[B, 25, 3]`` after ``stage`` (default: the last): each stage's rows
@@ -89,8 +92,11 @@ class PipelineResult:
         return submission_from_probs(self.study_ids, probs, self.order)
 
     def locations(self) -> pd.DataFrame:
-        """The location frame of the final points (``locations.csv``)."""
-        return self.findings.to_frame()
+        """The location frame of the final points (``locations.csv``), each in the pixels of the
+        slice it names, as ``train_label_coordinates.csv`` has them."""
+        if self.slice_xy is None:
+            return self.findings.to_frame()
+        return self.findings.replace(x=self.slice_xy[:, 0], y=self.slice_xy[:, 1]).to_frame()
 
     def __iter__(self):
         yield self.submission()
@@ -100,8 +106,11 @@ class PipelineResult:
     def concat(cls, parts: list[PipelineResult]) -> PipelineResult:
         """The results of disjoint shares of studies as one, in the order of ``parts``."""
         names = list(parts[0].outputs) if parts else []
+        xy = [p.slice_xy if p.slice_xy is not None else
+              np.stack([p.findings.x, p.findings.y], axis=1) for p in parts]
         return cls([s for p in parts for s in p.study_ids],
-                   {name: StageOutput.concat([p.outputs[name] for p in parts]) for name in names})
+                   {name: StageOutput.concat([p.outputs[name] for p in parts]) for name in names},
+                   slice_xy=np.concatenate(xy) if any(p.slice_xy is not None for p in parts) else None)
 
 
 def submission_from_probs(study_ids: list[int], probs: np.ndarray, order: list[str] | None = None) -> pd.DataFrame:
