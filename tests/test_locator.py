@@ -149,6 +149,7 @@ def test_train_locate_learns_the_level_points(trained_locator, phantom_root):
     history = result["history"]
     assert len(history) == 40 and history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]
     assert result["metrics"]["val_within_5mm"] > 0.8, result["metrics"]  # on the slices it trained on
+    assert len(result["metrics"]["subarticular_mm"]) == 30 and stage.config.subarticular_mm is not None
     untrained = LocateStage(LocatorConfig(size=48, channels=(16, 32, 32)))
     data = LevelSlices(phantom_root, frame, sorted(frame.study_id.unique()), size=48, progress=False, store=run.store)
     assert evaluate_locator(untrained, data)["val_within_5mm"] < 0.3
@@ -180,6 +181,54 @@ def test_axial_slices_follow_the_canal_point(phantom_root):
     off = np.abs(moved.instance_number[axial] - truth.instance_number[axial].astype(int).to_numpy())
     assert (off <= 1).mean() > 0.9 and (off == 0).mean() > 0.6
     pd.testing.assert_frame_equal(moved.to_frame()[~axial], wrong.to_frame()[~axial])  # sagittal rows untouched
+
+
+def test_subarticular_offsets_are_measured_from_the_labels(phantom_root):
+    from spinemm.data.anatomy import label_patient_points, subarticular_offset, subarticular_offsets_mm
+
+    frame = load_tables(phantom_root, "train")
+    points = label_patient_points(SeriesStore(phantom_root, "train"), frame, sorted(frame.study_id.unique()))
+    assert len(points) == int((frame.instance_number.notna() & frame.condition.isin(
+        ["spinal_canal_stenosis", "left_subarticular_stenosis", "right_subarticular_stenosis"])).sum())
+    offsets = subarticular_offsets_mm(points)
+    assert len(offsets) == 30
+    for level in range(len(LEVELS)):  # the phantom's zones: 7-7.5 mm to their side, 2.7 mm anterior
+        left = subarticular_offset(offsets, "left_subarticular_stenosis", level)
+        right = subarticular_offset(offsets, "right_subarticular_stenosis", level)
+        assert 5 < left[0] < 10 and -10 < right[0] < -5, (left, right)
+        assert -4 < left[1] < -1.5 and -4 < right[1] < -1.5 and abs(left[2]) < 2
+    assert subarticular_offsets_mm(points[points.condition != "right_subarticular_stenosis"]) is None
+    assert LocatorConfig(subarticular_mm=list(offsets)).subarticular_mm == offsets
+    for bad in ([1.0] * 29, [float("nan")] * 30):
+        with pytest.raises(SpineModelError, match="subarticular_mm"):
+            LocatorConfig(subarticular_mm=bad)
+
+
+def test_subarticular_findings_go_to_their_zone_beside_the_canal_point(phantom_root):
+    """From the canal labels and the measured offsets, the stage puts the subarticular findings,
+    whose first-stage points are all at the image centre on slice 1, near their labels."""
+    from spinemm.data.anatomy import label_patient_points, subarticular_offsets_mm
+
+    frame = load_tables(phantom_root, "train")
+    store = SeriesStore(phantom_root, "train")
+    offsets = subarticular_offsets_mm(label_patient_points(store, frame, sorted(frame.study_id.unique())))
+    truth, findings = _findings(frame)
+    axial = truth.condition.str.contains("subarticular").to_numpy()
+    wrong = findings.replace(axial, instance_number=1, x=32.0, y=32.0)
+    from spinemm.pipeline.locate import _axial_from_canal
+
+    for with_offsets in (None, offsets):
+        moved = wrong.replace()
+        for study_id, rows in moved.by_study(moved.located):
+            _axial_from_canal(moved, rows, store, study_id, with_offsets)
+        off = np.abs(moved.instance_number[axial] - truth.instance_number[axial].astype(int).to_numpy())
+        assert (off <= 1).mean() > 0.9  # the slice through the canal point either way
+        error = np.hypot(moved.x[axial] - truth.x[axial].to_numpy(), moved.y[axial] - truth.y[axial].to_numpy())
+        if with_offsets is None:
+            np.testing.assert_array_equal(moved.x[axial], 32.0)  # no offsets: the first stage's point stays
+        else:
+            assert np.median(error) < 3 and (error < 6).mean() > 0.9, np.percentile(error, [50, 90])  # pixels
+        pd.testing.assert_frame_equal(moved.to_frame()[~axial], wrong.to_frame()[~axial])  # sagittal rows untouched
 
 
 def test_height_prior_centres_each_level_on_its_canal_point(phantom_root):

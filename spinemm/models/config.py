@@ -139,6 +139,11 @@ class LocatorConfig:
     # stage puts each foramen on the slice that far to its own side of the canal points. Measured
     # on the training labels by spinemm.training.locate; None keeps the first stage's slices.
     foramen_mm: tuple[float, ...] | None = None
+    # Per side (left, right) and level, the offset (x, y, z; patient mm) of each subarticular zone
+    # from its level's canal point (spinemm.data.anatomy): the stage puts each subarticular finding
+    # there, on the axial slice through it. Measured on the training labels by
+    # spinemm.training.locate; None keeps the first stage's in-plane point.
+    subarticular_mm: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         self.channels = tuple(int(c) for c in self.channels)  # JSON gives a list
@@ -147,6 +152,11 @@ class LocatorConfig:
             if len(self.foramen_mm) != 5 or not all(0 < v < 100 for v in self.foramen_mm):
                 raise SpineModelError(f"locator.foramen_mm must be 5 distances in mm (one per level, "
                                       f"each in (0, 100)), got {self.foramen_mm}")
+        if self.subarticular_mm is not None:
+            self.subarticular_mm = tuple(float(v) for v in self.subarticular_mm)
+            if len(self.subarticular_mm) != 30 or not all(abs(v) < 100 for v in self.subarticular_mm):
+                raise SpineModelError(f"locator.subarticular_mm must be 30 offsets in mm (x, y, z for each "
+                                      f"side and level, each within 100 mm), got {self.subarticular_mm}")
 
 
 @dataclass

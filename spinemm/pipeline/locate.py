@@ -9,11 +9,14 @@
   near the height of the same level's canal point (a Gaussian prior, ``prior_mm``), because the
   foramina sit beside their disc and the canal's level is the surer read.
 - Axial findings (subarticular): the axial slice is the one through the located canal point of the
-  same level, carried into the axial series by the DICOM geometry of both (``map_point``). Rows whose
-  point falls outside the axial stack keep their slice, as do rows without a located canal point.
+  same level, carried into the axial series by the DICOM geometry of both (``map_point``). When
+  the stage knows where the subarticular zones lie from the canal (``subarticular_mm``, measured on
+  the training labels: :mod:`spinemm.data.anatomy`), the finding goes to that point, slice and
+  in-plane point both. Rows whose point falls outside the axial stack keep their slice (and one
+  outside the image its in-plane point), as do rows without a located canal point.
 
-The sagittal slice and the in-plane axial point stay the first stage's; the grade stage's offset
-head re-centres them afterwards. A series that cannot be read leaves its findings as they were,
+Otherwise the in-plane axial point stays the first stage's; the grade stage's offset head
+re-centres every point afterwards. A series that cannot be read leaves its findings as they were,
 with a warning naming it.
 """
 
@@ -25,6 +28,7 @@ import numpy as np
 import torch
 
 from ..constants import CANAL, CONDITION_PLANE, CONDITION_SIDE, CONDITIONS, FORAMINA, LEVELS, PLANES
+from ..data.anatomy import subarticular_offset
 from ..data.level_slices import locator_input, square_frame
 from ..data.series import Series, map_points
 from ..data.store import SeriesStore
@@ -101,7 +105,7 @@ class LocateStage(Stage):
                                                for group, anchors in foramina])
             _write_levels(out, [group for group, _ in foramina], logits)
         for study_id, rows in studies:
-            _axial_from_canal(out, rows, store, study_id)
+            _axial_from_canal(out, rows, store, study_id, self.config.subarticular_mm)
 
 
 @dataclass
@@ -201,8 +205,11 @@ def axial_slices_from_canal(findings: Findings, store: SeriesStore) -> Findings:
     return out
 
 
-def _axial_from_canal(out: Findings, rows: np.ndarray, store: SeriesStore, study_id: int) -> None:
-    """Set each axial row's instance to the axial slice through its level's (located) canal point."""
+def _axial_from_canal(out: Findings, rows: np.ndarray, store: SeriesStore, study_id: int,
+                      offsets: tuple[float, ...] | None = None) -> None:
+    """Set each axial row's instance to the axial slice through its level's (located) canal point,
+    or with ``offsets`` (``subarticular_mm``) through that point moved to its side's zone, and then
+    its in-plane point there too."""
     targets = out.target[rows]
     axial = rows[_PLANE[targets] == "Axial T2"]
     if not len(axial):
@@ -211,13 +218,23 @@ def _axial_from_canal(out: Findings, rows: np.ndarray, store: SeriesStore, study
     canal_rows = rows[_CONDITION[targets] == CANAL]
     for source, canal, points in _points_in(out, canal_rows, store, study_id):
         canal_levels = out.target[canal] % len(LEVELS)
+        canal_mm = source.voxel_to_patient(points)
         for series_id in np.unique(out.series_id[axial]):
             mine = (out.series_id[axial] == series_id) & np.isin(axial_levels, canal_levels)
             target = store.find(study_id, int(series_id), "located") if mine.any() else None
             if target is None:
                 continue
-            slice_k = np.rint(map_points(source, points, target)[:, 2]).astype(np.int64)
-            for row, level in zip(axial[mine], axial_levels[mine], strict=True):
-                index = slice_k[np.flatnonzero(canal_levels == level)[0]]
-                if 0 <= index < len(target.instance_numbers):
-                    out.instance_number[row] = int(target.instance_numbers[index])
+            moved, levels = axial[mine], axial_levels[mine]
+            at = canal_mm[[np.flatnonzero(canal_levels == level)[0] for level in levels]]
+            if offsets is not None:
+                at = at + np.stack([subarticular_offset(offsets, _CONDITION[out.target[row]], level)
+                                    for row, level in zip(moved, levels, strict=True)])
+            voxels = target.patient_to_voxel(at)
+            height, width = target.volume.shape[-2:]
+            for row, (x, y, k) in zip(moved, voxels, strict=True):
+                index = int(np.rint(k))
+                if not 0 <= index < len(target.instance_numbers):
+                    continue
+                out.instance_number[row] = int(target.instance_numbers[index])
+                if offsets is not None and 0 <= x <= width - 1 and 0 <= y <= height - 1:
+                    out.x[row], out.y[row] = float(x), float(y)

@@ -5,7 +5,8 @@ move with it) and its contrast bent by a random gamma, so the locator learns whe
 relative to the other discs, not where the training spines happened to lie in the field of view.
 Training runs through the engine (:mod:`.stage_fit`); the epoch with the lowest validation loss is
 kept and its validation errors are reported in millimetres. How far the foramina lie from the
-midline (``LocatorConfig.foramen_mm``) is measured on the training labels, unless the config gives it.
+midline (``LocatorConfig.foramen_mm``) and the subarticular zones from the canal
+(``LocatorConfig.subarticular_mm``) are measured on the training labels, unless the config gives them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from ..data.anatomy import label_patient_points, subarticular_offsets_mm
 from ..data.level_slices import LevelSlices, foramen_offsets_mm
 from ..errors import SpineModelError
 from ..losses import heatmap_loss
@@ -134,6 +136,8 @@ def train_locate(config: dict[str, Any], run: Any, output_dir: Path, progress: b
                               f"under {run.root}")
     if cfg.foramen_mm is None:  # not given: measured on the training labels
         cfg.foramen_mm = foramen_offsets_mm(train_set.patient_x)
+    if cfg.subarticular_mm is None:  # likewise (reads the labelled axial series, which grading reads next)
+        cfg.subarticular_mm = subarticular_offsets_mm(label_patient_points(run.store, run.frame, run.train_ids))
     samples = LocatorSamples(train_set, float(options["shift"]), int(config["train"]["seed"]))
     state, metrics = fit_stage(config, "locator", stage, samples, locate_step,
                                lambda m: evaluate_locator(m, val_set), output_dir)
@@ -141,5 +145,6 @@ def train_locate(config: dict[str, Any], run: Any, output_dir: Path, progress: b
     return {"stage": None if state.stopped else stage, "state": state, "history": state.history,
             "metrics": {"val_loss": best.get("score", math.nan), "val_median_mm": best.get("val_median_mm", math.nan),
                         "val_within_5mm": best.get("val_within_5mm", math.nan), "foramen_mm": cfg.foramen_mm,
+                        "subarticular_mm": cfg.subarticular_mm,
                         "train_slices": len(train_set),
                         "val_slices": len(val_set)}}
