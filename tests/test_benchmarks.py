@@ -143,9 +143,10 @@ def test_seed_spread_reports_each_seed_and_resumes_without_training_again(tmp_pa
     for seed, (gap, within) in {0: (0.75, 0.96), 1: (0.70, 0.92), 2: (0.62, 0.90)}.items():
         folder = tmp_path / f"seed{seed}"
         folder.mkdir()
+        split = {"labelled": {"pipeline": {"gap_closed": gap - 0.02}, "grade_at_labels": {"gap_closed": gap}}}
         (folder / "heldout.json").write_text(json.dumps({
             "test_detect": {"gap_closed": 0.1}, "test_pipeline": {"score": 0.5, "gap_closed": gap},
-            "locations": {"within_5mm": within}}))
+            "locations": {"within_5mm": within}, **(split if seed else {})}))  # seed 0: before the split
 
     def no_training(*args, **kwargs):
         raise AssertionError("a seed with results was trained again")
@@ -156,6 +157,8 @@ def test_seed_spread_reports_each_seed_and_resumes_without_training_again(tmp_pa
     table = capsys.readouterr().out
     assert "| mean | 10.0% | | 69.0% | 92.7% |" in table
     assert "| sd | 0.0% | | 6.6% | 3.1% |" in table and "| worst | 10.0% | | 62.0% | 90.0% |" in table
+    assert "| 0 | 10.0% | 0.5000 | 75.0% | 96.0% | nan% | nan% |" in table  # no split by stage yet
+    assert "| mean | 10.0% | | 69.0% | 92.7% | 64.0% | 66.0% |" in table  # over the seeds that have it
     assert json.loads((tmp_path / "spread.json").read_text())["1"]["test_pipeline"]["gap_closed"] == 0.70
 
 
