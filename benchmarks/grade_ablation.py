@@ -11,7 +11,9 @@ own detect and locate stages (``train_stages`` with ``pipeline.stages=[grade]``)
 - ``sides``: left/right folding (``grader.model.fold_sides=true``);
 - ``labelcheck``: the single grader trained without the labels the 5-fold ensemble's out-of-fold
   grades contradict (``grader.drop_below``, reading ``folds5``'s ``oof.csv``);
-- ``folds5+sides``: both, the 5-fold ensemble of side-folding graders.
+- ``folds5+sides``: both, the 5-fold ensemble of side-folding graders;
+- ``sides+average``: side folding with the weights averaged over the selection window
+  (``grader.average_window``).
 
 Every pipeline is scored on the same 240 held-out studies (``heldout_quality.py --test-only``).
 The label check's flagged labels are compared with the phantom's truth (``phantom_truth.csv``:
@@ -40,6 +42,7 @@ VARIANTS = {
     "sides": ["grader.model.fold_sides=true"],
     "labelcheck": [f"grader.drop_below={DROP_BELOW}", "grader.oof_from={out}/folds5/grade/oof.csv"],
     "folds5+sides": ["grader.folds=5", "grader.model.fold_sides=true"],
+    "sides+average": ["grader.model.fold_sides=true", "grader.average_window=true"],
 }
 
 
