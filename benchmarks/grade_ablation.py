@@ -12,8 +12,9 @@ own detect and locate stages (``train_stages`` with ``pipeline.stages=[grade]``)
 - ``labelcheck``: the single grader trained without the labels the 5-fold ensemble's out-of-fold
   grades contradict (``grader.drop_below``, reading ``folds5``'s ``oof.csv``);
 - ``folds5+sides``: both, the 5-fold ensemble of side-folding graders;
-- ``sides+average``: side folding with the weights averaged over the selection window
-  (``grader.average_window``).
+- ``average``: the weights averaged over the selection window (``grader.average_window``).
+
+(The demo recipe folds sides since 2026-12-06, so on demos trained since, ``sides`` is ``single``.)
 
 Every pipeline is scored on the same 240 held-out studies (``heldout_quality.py --test-only``).
 The label check's flagged labels are compared with the phantom's truth (``phantom_truth.csv``:
@@ -42,7 +43,7 @@ VARIANTS = {
     "sides": ["grader.model.fold_sides=true"],
     "labelcheck": [f"grader.drop_below={DROP_BELOW}", "grader.oof_from={out}/folds5/grade/oof.csv"],
     "folds5+sides": ["grader.folds=5", "grader.model.fold_sides=true"],
-    "sides+average": ["grader.model.fold_sides=true", "grader.average_window=true"],
+    "average": ["grader.average_window=true"],
 }
 
 
