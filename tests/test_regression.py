@@ -15,8 +15,13 @@ from spinemm.demo import run_demo
 from spinemm.pipeline.location_errors import location_errors, summarize_errors
 
 #: The fixed run: phantom seed 0, 64 training and 16 test studies at 64 px (about a minute on 2 cores).
+#: Without side folding: on these 51 training studies the folded grader's validation score rose
+#: from epoch 10 on (0.936 -> 1.038, train loss falling) in the suite's one-thread arithmetic and
+#: not on two threads (the pipeline scored 0.930 and 0.898; RESULTS.md, 2026-12-07). Folding is
+#: measured where the demo runs it: 160 studies, five seeds, every seed better.
 SMALL = {"n_studies": 64, "n_test": 16, "phantom_size": 64, "image_size": 32, "num_slices": 6,
-         "pretrain_epochs": 2, "epochs": 5, "locator_epochs": 15, "grader_epochs": 25, "batch_size": 4}
+         "pretrain_epochs": 2, "epochs": 5, "locator_epochs": 15, "grader_epochs": 25, "batch_size": 4,
+         "fold_sides": False}
 
 
 @pytest.mark.slow
