@@ -2,7 +2,7 @@
 
 A subarticular zone sits beside the canal at its own disc level, a few millimetres to its side: on
 the phantom 7-7.5 mm to the side and 2.7 mm anterior, with a spread of 1.3 mm between studies,
-where a first stage's in-plane guess on a low-resolution axial stack was off by a median of 7-10 mm
+where a first stage's in-plane guess on a low-resolution axial stack was off by a median of 6.6-10.4 mm
 (RESULTS.md, "Quality over seeds"). So the locate stage puts each subarticular finding at its
 level's located canal point plus the median offset the training labels show
 (``LocatorConfig.subarticular_mm``), and the grade stage's offset head re-centres it from there.
