@@ -318,6 +318,17 @@ def test_average_window_resumes_to_the_same_average(tmp_path):
     torch.testing.assert_close(resumed.weight, reference.weight, rtol=0, atol=0)
 
 
+def test_average_window_of_a_fresh_run_ignores_an_earlier_runs_weights(tmp_path):
+    from safetensors.torch import save_file
+
+    every_two = "grader.eval_every_epochs=2"  # evaluations at epochs 2, 4, 6: the window is all three
+    reference, _, _ = _window_run(tmp_path / "a", every_two)
+    (tmp_path / "b" / "window").mkdir(parents=True)  # an earlier run's epoch 5, inside that window
+    save_file({"weight": torch.full((1, 1), 100.0)}, str(tmp_path / "b" / "window" / "epoch-5.safetensors"))
+    fresh, _, _ = _window_run(tmp_path / "b", every_two)
+    torch.testing.assert_close(fresh.weight, reference.weight, rtol=0, atol=0)
+
+
 def test_average_window_names_a_damaged_snapshot(tmp_path):
     _window_run(tmp_path, "grader.stop_at_step=9")
     (tmp_path / "window" / "epoch-4.safetensors").write_bytes(b"not safetensors")

@@ -83,8 +83,8 @@ def fit_stage(config: dict[str, Any], section: str, module: torch.nn.Module, tra
     _, total = budget(run, len(loader), accelerator.gradient_accumulation_steps)
     scheduler = accelerator.prepare(make_scheduler(optimizer, total, float(run["optim"]["warmup_ratio"])))
     best: dict[str, Any] = {}
-    window = WeightWindow(module, output_dir / WINDOW, int(options["select_window"]), accelerator) \
-        if options.get("average_window") else None
+    window = WeightWindow(module, output_dir / WINDOW, int(options["select_window"]), accelerator,
+                          fresh=not run.get("resume")) if options.get("average_window") else None
 
     def on_best(_: dict[str, Any]) -> None:
         state = {k: v.detach().cpu().clone().contiguous() for k, v in module.state_dict().items()}
@@ -117,12 +117,17 @@ class WeightWindow:
     """The weights at the last ``size`` evaluations, on disk (``folder/epoch-E.safetensors``), for
     ``average_window``: only what training changes, i.e. trainable parameters and float buffers."""
 
-    def __init__(self, module: torch.nn.Module, folder: Path, size: int, accelerator: Any) -> None:
+    def __init__(self, module: torch.nn.Module, folder: Path, size: int, accelerator: Any,
+                 fresh: bool = True) -> None:
         trainable = {name for name, p in module.named_parameters() if p.requires_grad}
         buffers = {name for name, b in module.named_buffers() if b.is_floating_point()}
         self.module, self.folder, self.size, self.accelerator = module, Path(folder), int(size), accelerator
         self.keys = [k for k in module.state_dict() if k in trainable | buffers]
         self.epoch = 0
+        if fresh and accelerator.is_main_process:  # a run that does not resume averages none of an earlier run's
+            for old in self.folder.glob("epoch-*.safetensors"):
+                old.unlink()
+        accelerator.wait_for_everyone()
 
     def _files(self) -> list[Path]:
         """The snapshots up to the current evaluation, oldest first (later ones are a killed run's)."""
