@@ -77,6 +77,7 @@ def spread_table(results: dict[int, dict]) -> str:
                "within": [r["locations"]["within_5mm"] for r in results.values()],
                "labelled": [at_labels(r)[0] for r in results.values()],
                "at_labels": [at_labels(r)[1] for r in results.values()]}
+
     def over_seeds(summary, values: list[float]) -> float:  # the seeds with the number (NaN: none has it)
         known = [v for v in values if v == v]
         return summary(known) if known else float("nan")
